@@ -1,0 +1,39 @@
+"""Adapters turn a dataset's own files into sources in a schema's column names.
+
+An adapter is a module `ecomray.data.adapters.<name>` with
+
+    def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]
+
+returning one (source path, LazyFrame) per input file, columns named as the schema's columns (raw values:
+validation casts them). Adapters may add `_row` (source position, Int64) when the source order is not
+the file's line order; otherwise prepare adds it. Each source must be cheap to rebuild: the ray engine
+calls `sources()` again inside the task that processes source i.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ecomray.runtime import UserError
+
+
+def load_adapter(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(f"ecomray.data.adapters.{name}")
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("ecomray.data.adapters"):
+            raise UserError(f"unknown dataset adapter {name!r} (no module ecomray/data/adapters/{name}.py)") from None
+        raise
+
+
+def dataset_path(dataset: dict, paths: dict) -> str:
+    """`dataset.path`, resolved against `paths.datasets` when relative."""
+    import os
+
+    path = dataset.get("path")
+    if not path or path == "???":
+        raise UserError(f"dataset {dataset.get('name')!r}: set dataset.path=<file, folder or glob>")
+    if "://" in path or os.path.isabs(path):
+        return path
+    return os.path.join(paths.get("datasets", "."), path)

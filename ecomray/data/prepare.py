@@ -1,0 +1,387 @@
+"""The data plane: raw files -> validated, quarantined, hash-sharded, sorted and split Parquet + manifest.
+
+Two passes, both pure functions of their inputs so that the `polars` engine (a loop on one machine) and the
+`ray` engine (the same functions as Ray tasks) write the same rows to the same shards:
+
+1. `stage_source(i)`: stream source i through `schema.validate`, tag each row with its shard (xxhash64 of
+   the key) or with bucket -1 (quarantine), and sink it to `stage/src-i/_bucket=b/`. Memory is bounded by
+   Polars' streaming chunks, not by the input.
+2. `finalize_shard(s)`: read every source's bucket s, drop (or count) exact duplicates, sort each key's
+   rows by (order_by, file, row), assign the split, write `shards/part-s.parquet` (zstd).
+
+Splits that need a global view (temporal cuts, stratified draws, duplicates of row-keyed tables) are
+planned between the passes from a narrow projection of the staged rows.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import polars as pl
+
+import ecomray
+from ecomray.data import schema as S
+from ecomray.data.adapters import load_adapter
+from ecomray.runtime import UserError, is_uri
+
+QUARANTINE_BUCKET = -1
+SPLITS = ("train", "val", "test")
+
+
+def log(msg: str) -> None:
+    print(f"[prepare] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+def _sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
+    return load_adapter(dataset.get("adapter", "files")).sources(dataset, paths)
+
+
+def _with_position(lf: pl.LazyFrame, file_index: int) -> pl.LazyFrame:
+    """Every row carries (_file, _row): its source position, the tie-breaker for equal timestamps."""
+    if "_row" not in lf.collect_schema():
+        lf = lf.with_row_index("_row").with_columns(pl.col("_row").cast(pl.Int64))
+    return lf.with_columns(pl.lit(file_index, dtype=pl.Int32).alias("_file"))
+
+
+def _first_bad_utf8_line(path: str) -> int | None:
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return None
+
+
+def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, stage: str, compression: str) -> dict:
+    """Pass 1 for one source: validate and bucket its rows into `stage/src-i/_bucket=b/`."""
+    out = os.path.join(stage, f"src-{i:05d}")
+    checked = S.validate(_with_position(lf, i), schema, source=src)
+    bucket = pl.when(pl.col("reason").is_null()).then(S.shard_of(schema, shards)).otherwise(QUARANTINE_BUCKET)
+    try:
+        checked.with_columns(bucket.cast(pl.Int32).alias("_bucket")).sink_parquet(
+            pl.PartitionBy(out, key="_bucket", include_key=False), compression=compression, mkdir=True)
+    except pl.exceptions.PolarsError as err:
+        text = str(err)
+        if "utf-8" in text.lower() or "utf8" in text.lower():
+            line = _first_bad_utf8_line(src) if os.path.isfile(src) else None
+            where = f"line {line}" if line else "somewhere in the file"
+            raise UserError(f"{src}: invalid UTF-8 at {where}; ecomray never replaces bytes silently: "
+                            f"re-encode the file (for example `iconv -f GBK -t UTF-8`)") from None
+        raise UserError(f"{src}: could not be read: {text.splitlines()[0] if text else type(err).__name__}") from None
+    counts = _bucket_counts(out)
+    return {"source": src, "rows_in": sum(counts.values()), "buckets": counts}
+
+
+def _bucket_files(stage: str, bucket: int) -> list[str]:
+    return sorted(glob.glob(os.path.join(stage, "src-*", f"_bucket={bucket}", "*.parquet")))
+
+
+def _bucket_counts(src_stage: str) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for d in sorted(glob.glob(os.path.join(src_stage, "_bucket=*"))):
+        b = int(d.rsplit("=", 1)[1])
+        counts[b] = pl.scan_parquet(os.path.join(d, "*.parquet")).select(pl.len()).collect().item()
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------- split plan
+def _good_rows(stage: str, shards: int) -> pl.LazyFrame | None:
+    files = [f for s in range(shards) for f in _bucket_files(stage, s)]
+    return pl.scan_parquet(files) if files else None
+
+
+def plan(stage: str, schema: dict, split: dict, dedup: str, shards: int) -> dict:
+    """Decisions that need every row: temporal cuts, stratified assignment, duplicates of row-keyed tables."""
+    out: dict[str, Any] = {"strategy": split.get("strategy", "none")}
+    good = _good_rows(stage, shards)
+    data_cols = list(schema["columns"])
+    if good is None:
+        return out
+    if schema.get("key") in (None, S.ROW_KEY):
+        ranked = good.with_columns(pl.int_range(pl.len()).over(data_cols, order_by=["_file", "_row"]).alias("_dup"))
+        dups = ranked.filter(pl.col("_dup") > 0).select("_file", "_row").collect()
+        out["duplicates"] = dups.height
+        if dedup == "quarantine" and dups.height:
+            path = os.path.join(stage, "duplicates.parquet")
+            dups.write_parquet(path)
+            out["duplicates_file"] = path
+    strategy = out["strategy"]
+    if strategy == "temporal":
+        ts = "ts" if "ts" in schema["columns"] else (schema.get("order_by") or [None])[0]
+        if ts is None:
+            raise UserError("split=temporal needs a `ts` column (or schema.order_by) to cut on")
+        cuts = {}
+        for name, frac in (("val_cut", split.get("val_fraction", 0.1) + split.get("test_fraction", 0.1)),
+                           ("test_cut", split.get("test_fraction", 0.1))):
+            if split.get(name):
+                cuts[name] = pl.Series([split[name]]).str.to_datetime(time_unit="us", time_zone="UTC")[0]
+            else:
+                cuts[name] = good.select(pl.col(ts).quantile(1.0 - frac, interpolation="lower")).collect().item()
+        out.update(column=ts, val_cut=cuts["val_cut"].isoformat(), test_cut=cuts["test_cut"].isoformat())
+    elif strategy == "stratified":
+        by = split.get("by") or schema.get("label")
+        by = [by] if isinstance(by, str) else list(by or [])
+        seed = int(split.get("seed", 0))
+        draw = (pl.lit(str(seed)) + ":" + pl.col("_file").cast(pl.Utf8) + ":" + pl.col("_row").cast(pl.Utf8)).nchash.xxhash64()
+        frame = good.select("_file", "_row", *by).with_columns(_draw=draw)
+        if "duplicates_file" in out:
+            frame = frame.join(pl.scan_parquet(out["duplicates_file"]), on=["_file", "_row"], how="anti")
+        rank = pl.int_range(pl.len()).over(by or pl.lit(0), order_by=["_draw", "_file", "_row"]) if by else \
+            pl.int_range(pl.len()).sort_by(["_draw", "_file", "_row"])
+        n = pl.len().over(by) if by else pl.len()
+        n_test = (n * split.get("test_fraction", 0.2)).round(0)
+        n_val = (n * split.get("val_fraction", 0.1)).round(0)
+        assigned = frame.with_columns(_rank=rank).with_columns(
+            split=pl.when(pl.col("_rank") < n_test).then(pl.lit("test"))
+                    .when(pl.col("_rank") < n_test + n_val).then(pl.lit("val")).otherwise(pl.lit("train")))
+        path = os.path.join(stage, "split_plan.parquet")
+        assigned.select("_file", "_row", "split").collect().write_parquet(path)
+        out.update(by=by, seed=seed, plan_file=path)
+    return out
+
+
+def _split_expr(schema: dict, split: dict, decided: dict) -> pl.Expr | None:
+    strategy = decided["strategy"]
+    if strategy in ("none", None):
+        return pl.lit("train")
+    if strategy == "leave_one_out":
+        key = schema["key"]
+        n = pl.len().over(key)
+        pos = pl.int_range(pl.len()).over(key)
+        enough = n >= int(split.get("min_rows", 3))
+        return (pl.when(enough & (pos == n - 1)).then(pl.lit("test"))
+                  .when(enough & (pos == n - 2)).then(pl.lit("val")).otherwise(pl.lit("train")))
+    if strategy == "temporal":
+        col = pl.col(decided["column"])
+        val_cut = pl.lit(decided["val_cut"]).str.to_datetime(time_unit="us", time_zone="UTC")
+        test_cut = pl.lit(decided["test_cut"]).str.to_datetime(time_unit="us", time_zone="UTC")
+        return pl.when(col > test_cut).then(pl.lit("test")).when(col > val_cut).then(pl.lit("val")).otherwise(pl.lit("train"))
+    if strategy == "stratified":
+        return None  # joined from the plan file
+    raise UserError(f"unknown split strategy {strategy!r}: use leave_one_out, temporal, stratified or none")
+
+
+# ----------------------------------------------------------------------------------------------- pass 2
+def _as_text(df: pl.DataFrame, schema: dict) -> pl.DataFrame:
+    """Quarantine rows with every data column as text: the raw value where it failed to parse."""
+    cols = []
+    for name in schema["columns"]:
+        raw = S.RAW_PREFIX + name
+        text = pl.col(name).cast(pl.Utf8)
+        cols.append((pl.coalesce(pl.col(raw), text) if raw in df.columns else text).alias(name))
+    return df.select("_file", "_row", *cols, pl.col("reason"))
+
+
+def finalize_shard(s: int, stage: str, out: str, schema: dict, split: dict, decided: dict, dedup: str,
+                   compression: str) -> dict:
+    """Pass 2 for shard s: dedup, sort, split, write. Returns its counts."""
+    files = _bucket_files(stage, s)
+    data_cols = list(schema["columns"])
+    shard_file = os.path.join("shards", f"part-{s:05d}.parquet")
+    if files:
+        df = pl.read_parquet(files).select("_file", "_row", *data_cols).sort(S.sort_columns(schema))
+    else:  # an empty shard still has the schema, so readers see every column
+        df = pl.DataFrame(schema={"_file": pl.Int32, "_row": pl.Int64,
+                                  **{c: S.TYPES[spec.get("type", "str")] for c, spec in schema["columns"].items()}})
+    quarantined = None
+    row_keyed = schema.get("key") in (None, S.ROW_KEY)
+    if row_keyed:
+        duplicates = 0  # counted globally in plan()
+        if decided.get("duplicates_file"):
+            dup_keys = pl.read_parquet(decided["duplicates_file"])
+            quarantined = df.join(dup_keys, on=["_file", "_row"], how="semi")
+            df = df.join(dup_keys, on=["_file", "_row"], how="anti")
+    else:
+        first = df.select(pl.struct(data_cols).is_first_distinct()).to_series() if df.height else pl.Series([], dtype=pl.Boolean)
+        duplicates = int((~first).sum())
+        if dedup == "quarantine" and duplicates:
+            quarantined = df.filter(~first)
+            df = df.filter(first)
+    expr = _split_expr(schema, split, decided)
+    if expr is None:
+        df = df.join(pl.read_parquet(decided["plan_file"]), on=["_file", "_row"], how="left", maintain_order="left")
+    else:
+        df = df.with_columns(expr.alias("split"))
+    df.write_parquet(os.path.join(out, shard_file), compression=compression, statistics=True)
+    result = {"file": shard_file, "rows": df.height, "duplicates": duplicates,
+              "splits": {k: int(v) for k, v in df.group_by("split").len().iter_rows()} if df.height else {}}
+    if quarantined is not None and quarantined.height:
+        qfile = os.path.join(stage, f"dups-{s:05d}.parquet")
+        _as_text(quarantined.with_columns(reason=pl.lit("exact duplicate")), schema).write_parquet(qfile)
+        result["quarantined"] = quarantined.height
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def _write_quarantine(stage: str, out: str, schema: dict, sources: list[str]) -> tuple[int, dict[str, int]]:
+    parts = []
+    bad = _bucket_files(stage, QUARANTINE_BUCKET)
+    if bad:
+        parts.append(_as_text(pl.read_parquet(bad, missing_columns="insert"), schema))
+    dups = sorted(glob.glob(os.path.join(stage, "dups-*.parquet")))
+    if dups:
+        parts.append(pl.read_parquet(dups))
+    path = os.path.join(out, "quarantine.parquet")
+    if parts:
+        q = pl.concat(parts, how="vertical").sort("_file", "_row")
+    else:
+        q = pl.DataFrame(schema={"_file": pl.Int32, "_row": pl.Int64, **{c: pl.Utf8 for c in schema["columns"]},
+                                 "reason": pl.Utf8})
+    q = q.with_columns(source=pl.col("_file").map_elements(lambda i: sources[i], return_dtype=pl.Utf8)
+                       if q.height else pl.lit(None, dtype=pl.Utf8))
+    q.write_parquet(path, compression="zstd")
+    reasons = {k: int(v) for k, v in q.group_by("reason").len().sort("len", descending=True).iter_rows()}
+    return q.height, reasons
+
+
+def _run_engine(engine: str, fn, calls: list[tuple], num_cpus: int | None) -> list[dict]:
+    if engine == "polars":
+        return [fn(*c) for c in calls]
+    if engine != "ray":
+        raise UserError(f"unknown prepare.engine {engine!r}: use polars or ray")
+    import ray
+
+    from ecomray.runtime import init_ray
+
+    init_ray(num_cpus=num_cpus)
+    remote = ray.remote(num_cpus=1)(fn)
+    return ray.get([remote.remote(*c) for c in calls])
+
+
+def _stage_task(i: int, dataset: dict, paths: dict, schema: dict, shards: int, stage: str, compression: str) -> dict:
+    """Ray-side pass 1: rebuild source i from the adapter (LazyFrames don't travel), then stage it."""
+    src, lf = _sources(dataset, paths)[i]
+    return stage_source(i, src, lf, schema, shards, stage, compression)
+
+
+def run(cfg: dict) -> dict:
+    """Prepare `cfg["dataset"]` into `cfg["prepare"]["out"]`; returns the manifest."""
+    t0 = time.time()
+    dataset, paths, opts = cfg["dataset"], cfg["paths"], cfg["prepare"]
+    schema = dict(dataset["schema"])
+    S.check_schema(schema)
+    shards, engine, compression = int(opts.get("shards", 8)), opts.get("engine", "polars"), opts.get("compression", "zstd")
+    if shards < 1:
+        raise UserError(f"prepare.shards must be >= 1 (got {shards})")
+    final = opts["out"]
+    if is_uri(final):
+        local_root = tempfile.mkdtemp(prefix="ecomray-prepare-")
+    else:
+        local_root = os.path.dirname(final)
+        if os.path.exists(os.path.join(final, "manifest.json")) and not cfg.get("overwrite", False):
+            raise UserError(f"{final} already holds a prepared dataset; pass overwrite=true to replace it "
+                            f"or prepare.out=<another folder>")
+    os.makedirs(local_root, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=local_root)
+    out, stage = os.path.join(work, "out"), os.path.join(work, "stage")
+    os.makedirs(os.path.join(out, "shards"))
+    try:
+        srcs = _sources(dataset, paths)
+        names = [s for s, _ in srcs]
+        log(f"{dataset['name']}: {len(srcs)} source file(s), schema {schema['name']}, {shards} shards, engine {engine}")
+        if engine == "ray":
+            staged = _run_engine(engine, _stage_task, [(i, dataset, paths, schema, shards, stage, compression)
+                                                      for i in range(len(srcs))], opts.get("ray_num_cpus"))
+        else:
+            staged = []
+            for i, (src, lf) in enumerate(srcs):
+                staged.append(stage_source(i, src, lf, schema, shards, stage, compression))
+                log(f"  validated {src}: {staged[-1]['rows_in']:,} rows ({time.time() - t0:.1f}s)")
+        rows_in = sum(s["rows_in"] for s in staged)
+        if rows_in == 0:
+            raise UserError(f"{dataset['name']}: the input has no rows ({', '.join(names)})")
+        decided = plan(stage, schema, dataset.get("split") or {"strategy": "none"}, dataset.get("dedup", "quarantine"), shards)
+        calls = [(s, stage, out, schema, dataset.get("split") or {}, decided, dataset.get("dedup", "quarantine"), compression)
+                 for s in range(shards)]
+        finished = _run_engine(engine, finalize_shard, calls, opts.get("ray_num_cpus"))
+        log(f"  sharded {shards} shards ({time.time() - t0:.1f}s)")
+        n_quarantined, reasons = _write_quarantine(stage, out, schema, names)
+        rows_out = sum(f["rows"] for f in finished)
+        if rows_in != rows_out + n_quarantined:
+            raise RuntimeError(f"row accounting broke: in {rows_in} != out {rows_out} + quarantined {n_quarantined}")
+        splits: dict[str, int] = {}
+        for f in finished:
+            for k, v in f["splits"].items():
+                splits[k] = splits.get(k, 0) + v
+        duplicates = decided.get("duplicates", sum(f["duplicates"] for f in finished))
+        adapter = load_adapter(dataset.get("adapter", "files"))
+        manifest: dict[str, Any] = {
+            "dataset": dataset["name"], "adapter": dataset.get("adapter", "files"), "engine": engine,
+            "rows_in": rows_in, "rows_out": rows_out, "rows_quarantined": n_quarantined, "reasons": reasons,
+            "duplicates": {"found": duplicates, "policy": dataset.get("dedup", "quarantine")},
+            "schema": schema, "split": {**(dataset.get("split") or {}), **{k: v for k, v in decided.items()
+                                                                          if k not in ("plan_file", "duplicates_file")},
+                                        "rows": splits},
+            "shards": [{"file": f["file"], "rows": f["rows"]} for f in finished],
+            "quarantine": "quarantine.parquet",
+            "sources": [{"path": s["source"], "rows": s["rows_in"]} for s in staged],
+            "licence": dataset.get("licence", "unknown"), "research_only": bool(dataset.get("research_only", False)),
+            "ecomray_version": ecomray.__version__,
+        }
+        if hasattr(adapter, "extra_manifest"):
+            manifest.update(adapter.extra_manifest(dataset, paths))
+        manifest["hash"] = manifest_hash(manifest)
+        manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with open(os.path.join(out, "manifest.json"), "w") as fh:
+            json.dump(manifest, fh, indent=2, default=str)
+        _publish(out, final, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if is_uri(final):
+            shutil.rmtree(local_root, ignore_errors=True)
+    print_summary(manifest, final, time.time() - t0)
+    return manifest
+
+
+def manifest_hash(manifest: dict) -> str:
+    import hashlib
+
+    body = {k: v for k, v in manifest.items() if k not in ("hash", "created_at")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _publish(out: str, final: str, work: str) -> None:
+    """Swap the finished folder in whole: readers never see a mix of two runs."""
+    if is_uri(final):
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(final)
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+        pafs.copy_files(out, final)
+        return
+    old = None
+    if os.path.exists(final):
+        old = os.path.join(work, "previous")
+        os.rename(final, old)
+    os.rename(out, final)
+
+
+def print_summary(m: dict, where: str, seconds: float) -> None:
+    lines = [f"prepared {m['dataset']} -> {where}  ({seconds:.1f}s)",
+             f"  rows in {m['rows_in']:>12,}", f"  rows out {m['rows_out']:>11,}",
+             f"  quarantined {m['rows_quarantined']:>8,}"]
+    for reason, n in m["reasons"].items():
+        lines.append(f"    {reason:<28} {n:>10,}")
+    lines.append(f"  duplicates found {m['duplicates']['found']:,} (policy: {m['duplicates']['policy']})")
+    lines.append("  split " + ", ".join(f"{k} {v:,}" for k, v in sorted(m["split"].get("rows", {}).items())))
+    lines.append(f"  {len(m['shards'])} shards, rows per shard min {min(s['rows'] for s in m['shards']):,} "
+                 f"max {max(s['rows'] for s in m['shards']):,}")
+    print("\n".join(lines), file=sys.stdout, flush=True)
+
+
+def load_manifest(folder: str) -> dict:
+    """Read a prepared dataset's manifest, with a clear error when it isn't there."""
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.exists(path):
+        raise UserError(f"no prepared dataset at {folder} (missing manifest.json): run `python -m jobs.prepare` first")
+    with open(path) as fh:
+        return json.load(fh)

@@ -1,0 +1,147 @@
+"""Schemas as data, and the pure Polars expressions that validate a table against one.
+
+A schema is the plain dict of a `conf/schema/*.yaml` (possibly extended by the dataset config):
+
+    {"name": "events", "key": "user_id", "order_by": ["ts"], "label": None,
+     "columns": {"user_id": {"type": "str", "required": True}, "price": {"type": "float", "min": 0}, ...}}
+
+Column types: str, int, float, bool, datetime (UTC, microseconds). Rules per column: required, allowed
+(a list of values), min, max. `validate(lf, schema)` adds typed columns and a `reason` column that is
+null for good rows and names the first broken rule otherwise. Nothing here touches files or Ray, so the
+polars and ray engines (and tests) run the very same code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+import polars_hash  # noqa: F401  (registers the .nchash / .chash namespaces)
+
+from ecomray.runtime import UserError
+
+TYPES = {"str": pl.Utf8, "int": pl.Int64, "float": pl.Float64, "bool": pl.Boolean, "datetime": pl.Datetime("us", "UTC")}
+RAW_PREFIX = "_raw_"
+ROW_KEY = "_row_id"  # pseudo key: shard a table by source position
+_TRUE = ["true", "1", "yes", "t", "y"]
+_FALSE = ["false", "0", "no", "f", "n"]
+
+
+def check_schema(schema: dict[str, Any]) -> None:
+    """Fail early, with the column's name, on a schema the validator can't run."""
+    cols = schema.get("columns") or {}
+    if not cols:
+        raise UserError(f"schema {schema.get('name')!r} declares no columns")
+    for name, spec in cols.items():
+        if spec.get("type", "str") not in TYPES:
+            raise UserError(f"schema {schema.get('name')!r}, column {name!r}: unknown type {spec.get('type')!r}; "
+                            f"use one of {sorted(TYPES)}")
+    key = schema.get("key")
+    if key not in (None, ROW_KEY) and key not in cols:
+        raise UserError(f"schema {schema.get('name')!r}: key column {key!r} is not a declared column")
+    label = schema.get("label")
+    if label is not None and label not in cols:
+        raise UserError(f"schema {schema.get('name')!r}: label column {label!r} is not a declared column")
+
+
+def _parse_datetime(raw: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """ISO-8601 (naive means UTC, offsets converted) or epoch seconds -> Datetime(us, UTC)."""
+    if dtype == pl.Datetime or isinstance(dtype, pl.Datetime):
+        tz = getattr(dtype, "time_zone", None)
+        out = raw.cast(pl.Datetime("us", tz))
+        return out.dt.replace_time_zone("UTC") if tz is None else out.dt.convert_time_zone("UTC")
+    if dtype == pl.Date:
+        return raw.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    if dtype.is_numeric():
+        return _from_epoch_seconds(raw.cast(pl.Float64))
+    s = raw.cast(pl.Utf8).str.strip_chars()
+    t = s.str.replace(" ", "T", literal=True)
+    naive = t.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", time_unit="us", strict=False).dt.replace_time_zone("UTC")
+    offset = (t.str.replace(r"Z$", "+00:00")
+              .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us", strict=False)
+              .dt.convert_time_zone("UTC"))
+    date = s.str.to_datetime("%Y-%m-%d", time_unit="us", strict=False).dt.replace_time_zone("UTC")
+    epoch = _from_epoch_seconds(pl.when(s.str.contains(r"^-?\d+(\.\d+)?$")).then(s).cast(pl.Float64, strict=False))
+    return pl.coalesce(naive, offset, date, epoch)
+
+
+def _from_epoch_seconds(seconds: pl.Expr) -> pl.Expr:
+    return pl.from_epoch((seconds * 1_000_000).round(0).cast(pl.Int64, strict=False), time_unit="us").dt.replace_time_zone("UTC")
+
+
+def _parse(raw: pl.Expr, kind: str, dtype: pl.DataType) -> pl.Expr:
+    if kind == "datetime":
+        return _parse_datetime(raw, dtype)
+    if kind == "bool":
+        if dtype == pl.Boolean:
+            return raw
+        low = raw.cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+        return pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False).otherwise(None)
+    if kind == "str":
+        s = raw.cast(pl.Utf8)
+        return pl.when(s.str.strip_chars() == "").then(None).otherwise(s)
+    target = TYPES[kind]
+    if dtype == pl.Utf8:
+        s = raw.str.strip_chars()
+        if kind == "int":  # accept "3" and "3.0", not "3.5"
+            f = s.cast(pl.Float64, strict=False)
+            return pl.when(f == f.round(0)).then(f).cast(pl.Int64, strict=False)
+        return s.cast(target, strict=False)
+    return raw.cast(target, strict=False)
+
+
+def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>") -> pl.LazyFrame:
+    """Typed columns + `reason` (null = good). Raw text of parsed columns is kept as `_raw_<col>` on bad rows.
+
+    Missing optional columns are added as nulls; a missing required column is a whole-input error.
+    """
+    cols: dict[str, dict[str, Any]] = schema["columns"]
+    present = lf.collect_schema()
+    missing = [c for c, spec in cols.items() if spec.get("required") and c not in present]
+    if missing:
+        raise UserError(f"{source}: required column(s) {missing} missing (found {list(present)}); "
+                        f"map them with dataset.columns={{source_name: canonical_name}}")
+    typed, rules, raws = [], [], []
+    for name, spec in cols.items():
+        kind = spec.get("type", "str")
+        if name not in present:
+            typed.append(pl.lit(None, dtype=TYPES[kind]).alias(name))
+            continue
+        dtype = present[name]
+        raw = pl.col(name)
+        value = _parse(raw, kind, dtype).alias(name)
+        typed.append(value)
+        raw_missing = raw.is_null() | ((raw.cast(pl.Utf8).str.strip_chars() == "") if dtype == pl.Utf8 else pl.lit(False))
+        if spec.get("required"):
+            rules.append((raw_missing, f"missing {name}"))
+        if kind != "str" and dtype != TYPES[kind]:
+            rules.append((~raw_missing & value.is_null(), f"unparseable {name}"))
+            raws.append(name)
+        if spec.get("allowed") is not None:
+            rules.append((value.is_not_null() & ~value.is_in(list(spec["allowed"])), f"unknown {name}"))
+        if spec.get("min") is not None:
+            rules.append((value < spec["min"], f"{name} < {spec['min']}"))
+        if spec.get("max") is not None:
+            rules.append((value > spec["max"], f"{name} > {spec['max']}"))
+    reason: Any = pl.lit(None, dtype=pl.Utf8)
+    for cond, text in reversed(rules):  # first broken rule wins
+        reason = pl.when(cond.fill_null(False)).then(pl.lit(text)).otherwise(reason)
+    keep_raw = [pl.col(n).cast(pl.Utf8).alias(RAW_PREFIX + n) for n in raws]
+    passthrough = [c for c in ("_file", "_row") if c in present]
+    return (lf.select(*passthrough, *keep_raw, *typed, reason.alias("reason"))
+              .with_columns(pl.when(pl.col("reason").is_not_null()).then(pl.col(RAW_PREFIX + n)).alias(RAW_PREFIX + n)
+                            for n in raws))
+
+
+def shard_of(schema: dict[str, Any], shards: int) -> pl.Expr:
+    """Stable shard id: xxhash64 of the key (as UTF-8 text) modulo `shards`. Never Polars' own `hash`."""
+    key = schema.get("key") or ROW_KEY
+    text = (pl.col("_file").cast(pl.Utf8) + ":" + pl.col("_row").cast(pl.Utf8)) if key == ROW_KEY else pl.col(key).cast(pl.Utf8)
+    return (text.nchash.xxhash64() % shards).cast(pl.Int32)
+
+
+def sort_columns(schema: dict[str, Any]) -> list[str]:
+    """Rows of one key in time order; ties broken by source position (file, then row)."""
+    key = schema.get("key")
+    head = [] if key in (None, ROW_KEY) else [key]
+    return [*head, *schema.get("order_by", []), "_file", "_row"]

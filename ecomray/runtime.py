@@ -1,0 +1,71 @@
+"""Driver-side plumbing shared by every job: config resolution, paths, Ray start-up, user errors.
+
+Hydra stops here: `to_plain(cfg)` resolves the config once into plain dicts with absolute paths,
+and only those dicts travel to Ray workers, Tune trials and Serve replicas.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+__all__ = ["UserError", "is_uri", "abspath", "to_plain", "init_ray", "user_errors"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UserError(Exception):
+    """A problem with the user's input or config: printed as one line, exit code 2, no traceback."""
+
+
+def is_uri(path: str) -> bool:
+    """True for object-store style locations such as s3://bucket/x or gs://bucket/x."""
+    return "://" in str(path)
+
+
+def abspath(path: str | os.PathLike[str]) -> str:
+    """Absolute local path, or the URI unchanged. Workers chdir, so nothing relative may reach them."""
+    p = str(path)
+    return p if is_uri(p) else str(Path(p).expanduser().resolve())
+
+
+def to_plain(cfg: Any) -> dict[str, Any]:
+    """Resolve a Hydra/OmegaConf config to a plain dict and make every `paths.*` entry absolute."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+    paths = plain.get("paths") or {}
+    for key, value in list(paths.items()):
+        if isinstance(value, str) and value:
+            paths[key] = abspath(value)
+    plain["paths"] = paths
+    return plain
+
+
+def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
+    """Connect to RAY_ADDRESS when it is set (a cluster, or `ray job submit`), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def user_errors(fn: F) -> F:
+    """Wrap a job's entry point: a UserError becomes one clear line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            print(f"ecomray: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
