@@ -1,0 +1,192 @@
+"""The data plane: validation rules with exact counts, input variants, splits, re-runs, errors, engines."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ecomray.data import schema as S
+from ecomray.data.prepare import run as prepare
+from ecomray.runtime import UserError, to_plain
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+DATASETS = os.environ.get("ECOMRAY_DATASETS", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+
+
+def cfg_for(tmp_path: Path, *overrides: str) -> dict:
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose("prepare", overrides=[f"paths.root={tmp_path}", f"paths.datasets={DATASETS}", *overrides])
+    return to_plain(cfg)
+
+
+def write(path: Path, text: str | bytes) -> str:
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return str(path)
+
+
+MESSY = (
+    "user_id,item_id,event,ts,price,quantity\n"
+    "u1,i1,view,2026-01-01T00:00:00,1.5,\n"          # good
+    "u1,i2,click,1767225600,2,1\n"                   # good (epoch seconds)
+    "u1,i2,click,1767225600,2,1\n"                   # exact duplicate
+    ",i3,view,2026-01-01,1,\n"                       # missing user_id
+    "u2,i3,buy,2026-01-01,1,\n"                      # unknown event
+    "u2,i3,view,yesterday,1,\n"                      # unparseable ts
+    "u2,i4,cart,2026-01-02T10:00:00+08:00,-1,1\n"    # negative price
+    "u2,i4,cart,2026-01-02 10:00:00,1,0\n"           # quantity < 1
+    "u3,i4,purchase,2026-01-02 10:00:00,abc,1\n"     # unparseable price
+    "u3,i5,purchase,2026-01-03,3,2\n"                # good
+)
+
+
+def test_rules_quarantine_exact_counts(tmp_path: Path) -> None:
+    src = write(tmp_path / "e.csv", MESSY)
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.shards=3"))
+    assert (m["rows_in"], m["rows_out"], m["rows_quarantined"]) == (10, 3, 7)
+    assert m["reasons"] == {"exact duplicate": 1, "missing user_id": 1, "unknown event": 1, "unparseable ts": 1,
+                            "price < 0": 1, "quantity < 1": 1, "unparseable price": 1}
+    out = Path(m["shards"][0]["file"]).parent
+    q = pl.read_parquet(tmp_path / "data" / "events" / "quarantine.parquet")
+    assert q.height == 7 and set(q["reason"]) == set(m["reasons"])
+    # the raw text of a value that failed to parse is kept, not nulled
+    assert q.filter(pl.col("reason") == "unparseable ts")["ts"].to_list() == ["yesterday"]
+    assert q.filter(pl.col("reason") == "unparseable price")["price"].to_list() == ["abc"]
+    shards = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet")
+    assert shards.height == 3 and str(out) == "shards"
+    assert shards.schema["ts"] == pl.Datetime("us", "UTC")
+    assert shards.schema["user_id"] == pl.Utf8 and shards.schema["item_id"] == pl.Utf8
+    assert sum(s["rows"] for s in m["shards"]) == m["rows_out"]
+
+
+def test_timestamps_iso_offsets_and_epoch_are_utc(tmp_path: Path) -> None:
+    src = write(tmp_path / "t.csv", "user_id,item_id,event,ts\n"
+                "u,a,view,2026-01-02T10:00:00+08:00\nu,b,view,2026-01-02T02:00:01Z\n"
+                "u,c,view,1767319202\nu,d,view,2026-01-02 02:00:03.5\n")
+    prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.shards=1"))
+    df = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "part-00000.parquet")
+    assert df["item_id"].to_list() == ["a", "b", "c", "d"]  # sorted by ts: 02:00:00, :01, :02, :03.5 UTC
+    assert [t.isoformat() for t in df["ts"]] == ["2026-01-02T02:00:00+00:00", "2026-01-02T02:00:01+00:00",
+                                                  "2026-01-02T02:00:02+00:00", "2026-01-02T02:00:03.500000+00:00"]
+
+
+def test_csv_variants_bom_crlf_delimiter_mapping(tmp_path: Path) -> None:
+    body = "\ufeffuid;sku;action;when\r\nu1;i1;view;2026-01-01\r\nu1;i2;cart;2026-01-02\r\n"
+    src = write(tmp_path / "v.csv", body)
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "dataset.csv.separator=';'",
+                        "+dataset.columns={uid: user_id, sku: item_id, action: event, when: ts}"))
+    assert (m["rows_out"], m["rows_quarantined"]) == (2, 0)
+
+
+def test_parquet_jsonl_folder_and_glob(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = {"user_id": ["u1", "u2"], "item_id": ["a", "b"], "event": ["view", "purchase"], "ts": ["2026-01-01", "2026-01-02"]}
+    pl.DataFrame(rows).write_parquet(raw / "a.parquet")
+    pl.DataFrame(rows).with_columns(pl.col("user_id") + "x").write_ndjson(raw / "b.jsonl")
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={raw}"))
+    assert m["rows_out"] == 4 and len(m["sources"]) == 2
+    m2 = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={raw}/*.jsonl", "overwrite=true"))
+    assert m2["rows_out"] == 2
+
+
+def test_leave_one_out_ties_broken_by_source_order(tmp_path: Path) -> None:
+    src = write(tmp_path / "l.csv", "user_id,item_id,event,ts\n" + "".join(
+        f"u1,i{k},purchase,2026-01-01\n" for k in range(5)) + "u2,a,view,2026-01-01\nu2,b,view,2026-01-02\n")
+    prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.shards=2"))
+    df = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet")
+    u1 = df.filter(pl.col("user_id") == "u1")
+    assert u1["item_id"].to_list() == ["i0", "i1", "i2", "i3", "i4"]
+    assert u1["split"].to_list() == ["train", "train", "train", "val", "test"]
+    assert df.filter(pl.col("user_id") == "u2")["split"].to_list() == ["train", "train"]  # < min_rows: all train
+
+
+def test_temporal_split_cuts(tmp_path: Path) -> None:
+    src = write(tmp_path / "t.csv", "user_id,item_id,event,ts\n" + "".join(
+        f"u{k % 3},i{k},view,2026-01-{k + 1:02d}\n" for k in range(20)))
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "split@dataset.split=temporal",
+                        "dataset.split.val_cut=2026-01-10", "dataset.split.test_cut=2026-01-15"))
+    assert m["split"]["rows"] == {"train": 10, "val": 5, "test": 5}
+
+
+def test_stratified_split_is_seeded_and_stratified(tmp_path: Path) -> None:
+    lines = "".join(f"{k},{'true' if k % 5 == 0 else 'false'}\n" for k in range(200))
+    src = write(tmp_path / "tab.csv", "x,y\n" + lines)
+    over = ["dataset=events", f"dataset.path={src}", "schema@dataset.schema=table", "split@dataset.split=stratified",
+            "+dataset.schema.label=y", "+dataset.schema.columns={x: {type: int, required: true}, y: {type: bool, required: true}}",
+            "dataset.dedup=keep"]
+    m = prepare(cfg_for(tmp_path, *over))
+    df = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet")
+    counts = {(r["split"], r["y"]): r["len"] for r in df.group_by("split", "y").len().iter_rows(named=True)}
+    assert counts == {("test", True): 8, ("test", False): 32, ("val", True): 4, ("val", False): 16,
+                      ("train", True): 28, ("train", False): 112}
+    first = df.sort("x").select("x", "split")
+    prepare(cfg_for(tmp_path, *over, "overwrite=true"))
+    again = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet").sort("x").select("x", "split")
+    assert first.equals(again) and m["split"]["seed"] == 42
+
+
+def test_rerun_refuses_without_overwrite_and_never_mixes(tmp_path: Path) -> None:
+    src = write(tmp_path / "e.csv", MESSY)
+    prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.shards=4"))
+    with pytest.raises(UserError, match="overwrite=true"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.shards=2", "overwrite=true"))
+    files = sorted(os.listdir(tmp_path / "data" / "events" / "shards"))
+    assert files == ["part-00000.parquet", "part-00001.parquet"]
+    assert not [p for p in os.listdir(tmp_path / "data") if p.startswith(".")]  # no temp folders left
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "input not found"),
+    ("", "empty"),
+    ("user_id,event,ts\nu1,view,2026-01-01\n", r"required column\(s\) \['item_id'\] missing"),
+    (b"user_id,item_id,event,ts\nu1,i1,view,2026-01-01\nu2,\xff\xfe,view,2026-01-01\n", "invalid UTF-8 at line 3"),
+])
+def test_whole_input_errors_are_one_clear_message(tmp_path: Path, content, match: str) -> None:
+    src = tmp_path / "in.csv"
+    if content is not None:
+        write(src, content)
+    with pytest.raises(UserError, match=match) as err:
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    assert str(src) in str(err.value)
+
+
+def test_unknown_format_is_a_user_error(tmp_path: Path) -> None:
+    src = write(tmp_path / "in.xlsx", "x")
+    with pytest.raises(UserError, match="unknown file format"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+
+
+def test_stable_shard_hash_is_xxhash64() -> None:
+    import xxhash
+
+    ids = ["u1", "user-42", "商品"]
+    got = pl.DataFrame({"user_id": ids}).select(S.shard_of({"key": "user_id"}, 7)).to_series().to_list()
+    assert got == [xxhash.xxh64_intdigest(i.encode()) % 7 for i in ids]
+
+
+def test_job_cli_exits_2_with_message(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "jobs.prepare", "dataset=events", f"dataset.path={tmp_path}/nope.csv",
+                        f"paths.root={tmp_path}"], cwd=root, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "input not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_manifest_contents(tmp_path: Path) -> None:
+    src = write(tmp_path / "e.csv", MESSY)
+    prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    m = json.loads((tmp_path / "data" / "events" / "manifest.json").read_text())
+    for key in ("rows_in", "rows_out", "rows_quarantined", "reasons", "schema", "shards", "sources", "split",
+                "ecomray_version", "hash", "licence"):
+        assert key in m
+    assert m["rows_in"] == m["rows_out"] + m["rows_quarantined"]
+    assert m["sources"] == [{"path": src, "rows": 10}]
