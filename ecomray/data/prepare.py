@@ -61,14 +61,14 @@ def _first_bad_utf8_line(path: str) -> int | None:
     return None
 
 
-def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, stage: str, compression: str) -> dict:
+def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, stage: str, ts_format: str = "auto") -> dict:
     """Pass 1 for one source: validate and bucket its rows into `stage/src-i/_bucket=b/`."""
     out = os.path.join(stage, f"src-{i:05d}")
-    checked = S.validate(_with_position(lf, i), schema, source=src)
-    bucket = pl.when(pl.col("reason").is_null()).then(S.shard_of(schema, shards)).otherwise(QUARANTINE_BUCKET)
     try:
+        checked = S.validate(_with_position(lf, i), schema, source=src, ts_format=ts_format)
+        bucket = pl.when(pl.col("reason").is_null()).then(S.shard_of(schema, shards)).otherwise(QUARANTINE_BUCKET)
         checked.with_columns(bucket.cast(pl.Int32).alias("_bucket")).sink_parquet(
-            pl.PartitionBy(out, key="_bucket", include_key=False), compression=compression, mkdir=True)
+            pl.PartitionBy(out, key="_bucket", include_key=False), compression="lz4", mkdir=True)  # staging: fast codec
     except pl.exceptions.PolarsError as err:
         text = str(err)
         if "utf-8" in text.lower() or "utf8" in text.lower():
@@ -181,6 +181,19 @@ def _as_text(df: pl.DataFrame, schema: dict) -> pl.DataFrame:
     return df.select("_file", "_row", *cols, pl.col("reason"))
 
 
+def _first_distinct(df: pl.DataFrame, cols: list[str]) -> pl.Series:
+    """Exact first-occurrence mask. A 64-bit row hash finds candidates fast; only they are compared exactly."""
+    if df.height == 0:
+        return pl.Series([], dtype=pl.Boolean)
+    candidate = df.select(pl.struct(cols).hash().is_duplicated()).to_series()
+    mask = pl.Series([True] * df.height)
+    if candidate.any():
+        idx = candidate.arg_true()
+        sub = df[idx].select(pl.struct(cols).is_first_distinct()).to_series()
+        mask = mask.scatter(idx, sub)
+    return mask
+
+
 def finalize_shard(s: int, stage: str, out: str, schema: dict, split: dict, decided: dict, dedup: str,
                    compression: str) -> dict:
     """Pass 2 for shard s: dedup, sort, split, write. Returns its counts."""
@@ -201,7 +214,7 @@ def finalize_shard(s: int, stage: str, out: str, schema: dict, split: dict, deci
             quarantined = df.join(dup_keys, on=["_file", "_row"], how="semi")
             df = df.join(dup_keys, on=["_file", "_row"], how="anti")
     else:
-        first = df.select(pl.struct(data_cols).is_first_distinct()).to_series() if df.height else pl.Series([], dtype=pl.Boolean)
+        first = _first_distinct(df, data_cols)
         duplicates = int((~first).sum())
         if dedup == "quarantine" and duplicates:
             quarantined = df.filter(~first)
@@ -257,10 +270,10 @@ def _run_engine(engine: str, fn, calls: list[tuple], num_cpus: int | None) -> li
     return ray.get([remote.remote(*c) for c in calls])
 
 
-def _stage_task(i: int, dataset: dict, paths: dict, schema: dict, shards: int, stage: str, compression: str) -> dict:
+def _stage_task(i: int, dataset: dict, paths: dict, schema: dict, shards: int, stage: str, ts_format: str) -> dict:
     """Ray-side pass 1: rebuild source i from the adapter (LazyFrames don't travel), then stage it."""
     src, lf = _sources(dataset, paths)[i]
-    return stage_source(i, src, lf, schema, shards, stage, compression)
+    return stage_source(i, src, lf, schema, shards, stage, ts_format)
 
 
 def run(cfg: dict) -> dict:
@@ -272,6 +285,7 @@ def run(cfg: dict) -> dict:
     shards, engine, compression = int(opts.get("shards", 8)), opts.get("engine", "polars"), opts.get("compression", "zstd")
     if shards < 1:
         raise UserError(f"prepare.shards must be >= 1 (got {shards})")
+    ts_format = dataset.get("ts_format", "auto")
     final = opts["out"]
     if is_uri(final):
         local_root = tempfile.mkdtemp(prefix="ecomray-prepare-")
@@ -289,12 +303,12 @@ def run(cfg: dict) -> dict:
         names = [s for s, _ in srcs]
         log(f"{dataset['name']}: {len(srcs)} source file(s), schema {schema['name']}, {shards} shards, engine {engine}")
         if engine == "ray":
-            staged = _run_engine(engine, _stage_task, [(i, dataset, paths, schema, shards, stage, compression)
+            staged = _run_engine(engine, _stage_task, [(i, dataset, paths, schema, shards, stage, ts_format)
                                                       for i in range(len(srcs))], opts.get("ray_num_cpus"))
         else:
             staged = []
             for i, (src, lf) in enumerate(srcs):
-                staged.append(stage_source(i, src, lf, schema, shards, stage, compression))
+                staged.append(stage_source(i, src, lf, schema, shards, stage, ts_format))
                 log(f"  validated {src}: {staged[-1]['rows_in']:,} rows ({time.time() - t0:.1f}s)")
         rows_in = sum(s["rows_in"] for s in staged)
         if rows_in == 0:

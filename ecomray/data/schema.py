@@ -44,8 +44,36 @@ def check_schema(schema: dict[str, Any]) -> None:
         raise UserError(f"schema {schema.get('name')!r}: label column {label!r} is not a declared column")
 
 
-def _parse_datetime(raw: pl.Expr, dtype: pl.DataType) -> pl.Expr:
-    """ISO-8601 (naive means UTC, offsets converted) or epoch seconds -> Datetime(us, UTC)."""
+TS_FORMATS = {  # name -> parser of a stripped string column
+    "iso": lambda t: t.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", time_unit="us", strict=False).dt.replace_time_zone("UTC"),
+    "iso_space": lambda t: t.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_unit="us", strict=False).dt.replace_time_zone("UTC"),
+    "iso_offset": lambda t: (t.str.replace(r"Z$", "+00:00").str.replace(" ", "T", literal=True)
+                             .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us", strict=False)
+                             .dt.convert_time_zone("UTC")),
+    "date": lambda t: t.str.to_datetime("%Y-%m-%d", time_unit="us", strict=False).dt.replace_time_zone("UTC"),
+    "epoch": lambda t: _from_epoch_seconds(pl.when(t.str.contains(r"^-?\d+(\.\d+)?$")).then(t).cast(pl.Float64, strict=False)),
+}
+
+
+def detect_ts_format(sample: pl.Series) -> str:
+    """The one format that parses every sampled value, else "mixed" (every format tried on every row)."""
+    s = sample.drop_nulls().cast(pl.Utf8).str.strip_chars()
+    s = s.filter(s != "")
+    if s.len() == 0:
+        return "mixed"
+    frame = s.to_frame("t")
+    for name, parse in TS_FORMATS.items():
+        if frame.select(parse(pl.col("t")).is_not_null().all()).item():
+            return name
+    return "mixed"
+
+
+def _parse_datetime(raw: pl.Expr, dtype: pl.DataType, fmt: str = "mixed") -> pl.Expr:
+    """ISO-8601 (naive means UTC, offsets converted) or epoch seconds -> Datetime(us, UTC).
+
+    Text is parsed with one detected format per source (fast), or with every format in turn ("mixed").
+    A value that the chosen format can't parse is quarantined as "unparseable ts", never dropped.
+    """
     if dtype == pl.Datetime or isinstance(dtype, pl.Datetime):
         tz = getattr(dtype, "time_zone", None)
         out = raw.cast(pl.Datetime("us", tz))
@@ -55,23 +83,20 @@ def _parse_datetime(raw: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     if dtype.is_numeric():
         return _from_epoch_seconds(raw.cast(pl.Float64))
     s = raw.cast(pl.Utf8).str.strip_chars()
-    t = s.str.replace(" ", "T", literal=True)
-    naive = t.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", time_unit="us", strict=False).dt.replace_time_zone("UTC")
-    offset = (t.str.replace(r"Z$", "+00:00")
-              .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us", strict=False)
-              .dt.convert_time_zone("UTC"))
-    date = s.str.to_datetime("%Y-%m-%d", time_unit="us", strict=False).dt.replace_time_zone("UTC")
-    epoch = _from_epoch_seconds(pl.when(s.str.contains(r"^-?\d+(\.\d+)?$")).then(s).cast(pl.Float64, strict=False))
-    return pl.coalesce(naive, offset, date, epoch)
+    if fmt in TS_FORMATS:
+        return TS_FORMATS[fmt](s)
+    if fmt != "mixed":
+        return s.str.to_datetime(fmt, time_unit="us", time_zone="UTC", strict=False)  # an explicit strftime format
+    return pl.coalesce(*(parse(s) for parse in TS_FORMATS.values()))
 
 
 def _from_epoch_seconds(seconds: pl.Expr) -> pl.Expr:
     return pl.from_epoch((seconds * 1_000_000).round(0).cast(pl.Int64, strict=False), time_unit="us").dt.replace_time_zone("UTC")
 
 
-def _parse(raw: pl.Expr, kind: str, dtype: pl.DataType) -> pl.Expr:
+def _parse(raw: pl.Expr, kind: str, dtype: pl.DataType, ts_format: str = "mixed") -> pl.Expr:
     if kind == "datetime":
-        return _parse_datetime(raw, dtype)
+        return _parse_datetime(raw, dtype, ts_format)
     if kind == "bool":
         if dtype == pl.Boolean:
             return raw
@@ -79,18 +104,14 @@ def _parse(raw: pl.Expr, kind: str, dtype: pl.DataType) -> pl.Expr:
         return pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False).otherwise(None)
     if kind == "str":
         s = raw.cast(pl.Utf8)
-        return pl.when(s.str.strip_chars() == "").then(None).otherwise(s)
+        return pl.when(s.str.len_bytes() == 0).then(None).otherwise(s)
     target = TYPES[kind]
     if dtype == pl.Utf8:
-        s = raw.str.strip_chars()
-        if kind == "int":  # accept "3" and "3.0", not "3.5"
-            f = s.cast(pl.Float64, strict=False)
-            return pl.when(f == f.round(0)).then(f).cast(pl.Int64, strict=False)
-        return s.cast(target, strict=False)
+        return raw.str.strip_chars().cast(target, strict=False)
     return raw.cast(target, strict=False)
 
 
-def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>") -> pl.LazyFrame:
+def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", ts_format: str = "auto") -> pl.LazyFrame:
     """Typed columns + `reason` (null = good). Raw text of parsed columns is kept as `_raw_<col>` on bad rows.
 
     Missing optional columns are added as nulls; a missing required column is a whole-input error.
@@ -109,9 +130,12 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>") 
             continue
         dtype = present[name]
         raw = pl.col(name)
-        value = _parse(raw, kind, dtype).alias(name)
+        fmt = ts_format
+        if kind == "datetime" and dtype == pl.Utf8 and ts_format == "auto":
+            fmt = detect_ts_format(lf.select(pl.col(name)).head(1000).collect().to_series())
+        value = _parse(raw, kind, dtype, fmt).alias(name)
         typed.append(value)
-        raw_missing = raw.is_null() | ((raw.cast(pl.Utf8).str.strip_chars() == "") if dtype == pl.Utf8 else pl.lit(False))
+        raw_missing = raw.is_null() | (raw.str.len_bytes() == 0) if dtype == pl.Utf8 else raw.is_null()
         if spec.get("required"):
             rules.append((raw_missing, f"missing {name}"))
         if kind != "str" and dtype != TYPES[kind]:
