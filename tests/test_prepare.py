@@ -190,3 +190,19 @@ def test_manifest_contents(tmp_path: Path) -> None:
         assert key in m
     assert m["rows_in"] == m["rows_out"] + m["rows_quarantined"]
     assert m["sources"] == [{"path": src, "rows": 10}]
+
+
+def test_console_script_runs_the_same_job(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from jobs import cli
+
+    src = write(tmp_path / "e.csv", MESSY)
+    root = Path(__file__).resolve().parents[1]
+    code = f"import sys; sys.argv = ['ecomray', 'prepare', 'dataset=events', 'dataset.path={src}', 'paths.root={tmp_path}']; " \
+           "from jobs.cli import main; main()"
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "quarantined        7" in p.stdout
+    assert "prepare" in cli.JOBS

@@ -18,3 +18,8 @@ def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
     synthetic.generate(dataset["synthetic"], out)
     files = sorted(f for f in os.listdir(os.path.join(out, "raw")) if f.endswith(".parquet"))
     return [(os.path.join(out, "raw", f), pl.scan_parquet(os.path.join(out, "raw", f))) for f in files]
+
+
+def extra_manifest(dataset: dict, paths: dict) -> dict:
+    """Where the generator's ground truth lives, so evaluation can score an oracle."""
+    return {"truth_dir": raw_dir(dataset, paths)}
