@@ -1,0 +1,63 @@
+"""Re-score a registry version on a split, beside baselines in the same harness (popularity; oracle on synthetic)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from ecomray import registry
+from ecomray.data.prepare import load_manifest
+from ecomray.tasks import load_task
+
+
+def evaluate_version(cfg: dict) -> dict[str, Any]:
+    ev = cfg.get("evaluate") or {}
+    name = ev.get("model") or cfg.get("registry_name") or f"{cfg['task']['name']}_{cfg['dataset']['name']}"
+    found = registry.load(cfg["paths"]["registry"], name, ev.get("version"))
+    vcfg = {**found["config"], "paths": cfg["paths"]}  # the version's own task/model/dataset, today's locations
+    split = ev.get("split", "test")
+    task = load_task(vcfg)
+    data = task.build_data(vcfg, 0, 1)
+    model = instantiate(vcfg["model"], **_sizes(found["meta"]))
+    model.load_state_dict(found["state_dict"])
+    rows = {"model": task.evaluate(model, data, split)}
+    if ev.get("baselines", True) and hasattr(task, "rank_targets"):
+        pop = torch.from_numpy(data.popularity).float()
+        rows["popularity"] = task.evaluate(None, data, split, scorer=lambda h, r: pop.expand(len(h), -1))
+        manifest = load_manifest(os.path.join(cfg["paths"]["data"], vcfg["dataset"]["name"]))
+        if manifest.get("truth_dir"):
+            rows["oracle"] = task.evaluate(None, data, split, scorer=_oracle(manifest["truth_dir"], data))
+    report = {"model": name, "version": found["version"], "split": split, "metrics": rows}
+    print(f"evaluate {name} {found['version']} on {split}:")
+    keys = [k for k in next(iter(rows.values())) if not k.startswith("sampled_")]
+    print("  " + f"{'':12s}" + "".join(f"{k:>10s}" for k in keys))
+    for who, m in rows.items():
+        print("  " + f"{who:12s}" + "".join(f"{m[k]:10.4f}" for k in keys))
+    os.makedirs(cfg["paths"]["reports"], exist_ok=True)
+    with open(os.path.join(cfg["paths"]["reports"], f"{name}-{found['version']}-{split}.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    return report
+
+
+def _sizes(meta: dict) -> dict:
+    return {"num_items": meta["num_items"]} if "num_items" in meta else {}
+
+
+def _oracle(truth_dir: str, data: Any):
+    """Scores every item by the generator's true preference for the user (given the last item)."""
+    from ecomray.data import synthetic
+
+    truth = synthetic.load_truth(truth_dir)
+    col = np.array([truth.item_index()[i] for i in data.item_ids])  # vocab order -> truth order
+
+    def score(histories: list[np.ndarray], rows: list[int]) -> torch.Tensor:
+        users = [data.users[r] for r in rows]
+        hist = [[data.item_ids[k - 1] for k in h] for h in histories]
+        return torch.from_numpy(synthetic.true_scores(truth, users, hist)[:, col]).float()
+
+    return score

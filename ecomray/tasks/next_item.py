@@ -1,0 +1,225 @@
+"""Next-item recommendation over user sequences built from prepared event shards.
+
+The sequence of a user: rows in shard order (ts, then source position), kept when `event` is in
+`task.sequence_events`, and with `task.dedupe: first_interaction` only the first interaction with each item.
+(A view -> click -> cart -> purchase funnel repeats one item; predicting it again would be trivial.)
+Leave-one-out on that sequence: last item -> test target, second-last -> val target, the rest train. Prepare's
+row-level `split` column is not used here because the sequence, not the raw row, is the unit of this protocol;
+for one-item-per-row logs (the Amazon files) the two coincide.
+
+Workers read shard files rank::world_size (users are hash-partitioned, so no user is split); the item vocabulary
+is the sorted set of item ids over all shards, identical on every worker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+
+from ecomray.data.prepare import load_manifest
+from ecomray.metrics import KS, rank_of_target, ranking_sums
+
+
+@dataclass
+class SeqData:
+    item_ids: list[str]                  # vocabulary: item id k+1 <-> item_ids[k]
+    users: list[str]
+    seqs: list[np.ndarray]               # per user, full sequence of item indices (1-based)
+    max_len: int
+    popularity: np.ndarray               # (I,) training counts, for the cold-start fallback and baselines
+    cfg: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+
+def dataset_dir(cfg: dict) -> str:
+    return os.path.join(cfg["paths"]["data"], cfg["dataset"]["name"])
+
+
+def read_sequences(folder: str, task: dict, files: list[str]) -> pl.DataFrame:
+    """user_id -> list of item ids, in sequence order, from the given shard files."""
+    lf = pl.scan_parquet([os.path.join(folder, f) for f in files]) if files else None
+    if lf is None:
+        return pl.DataFrame({"user_id": [], "items": []}, schema={"user_id": pl.Utf8, "items": pl.List(pl.Utf8)})
+    events = task.get("sequence_events")
+    if events:
+        lf = lf.filter(pl.col("event").is_in(list(events)))
+    lf = lf.with_row_index("_pos")
+    if task.get("dedupe") == "first_interaction":
+        lf = lf.unique(subset=["user_id", "item_id"], keep="first").sort("_pos")
+    return lf.group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items")).collect()
+
+
+def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> SeqData:
+    folder = dataset_dir(cfg)
+    manifest = load_manifest(folder)
+    files = [s["file"] for s in manifest["shards"]]
+    vocab = (pl.scan_parquet([os.path.join(folder, f) for f in files]).select("item_id").unique()
+             .sort("item_id").collect()["item_id"].to_list())
+    index = {item: k + 1 for k, item in enumerate(vocab)}
+    mine = read_sequences(folder, cfg["task"], files[rank::world_size])
+    seqs = [np.fromiter((index[i] for i in items), dtype=np.int64, count=len(items)) for items in mine["items"]]
+    pop = np.zeros(len(vocab), dtype=np.float64)
+    for s in seqs:
+        train_part = s[:-2] if len(s) >= 3 else s
+        np.add.at(pop, train_part - 1, 1.0)
+    return SeqData(vocab, mine["user_id"].to_list(), seqs, int(cfg["model"].get("max_len", 50)), pop, cfg)
+
+
+def build_model(cfg: dict, data: SeqData) -> nn.Module:
+    return instantiate(cfg["model"], num_items=data.num_items)
+
+
+def _left_pad(rows: list[np.ndarray], length: int) -> torch.Tensor:
+    out = np.zeros((len(rows), length), dtype=np.int64)
+    for r, s in enumerate(rows):
+        s = s[-length:]
+        if len(s):
+            out[r, length - len(s):] = s
+    return torch.from_numpy(out)
+
+
+def train_batches(data: SeqData, epoch: int, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of (input, target) windows over each user's training part (the sequence minus its last two)."""
+    train = [s[:-2] if len(s) >= 3 else s for s in data.seqs]
+    train = [s for s in train if len(s) >= 2]
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(train), generator=g).tolist()
+    negatives = int(data.cfg["task"].get("num_negatives", 0))
+    for lo in range(0, len(order), batch_size):
+        rows = [train[k] for k in order[lo:lo + batch_size]]
+        batch = {"seq": _left_pad([r[:-1] for r in rows], data.max_len),
+                 "target": _left_pad([r[1:] for r in rows], data.max_len)}
+        if negatives:
+            batch["negatives"] = torch.randint(1, data.num_items + 1, (negatives,), generator=g)
+        yield batch
+
+
+def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Full-softmax CE over the catalogue, or sampled softmax with shared negatives when batch has them.
+
+    Only real (non-padding) target positions count.
+    """
+    hidden = model(batch["seq"])                      # (B, T, D)
+    target = batch["target"]                          # (B, T), 0 = padding
+    real = target > 0
+    h, t = hidden[real], target[real]                 # (N, D), (N,)
+    core = model.module if hasattr(model, "module") else model
+    weights = core.item_weights()                     # (I, D)
+    if "negatives" not in batch:
+        return F.cross_entropy(h @ weights.T, t - 1)
+    neg = batch["negatives"]                          # (K,)
+    pos_logit = (h * weights[t - 1]).sum(-1, keepdim=True)            # (N, 1)
+    neg_logit = h @ weights[neg - 1].T                                # (N, K)
+    neg_logit = neg_logit.masked_fill(neg[None, :] == t[:, None], float("-inf"))  # accidental hits
+    logits = torch.cat([pos_logit, neg_logit], 1)
+    return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=t.device))
+
+
+def eval_rows(data: SeqData, split: str) -> tuple[list[int], list[np.ndarray], np.ndarray]:
+    """(user rows, histories, targets) of the users with a held-out item for `split`."""
+    cut = {"val": 2, "test": 1}[split]
+    rows = [k for k, s in enumerate(data.seqs) if len(s) >= 3]
+    hist = [data.seqs[k][:-cut] for k in rows]
+    target = np.array([data.seqs[k][-cut] for k in rows], dtype=np.int64)
+    return rows, hist, target
+
+
+@torch.no_grad()
+def score_histories(model: nn.Module, histories: list[np.ndarray], max_len: int) -> torch.Tensor:
+    """(B, I) scores of every item for the next position after each history."""
+    core = model.module if hasattr(model, "module") else model
+    seq = _left_pad(histories, max_len).to(core.item_emb.weight.device)
+    h = core(seq)[:, -1]                              # (B, D)
+    return (h @ core.item_weights().T).float().cpu()
+
+
+def rank_targets(scores: torch.Tensor, histories: list[np.ndarray], target: np.ndarray, exclude_history: bool,
+                 sampled: int = 0, seed: int = 0) -> torch.Tensor:
+    """Rank of each target among all items (full) or among `sampled` seeded random negatives."""
+    t = torch.from_numpy(target - 1)
+    scores = scores.clone()
+    if exclude_history:
+        for r, h in enumerate(histories):
+            seen = torch.from_numpy(np.asarray(h) - 1)
+            seen = seen[seen != t[r]]
+            scores[r, seen] = float("-inf")
+    if not sampled:
+        return rank_of_target(scores, t)
+    g = torch.Generator().manual_seed(seed)
+    neg = torch.randint(0, scores.shape[1], (len(t), sampled), generator=g)
+    cand = torch.cat([t[:, None], neg], 1)
+    s = scores.gather(1, cand)
+    s[:, 1:] = s[:, 1:].masked_fill(neg == t[:, None], float("-inf"))
+    return rank_of_target(s, torch.zeros(len(t), dtype=torch.long))
+
+
+def _reduce(sums: dict[str, float], count: int) -> dict[str, float]:
+    """Add metric sums over Train workers (when distributed) and divide by the user count."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(vec)
+    n = max(vec[-1].item(), 1.0)
+    return {k: vec[i].item() / n for i, k in enumerate(keys)}
+
+
+def evaluate(model: nn.Module, data: SeqData, split: str, scorer: Any = None) -> dict[str, float]:
+    """HR@K / NDCG@K, full ranking (and sampled, if `task.eval_sampled` > 0). `scorer(histories)` overrides the model."""
+    task = data.cfg["task"]
+    exclude = bool(task.get("exclude_history", True))
+    rows, hist, target = eval_rows(data, split)
+    was_training = getattr(model, "training", False)
+    if model is not None:
+        model.eval()
+    sums: dict[str, float] = {f"{m}@{k}": 0.0 for m in ("hr", "ndcg") for k in KS}
+    sampled_n = int(task.get("eval_sampled", 0))
+    bs = int(task.get("eval_batch_size", 512))
+    for lo in range(0, len(rows), bs):
+        h, t = hist[lo:lo + bs], target[lo:lo + bs]
+        scores = scorer(h, [rows[k] for k in range(lo, min(lo + bs, len(rows)))]) if scorer else \
+            score_histories(model, h, data.max_len)
+        for name, value in ranking_sums(rank_targets(scores, h, t, exclude)).items():
+            sums[name] += value
+        if sampled_n:
+            for name, value in ranking_sums(rank_targets(scores, h, t, exclude, sampled_n, seed=lo)).items():
+                sums[f"sampled_{name}"] = sums.get(f"sampled_{name}", 0.0) + value
+    if model is not None and was_training:
+        model.train()
+    return _reduce(sums, len(rows))
+
+
+def metadata(data: SeqData) -> dict:
+    top = np.argsort(-data.popularity, kind="stable")[:1000]
+    return {"item_ids": data.item_ids, "max_len": data.max_len, "num_items": data.num_items,
+            "popular": [data.item_ids[k] for k in top]}
+
+
+def predict(model: nn.Module, meta: dict, histories: list[list[str]], k: int = 10,
+            exclude_history: bool = True) -> list[list[tuple[str, float]]]:
+    """Top-k (item id, score) per history of item ids (oldest first); unknown ids are skipped."""
+    index = {item: n + 1 for n, item in enumerate(meta["item_ids"])}
+    seqs = [np.array([index[i] for i in h if i in index], dtype=np.int64) for h in histories]
+    model.eval()
+    scores = score_histories(model, seqs, int(meta["max_len"]))
+    out = []
+    for r, s in enumerate(seqs):
+        row = scores[r]
+        if exclude_history and len(s):
+            row = row.clone()
+            row[torch.from_numpy(s - 1)] = float("-inf")
+        top = torch.topk(row, min(k, len(row)))
+        out.append([(meta["item_ids"][int(i)], float(v)) for v, i in zip(top.values, top.indices)])
+    return out

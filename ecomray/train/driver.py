@@ -1,0 +1,75 @@
+"""The training driver: build a TorchTrainer from config, fit, score the best model on val and test, register it.
+
+`fit(cfg)` is what `jobs.train` runs and what a Tune trial runs: one driver for both.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from ecomray import registry
+from ecomray.data.prepare import load_manifest
+from ecomray.tasks import load_task
+from ecomray.train.loop import train_loop
+
+
+def registry_name(cfg: dict) -> str:
+    return cfg.get("registry_name") or f"{cfg['task']['name']}_{cfg['dataset']['name']}"
+
+
+def trainer(cfg: dict, callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    sc = dict(cfg["scaling"])
+    backend = sc.pop("backend", None) or ("nccl" if sc.get("use_gpu") else "gloo")
+    tcfg = cfg["train"]
+    return TorchTrainer(
+        train_loop, train_loop_config=cfg,
+        scaling_config=ScalingConfig(**sc),
+        torch_config=TorchConfig(backend=backend),
+        run_config=RunConfig(
+            storage_path=cfg["paths"]["runs"], name=cfg["run_name"], callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=int(tcfg.get("max_failures", 0))),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)))
+
+
+def fit(cfg: dict, callbacks: list | None = None, register: bool = True) -> dict[str, Any]:
+    """Train, then evaluate the best epoch's model on val and test and (optionally) register it."""
+    from ecomray.runtime import init_ray
+
+    cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
+    if int(cfg["scaling"].get("num_workers", 1)) > 0:
+        init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"))
+    t0 = time.time()
+    result = trainer(cfg, callbacks).fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")
+    task = load_task(cfg)
+    data = task.build_data(cfg, 0, 1)
+    model = task.build_model(cfg, data)
+    model.load_state_dict(state["best_model"])
+    metrics = {f"val/{k}": v for k, v in task.evaluate(model, data, "val").items()}
+    metrics.update({f"test/{k}": v for k, v in task.evaluate(model, data, "test").items()})
+    metrics.update({"epochs_run": len(state["history"]), "train_seconds": time.time() - t0,
+                    "best_epoch": max(range(len(state["history"])), key=lambda i: _score(state["history"][i], cfg))})
+    out: dict[str, Any] = {"metrics": metrics, "history": state["history"], "run_name": cfg["run_name"]}
+    print("[train] best model: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                           if k.startswith(("val/", "test/")) and "@10" in k), flush=True)
+    if register:
+        manifest = load_manifest(os.path.join(cfg["paths"]["data"], cfg["dataset"]["name"]))
+        name = registry_name(cfg)
+        version = registry.register(cfg["paths"]["registry"], name, model.state_dict(), cfg, metrics,
+                                    task.metadata(data), registry.lineage(cfg, manifest))
+        print(f"[train] registered {name} {version} in {cfg['paths']['registry']}", flush=True)
+        out.update(name=name, version=version)
+    return out
+
+
+def _score(h: dict, cfg: dict) -> float:
+    v = h[cfg["train"]["monitor"]]
+    return v if cfg["train"].get("mode", "max") == "max" else -v

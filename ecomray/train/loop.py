@@ -1,0 +1,144 @@
+"""The one training loop, for every task family: plain PyTorch plus the Ray Train calls.
+
+Runs inside each Ray Train worker (or in-process with `scaling.num_workers: 0`). Each epoch it reports
+`train/loss`, `val/<metric>`, `samples_per_s`, `elapsed_s` and a checkpoint holding the model, the optimizer, the
+epoch, the RNG states and the early-stopping state, so a restarted worker group resumes exactly where it was:
+data order is a function of (seed, epoch) and the RNG state is restored, so a resumed run ends with the same
+metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from ecomray.tasks import load_task
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+class _KeptDir:
+    def __enter__(self) -> str:
+        return tempfile.mkdtemp(prefix="ecomray-ckpt-")
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def train_loop(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tcfg = cfg["train"]
+    seed = int(cfg.get("seed", 0))
+    monitor, mode = tcfg["monitor"], tcfg.get("mode", "max")
+    seed_everything(seed)
+    task = load_task(cfg)
+    data = task.build_data(cfg, rank, world)
+    model = task.build_model(cfg, data)
+    device = ray.train.torch.get_device() if world > 1 or torch.cuda.is_available() else torch.device("cpu")
+    model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
+    optimizer = instantiate(cfg["optim"])(params=model.parameters())
+    amp = bool(tcfg.get("bf16", False)) and device.type == "cuda"
+
+    start_epoch, best, best_state, bad_epochs, history = 0, None, None, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
+        best_state = state["best_model"]
+        _set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"[train] resumed from epoch {state['epoch']} (best {monitor}={best})", flush=True)
+
+    fail_marker = os.path.join(cfg["paths"]["runs"], cfg["run_name"] + ".failed_once")
+    t0, step = time.time(), 0
+    for epoch in range(start_epoch, int(tcfg["epochs"])):
+        model.train()
+        t_epoch, seen, loss_sum, n_batches = time.time(), 0, 0.0, 0
+        for batch in task.train_batches(data, epoch, seed * 1000 + rank, int(tcfg["batch_size"])):
+            step += 1
+            fail_at = tcfg.get("fail_at_step")
+            if fail_at and step == int(fail_at) and not os.path.exists(fail_marker):
+                open(fail_marker, "w").close()
+                raise RuntimeError(f"debug: train.fail_at_step={fail_at} (raised once to test fault tolerance)")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = task.loss_step(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
+            optimizer.step()
+            loss_sum += float(loss.detach())
+            n_batches += 1
+            seen += len(next(iter(batch.values())))
+        train_s = time.time() - t_epoch
+        metrics = {f"val/{k}": v for k, v in task.evaluate(_unwrap(model), data, "val").items()}
+        metrics.update({"epoch": epoch, "train/loss": loss_sum / max(n_batches, 1),
+                        "samples_per_s": seen * world / max(train_s, 1e-9), "elapsed_s": time.time() - t0})
+        improved = _better(metrics[monitor], best, mode)
+        if improved:
+            best, bad_epochs = metrics[monitor], 0
+            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        else:
+            bad_epochs += 1
+        stop = bad_epochs >= int(tcfg.get("patience", 10**9))
+        metrics.update({"best/" + monitor: best, "stopped_early": float(stop)})
+        history.append({k: v for k, v in metrics.items()})
+        if rank == 0:
+            print(f"[train] epoch {epoch:3d}  loss {metrics['train/loss']:.4f}  {monitor} {metrics[monitor]:.4f}"
+                  f"  best {best:.4f}  {metrics['samples_per_s']:,.0f} samples/s  {metrics['elapsed_s']:.1f}s", flush=True)
+        in_process = int(cfg["scaling"].get("num_workers", 1)) == 0  # in-process reports keep the folder itself
+        with (_KeptDir() if in_process else tempfile.TemporaryDirectory()) as d:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "best": best, "bad_epochs": bad_epochs, "history": history, "best_model": best_state,
+                            "rng": _rng_state()}, os.path.join(d, "state.pt"))
+                with open(os.path.join(d, "meta.json"), "w") as fh:
+                    json.dump(task.metadata(data), fh)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if stop:
+            if rank == 0:
+                print(f"[train] early stop: no {monitor} improvement for {bad_epochs} epochs", flush=True)
+            break
