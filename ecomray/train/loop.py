@@ -2,9 +2,9 @@
 
 Runs inside each Ray Train worker (or in-process with `scaling.num_workers: 0`). Each epoch it reports
 `train/loss`, `val/<metric>`, `samples_per_s`, `elapsed_s` and a checkpoint holding the model, the optimizer, the
-epoch, the RNG states and the early-stopping state, so a restarted worker group resumes exactly where it was:
-data order is a function of (seed, epoch) and the RNG state is restored, so a resumed run ends with the same
-metrics as an uninterrupted one.
+epoch and the early-stopping state, so a restarted worker group resumes where it was. Data order and every
+random draw are functions of (seed, epoch, rank) (the RNGs are re-seeded each epoch), so a resumed run ends with
+the same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -33,18 +33,16 @@ def _better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def _min_over_workers(n: int) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 class _KeptDir:
@@ -85,7 +83,6 @@ def train_loop(cfg: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
         best_state = state["best_model"]
-        _set_rng_state(state["rng"])
         if rank == 0:
             print(f"[train] resumed from epoch {state['epoch']} (best {monitor}={best})", flush=True)
 
@@ -93,8 +90,14 @@ def train_loop(cfg: dict) -> None:
     t0, step = time.time(), 0
     for epoch in range(start_epoch, int(tcfg["epochs"])):
         model.train()
+        # Re-seed per (epoch, rank): dropout and sampling depend only on where we are, so a resumed run replays
+        # exactly what an uninterrupted one does, on every rank.
+        seed_everything(seed * 1_000_003 + epoch * 1_009 + rank)
         t_epoch, seen, loss_sum, n_batches = time.time(), 0, 0.0, 0
-        for batch in task.train_batches(data, epoch, seed * 1000 + rank, int(tcfg["batch_size"])):
+        batches = list(task.train_batches(data, epoch, seed * 1000 + rank, int(tcfg["batch_size"])))
+        # DDP needs the same number of steps on every worker (their shards differ in size): take the minimum.
+        n_steps = _min_over_workers(len(batches)) if world > 1 else len(batches)
+        for batch in batches[:n_steps]:
             step += 1
             fail_at = tcfg.get("fail_at_step")
             if fail_at and step == int(fail_at) and not os.path.exists(fail_marker):
@@ -132,8 +135,7 @@ def train_loop(cfg: dict) -> None:
             ckpt = None
             if rank == 0:
                 torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "best": best, "bad_epochs": bad_epochs, "history": history, "best_model": best_state,
-                            "rng": _rng_state()}, os.path.join(d, "state.pt"))
+                            "best": best, "bad_epochs": bad_epochs, "history": history, "best_model": best_state}, os.path.join(d, "state.pt"))
                 with open(os.path.join(d, "meta.json"), "w") as fh:
                     json.dump(task.metadata(data), fh)
                 ckpt = ray.train.Checkpoint.from_directory(d)
