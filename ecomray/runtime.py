@@ -54,7 +54,7 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        ray.init(num_cpus=num_cpus, **kwargs)
 
 
 def user_errors(fn: F) -> F:
