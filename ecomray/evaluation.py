@@ -25,6 +25,8 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
     data = task.build_data(vcfg, 0, 1)
     model = instantiate(vcfg["model"], **_sizes(found["meta"]))
     model.load_state_dict(found["state_dict"])
+    if "threshold" in found["meta"]:  # decision threshold chosen on validation at training time
+        data.threshold = found["meta"]["threshold"]
     rows = {"model": task.evaluate(model, data, split)}
     if ev.get("baselines", True) and hasattr(task, "rank_targets"):
         pop = torch.from_numpy(data.popularity).float()
@@ -45,7 +47,7 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
 
 
 def _sizes(meta: dict) -> dict:
-    return {"num_items": meta["num_items"]} if "num_items" in meta else {}
+    return meta.get("model_kwargs") or ({"num_items": meta["num_items"]} if "num_items" in meta else {})
 
 
 def _oracle(truth_dir: str, data: Any):

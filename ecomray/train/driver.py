@@ -59,7 +59,7 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True) -> dict
                     "best_epoch": max(range(len(state["history"])), key=lambda i: _score(state["history"][i], cfg))})
     out: dict[str, Any] = {"metrics": metrics, "history": state["history"], "run_name": cfg["run_name"]}
     print("[train] best model: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                           if k.startswith(("val/", "test/")) and "@10" in k), flush=True)
+                                           if k.startswith(("val/", "test/")) and "sampled" not in k and "@5" not in k and "@20" not in k), flush=True)
     if register:
         manifest = load_manifest(os.path.join(cfg["paths"]["data"], cfg["dataset"]["name"]))
         name = registry_name(cfg)
