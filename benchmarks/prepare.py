@@ -1,13 +1,13 @@
-"""Time `prepare` against the raw baseline on one event CSV, side by side in one run.
+"""Benchmark: `ecomray prepare` against a plain Polars CSV -> Parquet conversion of the same file, side by side.
 
-    python benchmarks/prepare.py                 # 20M rows (~1.5 GB CSV, generated once under benchmarks/work/)
-    python benchmarks/prepare.py --rows 2000000  # a quicker run
+    python benchmarks/prepare.py                  # ~20M rows (~1.4 GB CSV), generated once under benchmarks/work/
+    python benchmarks/prepare.py --rows 200000    # smoke mode
 
-Baseline: `pl.scan_csv(path).sink_parquet(out)` (parse + write, nothing else).
-ecomray:  `jobs.prepare` on the same file: validation of every rule, quarantine, exact de-duplication, hash
-          partitioning by user, per-user sorting, leave-one-out split, zstd shards, manifest.
-Each side runs in its own fresh process so its peak RSS is its own. Prints a table and writes
-benchmarks/results/prepare.json.
+The baseline is `pl.scan_csv(path).sink_parquet(out)`: no validation, no quarantine, no dedup, no sharding, no
+sort, no split. ecomray's prepare does all of those, so it is slower; the question is by how much, and whether its
+memory stays bounded. Each side runs in a fresh subprocess (interleaved, `--repeat` times) so that its peak RSS
+(wait4's ru_maxrss of that child) is its own. Seconds are the work alone, timed inside the child (imports excluded);
+the table quotes medians. Writes benchmarks/results/prepare.json (prepare-<rows>.json for other sizes).
 """
 
 from __future__ import annotations
@@ -16,109 +16,239 @@ import argparse
 import json
 import os
 import platform
-import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
-import polars as pl
-
-ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / "benchmarks" / "work"
-
-
-def make_csv(path: Path, rows: int, seed: int = 0, chunk: int = 2_000_000) -> None:
-    """Event log with ~20 events per user, ~0.5% exact duplicates and ~0.3% broken rows."""
-    if path.exists() and path.with_suffix(".done").exists():
-        return
-    rng = np.random.default_rng(seed)
-    users, items = max(rows // 20, 1), 50_000
-    events = np.array(["view", "click", "cart", "purchase"])
-    with open(path, "wb") as fh:
-        for lo in range(0, rows, chunk):
-            n = min(chunk, rows - lo)
-            u = rng.integers(0, users, n)
-            i = rng.integers(0, items, n)
-            df = pl.DataFrame({
-                "user_id": u, "item_id": i, "event": events[rng.choice(4, n, p=[0.6, 0.25, 0.1, 0.05])],
-                "ts": 1767225600 + rng.integers(0, 90 * 86400, n), "price": np.round(rng.gamma(2.0, 20.0, n), 2),
-                "category": i % 40, "session_id": u * 10 + rng.integers(0, 10, n), "quantity": rng.integers(1, 4, n),
-            }).with_columns(
-                user_id=pl.lit("u") + pl.col("user_id").cast(pl.Utf8), item_id=pl.lit("i") + pl.col("item_id").cast(pl.Utf8),
-                ts=pl.from_epoch("ts", time_unit="s").dt.strftime("%Y-%m-%dT%H:%M:%S"),
-                category=pl.lit("c") + pl.col("category").cast(pl.Utf8), session_id=pl.lit("s") + pl.col("session_id").cast(pl.Utf8))
-            dup = df.sample(fraction=0.005, seed=int(rng.integers(1 << 31)))
-            bad = df.sample(fraction=0.003, seed=int(rng.integers(1 << 31))).with_columns(event=pl.lit("refund"))
-            pl.concat([df, dup, bad]).sample(fraction=1.0, shuffle=True, seed=int(rng.integers(1 << 31))).write_csv(
-                fh, include_header=(lo == 0))
-    path.with_suffix(".done").touch()
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_ROWS = 20_000_000
+# The shop behind the CSV: ~18 rows per user, so 20M rows is ~1.1M users; 1,000 items keeps generation ~2 minutes.
+SYNTH = {"seed": 0, "items": 1000, "categories": 20, "sessions_per_user": 6.0, "taste_dim": 8, "chunk_users": 50000}
+# A log as exported: in time order (users interleaved within each 50k-user chunk), with 0.5% exact duplicate rows
+# and 0.3% rows of an unknown event type, so dedup and quarantine do real work.
+NOISE = {"order": "time", "duplicates": 0.005, "invalid": 0.003}
+TARGET_RATIO, AIM_RATIO, TARGET_RSS_MB = 0.5, 0.8, 3072
 
 
-BASELINE = """
-import polars as pl, sys, time
-t = time.time(); pl.scan_csv(sys.argv[1]).sink_parquet(sys.argv[2]); print(time.time() - t)
-"""
+# ----------------------------------------------------------------------------------------------- the input
+def ensure_csv(rows: int, work: str) -> dict:
+    """The benchmark CSV for `rows`, generated once and reused while the generator and its config are unchanged.
 
-ECOMRAY = """
-import sys, time
-from hydra import compose, initialize_config_dir
-from ecomray.data.prepare import run
-from ecomray.runtime import to_plain
-with initialize_config_dir(version_base="1.3", config_dir=sys.argv[3]):
-    cfg = to_plain(compose("prepare", overrides=["dataset=events", f"dataset.path={sys.argv[1]}", f"paths.root={sys.argv[2]}",
-                                                 "overwrite=true", f"prepare.shards={sys.argv[4]}"]))
-t = time.time(); m = run(cfg); print(time.time() - t); print(m["rows_in"], m["rows_out"], m["rows_quarantined"])
-"""
+    Runs in a child process: the driver must stay small, because a child's peak RSS as the kernel reports it
+    starts from the size of the process that spawned it.
+    """
+    from ecomray.data import synthetic
+
+    os.makedirs(work, exist_ok=True)
+    path = os.path.join(work, f"events-{rows}.csv")
+    meta_path = path + ".json"
+    key = {"rows": rows, "synthetic": SYNTH, "noise": NOISE, "generator_version": synthetic.GENERATOR_VERSION}
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        if meta.get("key") == key and meta.get("bytes") == os.path.getsize(path):
+            print(f"input: {path} ({rows:,} rows, cached)", flush=True)
+            return meta
+    print(f"input: generating {rows:,} rows into {path} ...", flush=True)
+    info = synthetic.write_csv(SYNTH, path, rows, **NOISE)
+    meta = {"key": key, "path": path, **info}
+    with open(meta_path, "w") as fh:
+        json.dump(meta, fh, indent=2)
+    print(f"input: {info['rows']:,} rows, {info['bytes'] / 1e6:,.0f} MB, {info['users']:,} users "
+          f"in {info['seconds']:.0f}s ({info['duplicates']:,} duplicates, {info['invalid']:,} invalid rows)")
+    return meta
 
 
-def timed(code: str, *args: str) -> tuple[list[str], float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
-    if p.returncode:
-        raise SystemExit(p.stderr)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    lines = [ln for ln in p.stdout.strip().splitlines() if ln and ln[0].isdigit()]
-    return lines, max(peak, before) / 1024  # KiB -> MiB (ru_maxrss is the max over finished children)
+def warm_page_cache(path: str) -> None:
+    """Read the file once so neither side pays for the cold read alone."""
+    with open(path, "rb") as fh:
+        while fh.read(1 << 20):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------- the sides (children)
+def side_baseline(csv: str, out: str) -> dict:
+    import polars as pl
+
+    t0 = time.perf_counter()
+    pl.scan_csv(csv).sink_parquet(out)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "out_bytes": os.path.getsize(out)}
+
+
+def prepare_config(csv: str, out: str, shards: int, engine: str) -> dict:
+    """The plain-dict config `ecomray.data.prepare.run` takes, composed from conf/ like `python -m jobs.prepare`."""
+    from hydra import compose, initialize_config_dir
+
+    from ecomray.runtime import to_plain
+
+    overrides = ["dataset=events", "dataset.name=bench", f"dataset.path={csv}", "dataset.format=csv",
+                 "dataset.licence=synthetic", f"paths.root={os.path.dirname(out)}", f"prepare.out={out}",
+                 f"prepare.shards={shards}", f"prepare.engine={engine}", "overwrite=true"]
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfg = compose(config_name="prepare", overrides=overrides)
+    return to_plain(cfg)
+
+
+def side_ecomray(csv: str, out: str, shards: int, engine: str) -> dict:
+    from ecomray.data.prepare import run
+
+    cfg = prepare_config(csv, out, shards, engine)
+    t0 = time.perf_counter()
+    manifest = run(cfg)
+    seconds = time.perf_counter() - t0
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    return {"seconds": seconds, "out_bytes": size, "rows_in": manifest["rows_in"], "rows_out": manifest["rows_out"],
+            "rows_quarantined": manifest["rows_quarantined"], "shards": len(manifest["shards"])}
+
+
+def own_peak_rss_mb() -> float | None:
+    """This process's own high-water RSS since exec (VmHWM), not inherited from the spawning process."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def child_main(args: argparse.Namespace) -> None:
+    if args.side == "generate":
+        result = ensure_csv(args.rows, args.work)
+    elif args.side == "baseline":
+        result = side_baseline(args.csv, args.out)
+    else:
+        result = side_ecomray(args.csv, args.out, args.shards, args.engine)
+    result["own_peak_rss_mb"] = own_peak_rss_mb()
+    with open(args.result, "w") as fh:
+        json.dump(result, fh)
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def run_side(side: str, csv: str, scratch: str, shards: int, engine: str) -> dict:
+    out = os.path.join(scratch, "baseline.parquet" if side == "baseline" else "ecomray")
+    _remove(out)
+    result_file = os.path.join(scratch, f"{side}.result.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--csv", csv, "--out", out,
+           "--result", result_file, "--shards", str(shards), "--engine", engine]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS, not the driver's
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark side {side!r} failed with exit code {proc.returncode}: {' '.join(cmd)}")
+    with open(result_file) as fh:
+        result = json.load(fh)
+    peak_kb = usage.ru_maxrss if sys.platform != "darwin" else usage.ru_maxrss / 1024
+    _remove(out)
+    # wait4's figure covers the child and the descendants it waited for; VmHWM (the child alone) cross-checks it
+    return {**result, "process_seconds": wall, "peak_rss_mb": peak_kb / 1024}
+
+
+def machine() -> dict:
+    import polars as pl
+    import pyarrow as pa
+
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "polars": pl.__version__, "pyarrow": pa.__version__, "polars_max_threads": pl.thread_pool_size()}
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+        with open("/proc/meminfo") as fh:
+            info["memory_gb"] = round(int(next(line.split()[1] for line in fh if line.startswith("MemTotal"))) / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    return info
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=20_000_000)
-    ap.add_argument("--shards", type=int, default=16)
-    args = ap.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
-    csv = WORK / f"events_{args.rows}.csv"
-    t = time.time()
-    make_csv(csv, args.rows)
-    print(f"input {csv} ({csv.stat().st_size / 1e9:.2f} GB), ready in {time.time() - t:.0f}s")
-    rows = pl.scan_csv(csv).select(pl.len()).collect().item()
-    # baseline first so that its peak RSS is measured alone (ru_maxrss over children is a running max)
-    base_lines, base_rss = timed(BASELINE, str(csv), str(WORK / "baseline.parquet"))
-    ours_lines, ours_rss = timed(ECOMRAY, str(csv), str(WORK / "runs"), str(ROOT / "conf"), str(args.shards))
-    base_s, ours_s = float(base_lines[0]), float(ours_lines[0])
-    rows_in, rows_out, rows_q = map(int, ours_lines[1].split())
-    assert rows_in == rows == rows_out + rows_q
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows in the synthetic CSV (smoke: 200000)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per side, interleaved; medians are quoted")
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--engine", default="polars", choices=["polars", "ray"])
+    parser.add_argument("--work", default=os.path.join(HERE, "work"), help="cache for the input and scratch output")
+    parser.add_argument("--json", default=None, help="results file (default benchmarks/results/prepare[-ROWS].json)")
+    # internal: one side in a child process
+    parser.add_argument("--side", choices=["generate", "baseline", "ecomray"], help=argparse.SUPPRESS)
+    parser.add_argument("--csv", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        child_main(args)
+        return
+
+    work = os.path.abspath(args.work)
+    os.makedirs(work, exist_ok=True)
+    meta_file = os.path.join(work, "input.result.json")
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--side", "generate", "--rows", str(args.rows),
+                    "--work", work, "--result", meta_file], cwd=ROOT, check=True)
+    with open(meta_file) as fh:
+        meta = json.load(fh)
+    csv, rows = meta["path"], meta["rows"]
+    scratch = os.path.join(work, "scratch")
+    os.makedirs(scratch, exist_ok=True)
+    warm_page_cache(csv)
+    runs: dict[str, list[dict]] = {"baseline": [], "ecomray": []}
+    for r in range(args.repeat):
+        for side in runs:
+            print(f"run {r + 1}/{args.repeat}: {side} ...", flush=True)
+            runs[side].append(run_side(side, csv, scratch, args.shards, args.engine))
+    got = runs["ecomray"][0]
+    if got["rows_in"] != rows:
+        raise SystemExit(f"ecomray prepare read {got['rows_in']:,} rows, the CSV holds {rows:,}")
+
+    summary = {}
+    for side, rs in runs.items():
+        seconds = statistics.median(x["seconds"] for x in rs)
+        summary[side] = {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds),
+                         "peak_rss_mb": round(max(x["peak_rss_mb"] for x in rs), 1),
+                         "own_peak_rss_mb": round(max(x["own_peak_rss_mb"] or 0.0 for x in rs), 1),
+                         "out_mb": round(rs[0]["out_bytes"] / 1e6, 1), "runs_seconds": [round(x["seconds"], 3) for x in rs]}
+    summary["ecomray"].update({k: got[k] for k in ("rows_out", "rows_quarantined", "shards")})
+    ratio = summary["ecomray"]["rows_per_s"] / summary["baseline"]["rows_per_s"]
+    rss = summary["ecomray"]["peak_rss_mb"]
     result = {
-        "rows": rows, "csv_bytes": csv.stat().st_size, "shards": args.shards,
-        "baseline": {"seconds": base_s, "rows_per_s": rows / base_s, "peak_rss_mb": base_rss},
-        "ecomray": {"seconds": ours_s, "rows_per_s": rows / ours_s, "peak_rss_mb": ours_rss,
-                    "rows_out": rows_out, "rows_quarantined": rows_q},
-        "ratio": base_s / ours_s, "targets": {"ratio_min": 0.5, "ratio_aim": 0.8, "peak_rss_mb_max": 3072},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "polars": pl.__version__},
+        "benchmark": "prepare", "input": {"path": os.path.relpath(csv, ROOT), "rows": rows, "bytes": meta["bytes"],
+                                          "users": meta["users"], "duplicates": meta["duplicates"],
+                                          "invalid": meta["invalid"], "synthetic": SYNTH, "noise": NOISE},
+        "engine": args.engine, "shards": args.shards, "repeat": args.repeat, "sides": summary,
+        "ratio_ecomray_over_baseline": round(ratio, 3),
+        "targets": {"ratio_min": TARGET_RATIO, "ratio_aim": AIM_RATIO, "peak_rss_mb_max": TARGET_RSS_MB,
+                    "ratio_ok": ratio >= TARGET_RATIO, "rss_ok": rss <= TARGET_RSS_MB},
+        "machine": machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    print(f"\n{'':10s}{'seconds':>10s}{'rows/s':>14s}{'peak RSS MB':>14s}")
-    for side in ("baseline", "ecomray"):
-        r = result[side]
-        print(f"{side:10s}{r['seconds']:10.2f}{r['rows_per_s']:14,.0f}{r['peak_rss_mb']:14,.0f}")
-    print(f"ratio ecomray/baseline rows/s: {result['ratio']:.2f} (target >= 0.5, aim 0.8); "
-          f"peak RSS {ours_rss:,.0f} MB (target <= 3072)")
-    out = ROOT / "benchmarks" / "results" / "prepare.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+
+    print()
+    print(f"prepare benchmark: {rows:,} rows, {meta['bytes'] / 1e6:,.0f} MB CSV, engine {args.engine}, "
+          f"{args.shards} shards, median of {args.repeat}, {result['machine']['cpu_count']} CPUs")
+    print(f"  {'side':10s}{'rows':>14s}{'seconds':>10s}{'rows/s':>14s}{'ratio':>8s}{'peak RSS MB':>13s}{'out MB':>9s}")
+    for side, s in summary.items():
+        r = s["rows_per_s"] / summary["baseline"]["rows_per_s"]
+        print(f"  {side:10s}{s['rows']:>14,}{s['seconds']:>10.2f}{s['rows_per_s']:>14,}{r:>8.2f}"
+              f"{s['peak_rss_mb']:>13,.0f}{s['out_mb']:>9,.1f}")
+    print(f"  targets: ratio >= {TARGET_RATIO} (aim {AIM_RATIO}): {ratio:.2f} "
+          f"{'OK' if ratio >= TARGET_RATIO else 'MISSED'}; peak RSS <= {TARGET_RSS_MB} MB: {rss:,.0f} "
+          f"{'OK' if rss <= TARGET_RSS_MB else 'MISSED'}")
+    path = args.json or os.path.join(HERE, "results", "prepare.json" if args.rows == DEFAULT_ROWS
+                                     else f"prepare-{args.rows}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"  wrote {os.path.relpath(path, ROOT)}")
 
 
 if __name__ == "__main__":
