@@ -20,6 +20,8 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
     name = ev.get("model") or cfg.get("registry_name") or f"{cfg['task']['name']}_{cfg['dataset']['name']}"
     found = registry.load(cfg["paths"]["registry"], name, ev.get("version"))
     vcfg = {**found["config"], "paths": cfg["paths"]}  # the version's own task/model/dataset, today's locations
+    if ev.get("exclude_history") is not None:            # rank with history items excluded or kept
+        vcfg["task"] = {**vcfg["task"], "exclude_history": bool(ev["exclude_history"])}
     split = ev.get("split", "test")
     task = load_task(vcfg)
     data = task.build_data(vcfg, 0, 1)
@@ -34,14 +36,16 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
         manifest = load_manifest(os.path.join(cfg["paths"]["data"], vcfg["dataset"]["name"]))
         if manifest.get("truth_dir"):
             rows["oracle"] = task.evaluate(None, data, split, scorer=_oracle(manifest["truth_dir"], data))
-    report = {"model": name, "version": found["version"], "split": split, "metrics": rows}
-    print(f"evaluate {name} {found['version']} on {split}:")
+    exclude = vcfg["task"].get("exclude_history", True)
+    report = {"model": name, "version": found["version"], "split": split, "exclude_history": exclude, "metrics": rows}
+    print(f"evaluate {name} {found['version']} on {split} (history items {'excluded' if exclude else 'kept'}):")
     keys = [k for k in next(iter(rows.values())) if not k.startswith("sampled_")]
     print("  " + f"{'':12s}" + "".join(f"{k:>10s}" for k in keys))
     for who, m in rows.items():
         print("  " + f"{who:12s}" + "".join(f"{m[k]:10.4f}" for k in keys))
     os.makedirs(cfg["paths"]["reports"], exist_ok=True)
-    with open(os.path.join(cfg["paths"]["reports"], f"{name}-{found['version']}-{split}.json"), "w") as fh:
+    suffix = "" if exclude else "-history-kept"
+    with open(os.path.join(cfg["paths"]["reports"], f"{name}-{found['version']}-{split}{suffix}.json"), "w") as fh:
         json.dump(report, fh, indent=2)
     return report
 
