@@ -1,4 +1,7 @@
-"""Re-score a registry version on a split, beside baselines in the same harness (popularity; oracle on synthetic)."""
+"""Re-score a registry version on a split, beside baselines in the same harness (most-popular and item-kNN for
+next-item; on the synthetic shop also an oracle ranking by the generator's true preferences).
+
+`evaluate.model` names the version as `name`, `name:v0003`, `name:<alias>` or `name:latest`."""
 
 from __future__ import annotations
 
@@ -17,11 +20,14 @@ from ecomray.tasks import load_task
 
 def evaluate_version(cfg: dict) -> dict[str, Any]:
     ev = cfg.get("evaluate") or {}
-    name = ev.get("model") or cfg.get("registry_name") or f"{cfg['task']['name']}_{cfg['dataset']['name']}"
-    found = registry.load(cfg["paths"]["registry"], name, ev.get("version"))
+    name, ref = registry.parse_ref(ev.get("model") or cfg.get("registry_name")
+                                   or f"{cfg['task']['name']}_{cfg['dataset']['name']}")
+    found = registry.load(cfg["paths"]["registry"], name, ev.get("version") or ref)
     vcfg = {**found["config"], "paths": cfg["paths"]}  # the version's own task/model/dataset, today's locations
     if ev.get("exclude_history") is not None:            # rank with history items excluded or kept
         vcfg["task"] = {**vcfg["task"], "exclude_history": bool(ev["exclude_history"])}
+    if ev.get("sampled") is not None:                    # also rank against N seeded random negatives
+        vcfg["task"] = {**vcfg["task"], "eval_sampled": int(ev["sampled"])}
     split = ev.get("split", "test")
     task = load_task(vcfg)
     data = task.build_data(vcfg, 0, 1)
@@ -30,9 +36,9 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
     if "threshold" in found["meta"]:  # decision threshold chosen on validation at training time
         data.threshold = found["meta"]["threshold"]
     rows = {"model": task.evaluate(model, data, split)}
-    if ev.get("baselines", True) and hasattr(task, "rank_targets"):
-        pop = torch.from_numpy(data.popularity).float()
-        rows["popularity"] = task.evaluate(None, data, split, scorer=lambda h, r: pop.expand(len(h), -1))
+    if ev.get("baselines", True) and hasattr(task, "baselines"):
+        for who, scorer in task.baselines(data).items():   # most-popular, item-kNN: the same harness
+            rows[who] = task.evaluate(None, data, split, scorer=scorer)
         manifest = load_manifest(os.path.join(cfg["paths"]["data"], vcfg["dataset"]["name"]))
         if manifest.get("truth_dir"):
             rows["oracle"] = task.evaluate(None, data, split, scorer=_oracle(manifest["truth_dir"], data))

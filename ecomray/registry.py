@@ -9,6 +9,7 @@ to a temporary folder and renamed into place, so concurrent writers (Tune trials
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -78,9 +79,13 @@ def register(root: str, name: str, state_dict: dict, cfg: dict, metrics: dict, m
         existing = versions(root, name)
         version = f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
         try:
+            # A version folder is never empty, so rename onto one another writer just created fails (ENOTEMPTY /
+            # EEXIST) instead of replacing it: the loser takes the next number.
             os.rename(tmp, os.path.join(folder, version))
             return version
         except OSError:
+            if not os.path.isdir(tmp):
+                raise
             continue
 
 
@@ -89,13 +94,34 @@ def set_alias(root: str, name: str, alias: str, version: str) -> None:
     _safe(root, name, version)
     if version not in versions(root, name):
         raise UserError(f"{name} has no version {version} (have {versions(root, name)})")
+    if not _NAME.match(alias) or alias in ("latest", "auto") or re.fullmatch(r"v\d{4,}", alias):
+        raise UserError(f"invalid alias {alias!r}: letters, digits, '_', '-', '.'; not 'latest' or a version id")
     path = os.path.join(folder, "aliases.json")
-    aliases = json.load(open(path)) if os.path.exists(path) else {}
-    aliases[alias] = version
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(aliases, fh, indent=2)
-    os.replace(tmp, path)
+    with open(os.path.join(folder, ".aliases.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # read-modify-write under a lock: concurrent set_alias calls all land
+        aliases = _read_aliases(path)
+        aliases[alias] = version
+        tmp = path + f".tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(aliases, fh, indent=2)
+        os.replace(tmp, path)  # readers see the old or the new file, never half of one
+
+
+def get_alias(root: str, name: str, alias: str) -> str | None:
+    return _read_aliases(os.path.join(_safe(root, name), "aliases.json")).get(alias)
+
+
+def _read_aliases(path: str) -> dict[str, str]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def parse_ref(spec: str) -> tuple[str, str | None]:
+    """"name", "name:v0003", "name:prod", "name:latest" -> (name, ref or None)."""
+    name, _, ref = str(spec).partition(":")
+    return name, (ref or None)
 
 
 def resolve(root: str, name: str, ref: str | None = None) -> str:
@@ -103,8 +129,7 @@ def resolve(root: str, name: str, ref: str | None = None) -> str:
     have = versions(root, name)
     if not have:
         raise UserError(f"no versions of model {name!r} in registry {root}: train one first")
-    path = os.path.join(_safe(root, name), "aliases.json")
-    aliases = json.load(open(path)) if os.path.exists(path) else {}
+    aliases = _read_aliases(os.path.join(_safe(root, name), "aliases.json"))
     if ref in (None, "", "auto"):
         return aliases.get("prod") or aliases.get("best") or have[-1]
     if ref == "latest":

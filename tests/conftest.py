@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import json
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import polars as pl
 import pytest
 
 
@@ -11,3 +17,37 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+def write_fake_events_shards(folder: str | os.PathLike[str], rows: list[tuple[str, str, str]], shards: int = 2,
+                             name: str = "fake") -> dict:
+    """Write `rows` of (user_id, item_id, event), in time order per user, as a prepared events shard set in the data
+    plane's layout: `manifest.json` + `shards/part-XXXXX.parquet`, a user's rows in one shard sorted by (ts, _file,
+    _row), with `_file`, `_row` and a row-level leave-one-out `split` column. Returns the manifest."""
+    folder = Path(folder)
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    users = sorted({u for u, _, _ in rows})
+    count: dict[str, int] = {}
+    records = []
+    for k, (u, i, e) in enumerate(rows):
+        n = count[u] = count.get(u, 0) + 1
+        records.append({"user_id": u, "item_id": i, "event": e, "ts": t0 + timedelta(minutes=n), "price": 1.0,
+                        "category": "c", "session_id": f"{u}-s", "quantity": 1, "_file": 0, "_row": k})
+    df = pl.DataFrame(records).with_columns(pl.col("ts").dt.cast_time_unit("us"))
+    pos = pl.int_range(pl.len()).over("user_id", order_by=["ts", "_file", "_row"])
+    size = pl.len().over("user_id")
+    df = df.with_columns(split=pl.when(pos == size - 1).then(pl.lit("test"))
+                         .when(pos == size - 2).then(pl.lit("val")).otherwise(pl.lit("train")))
+    entries = []
+    for s in range(shards):
+        part = df.filter(pl.col("user_id").is_in(users[s::shards])).sort(["user_id", "ts", "_file", "_row"])
+        f = f"shards/part-{s:05d}.parquet"
+        part.write_parquet(folder / f)
+        entries.append({"file": f, "rows": part.height})
+    manifest = {"dataset": name, "schema": {"name": "events"}, "split": {"strategy": "leave_one_out"},
+                "shards": entries, "rows_in": len(rows), "rows_out": len(rows), "rows_quarantined": 0,
+                "reasons": {}, "sources": [], "licence": "test fixture", "research_only": False,
+                "hash": "0" * 64, "ecomray_version": "test"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return manifest

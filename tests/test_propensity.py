@@ -1,7 +1,9 @@
-"""Purchase propensity: pure feature functions, the DCN model, and a tiny run on the shoppers table."""
+"""Purchase propensity: pure feature functions, the DCN models, the task protocol on a synthetic table, and a tiny
+run on the shoppers table."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 from ecomray.features.tabular import cardinalities, fit_tabular, transform_tabular
 from ecomray.models.tabular_dcn import TabularDCN
 from tests.test_prepare import DATASETS
-from tests.test_train import compose_cfg
+from tests.test_train_next_item import compose_cfg
 
 
 def test_fit_and_transform_golden_values_and_oov() -> None:
@@ -58,3 +60,77 @@ def test_tiny_propensity_trains_and_predict_agrees(tmp_path: Path) -> None:
     p_table = propensity.predict(model, found["meta"], pa.Table.from_pylist(rows))
     assert np.allclose(p_list, p_table) and p_list.shape == (2,)
     assert p_list[1] > p_list[0]   # a high page value raises the purchase probability
+
+
+def _write_synthetic_shards(folder: Path, n: int = 3000, seed: int = 0) -> None:
+    """A seeded, learnable table in prepare's layout: the label depends on `pv` (log-scale), `b` and category `c`."""
+    import json
+
+    import pyarrow.parquet as pq
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(seed)
+    pv = rng.exponential(20.0, n) * (rng.random(n) < 0.3)
+    b = rng.random(n)
+    c = rng.choice(["x", "y", "z"], n)
+    logit = 1.5 * np.log1p(pv) - 3.0 * b + np.where(c == "z", 1.5, 0.0) - 2.0
+    y = rng.random(n) < 1 / (1 + np.exp(-logit))
+    idx = np.arange(n)
+    rest, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=42)
+    train, val = train_test_split(rest, test_size=0.125, stratify=y[rest], random_state=42)
+    split = np.empty(n, dtype=object)
+    split[train], split[val], split[test] = "train", "val", "test"
+    (folder / "shards").mkdir(parents=True)
+    pq.write_table(pa.table({"pv": pv, "b": b, "c": c, "y": y, "_file": ["syn.csv"] * n, "_row": idx,
+                             "split": split.tolist()}), folder / "shards" / "part-00000.parquet")
+    (folder / "manifest.json").write_text(json.dumps({"schema": {"label": "y"}, "shards": [
+        {"file": "shards/part-00000.parquet", "rows": n}]}))
+
+
+@pytest.mark.parametrize("target,extra", [("ecomray.models.dcn_ensemble.DCNEnsemble", {"members": 4}),
+                                          ("ecomray.models.tabular_dcn.TabularDCN", {})])
+def test_task_protocol_learns_synthetic_table(tmp_path: Path, target: str, extra: dict) -> None:
+    from ecomray.tasks import propensity as task
+
+    _write_synthetic_shards(tmp_path / "data" / "syn")
+    cfg = {"paths": {"data": str(tmp_path / "data")}, "dataset": {"name": "syn"}, "seed": 0,
+           "task": {"label": None, "numeric": ["pv", "b"], "log": ["pv"], "categorical": ["c"]},
+           "model": {"_target_": target, "embed_dim": 4, "hidden": [16], **extra}}
+    torch.manual_seed(0)
+    data = task.build_data(cfg, 0, 1)
+    assert [len(data.splits[s]["label"]) for s in ("train", "val", "test")] == [2100, 300, 600]
+    model = task.build_model(cfg, data)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    before = task.evaluate(model, data, "val")
+    for epoch in range(5):
+        for batch in task.train_batches(data, epoch, seed=0, batch_size=128):
+            loss = task.loss_step(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    val, test = task.evaluate(model, data, "val"), task.evaluate(model, data, "test")
+    assert val["auc"] > 0.8 and test["auc"] > 0.8 and val["logloss"] < before["logloss"]
+    assert test["threshold"] == val["threshold"]          # test F1 uses the threshold chosen on validation
+    # batches are a function of (epoch, seed): same order twice, another order for another epoch
+    first = [b["label"].sum().item() for b in task.train_batches(data, 1, 0, 128)]
+    assert first == [b["label"].sum().item() for b in task.train_batches(data, 1, 0, 128)]
+    assert [b["numeric"][0, 0].item() for b in task.train_batches(data, 1, 0, 128)] != \
+        [b["numeric"][0, 0].item() for b in task.train_batches(data, 2, 0, 128)]
+    rows = [{"pv": 0.0, "b": 0.9, "c": "x"}, {"pv": 50.0, "b": 0.1, "c": "z"}, {"pv": 5.0, "b": 0.5, "c": "new"}]
+    meta = json.loads(json.dumps(task.metadata(data)))       # what the registry stores and serving reads back
+    p_list, p_table = task.predict(model, meta, rows), task.predict(model, meta, pa.Table.from_pylist(rows))
+    assert p_list.shape == (3,) and np.allclose(p_list, p_table) and p_list[1] > p_list[0]
+
+
+def test_dcn_ensemble_members_are_independent() -> None:
+    from ecomray.models.dcn_ensemble import DCNEnsemble
+
+    torch.manual_seed(0)
+    model = DCNEnsemble(num_numeric=3, cardinalities=[4, 5], members=3, embed_dim=2, hidden=[8]).eval()
+    num, cat = torch.randn(6, 3), torch.randint(0, 4, (6, 2))
+    out = model(num, cat)
+    assert out.shape == (6, 3)                              # (B, K) member logits
+    out[:, 1].sum().backward()                              # member 1's logit touches only member 1's weights
+    grad = model.head.weight.grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
+    assert model(num[:2], cat[:2]).allclose(out[:2], atol=1e-6)   # rows are scored independently of the batch

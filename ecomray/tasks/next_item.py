@@ -14,6 +14,7 @@ is the sorted set of item ids over all shards, identical on every worker.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -25,7 +26,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from ecomray.data.prepare import load_manifest
-from ecomray.metrics import KS, rank_of_target, ranking_sums
+from ecomray.metrics import KS, rank_targets, ranking_sums
 
 
 @dataclass
@@ -54,7 +55,9 @@ def read_sequences(folder: str, task: dict, files: list[str]) -> pl.DataFrame:
     events = task.get("sequence_events")
     if events:
         lf = lf.filter(pl.col("event").is_in(list(events)))
-    lf = lf.with_row_index("_pos")
+    # Shards are already in this order (the data plane's contract); sorting again is cheap and makes the sequence
+    # independent of how the rows were laid out. (_file, _row) breaks timestamp ties by source position.
+    lf = lf.sort(["user_id", "ts", "_file", "_row"]).with_row_index("_pos")
     if task.get("dedupe") == "first_interaction":
         lf = lf.unique(subset=["user_id", "item_id"], keep="first").sort("_pos")
     return lf.group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items")).collect()
@@ -64,8 +67,12 @@ def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> SeqData:
     folder = dataset_dir(cfg)
     manifest = load_manifest(folder)
     files = [s["file"] for s in manifest["shards"]]
-    vocab = (pl.scan_parquet([os.path.join(folder, f) for f in files]).select("item_id").unique()
-             .sort("item_id").collect()["item_id"].to_list())
+    # The catalogue: every item of the kept events over all shards (not only this worker's), sorted, so every
+    # worker and every later re-load numbers items identically.
+    lf = pl.scan_parquet([os.path.join(folder, f) for f in files])
+    if cfg["task"].get("sequence_events"):
+        lf = lf.filter(pl.col("event").is_in(list(cfg["task"]["sequence_events"])))
+    vocab = lf.select("item_id").unique().sort("item_id").collect()["item_id"].to_list()
     index = {item: k + 1 for k, item in enumerate(vocab)}
     mine = read_sequences(folder, cfg["task"], files[rank::world_size])
     seqs = [np.fromiter((index[i] for i in items), dtype=np.int64, count=len(items)) for items in mine["items"]]
@@ -144,26 +151,6 @@ def score_histories(model: nn.Module, histories: list[np.ndarray], max_len: int)
     return (h @ core.item_weights().T).float().cpu()
 
 
-def rank_targets(scores: torch.Tensor, histories: list[np.ndarray], target: np.ndarray, exclude_history: bool,
-                 sampled: int = 0, seed: int = 0) -> torch.Tensor:
-    """Rank of each target among all items (full) or among `sampled` seeded random negatives."""
-    t = torch.from_numpy(target - 1)
-    scores = scores.clone()
-    if exclude_history:
-        for r, h in enumerate(histories):
-            seen = torch.from_numpy(np.asarray(h) - 1)
-            seen = seen[seen != t[r]]
-            scores[r, seen] = float("-inf")
-    if not sampled:
-        return rank_of_target(scores, t)
-    g = torch.Generator().manual_seed(seed)
-    neg = torch.randint(0, scores.shape[1], (len(t), sampled), generator=g)
-    cand = torch.cat([t[:, None], neg], 1)
-    s = scores.gather(1, cand)
-    s[:, 1:] = s[:, 1:].masked_fill(neg == t[:, None], float("-inf"))
-    return rank_of_target(s, torch.zeros(len(t), dtype=torch.long))
-
-
 def _reduce(sums: dict[str, float], count: int) -> dict[str, float]:
     """Add metric sums over Train workers (when distributed) and divide by the user count."""
     import torch.distributed as dist
@@ -176,26 +163,35 @@ def _reduce(sums: dict[str, float], count: int) -> dict[str, float]:
     return {k: vec[i].item() / n for i, k in enumerate(keys)}
 
 
-def evaluate(model: nn.Module, data: SeqData, split: str, scorer: Any = None) -> dict[str, float]:
-    """HR@K / NDCG@K, full ranking (and sampled, if `task.eval_sampled` > 0). `scorer(histories)` overrides the model."""
+def evaluate(model: nn.Module | None, data: SeqData, split: str, scorer: Any = None) -> dict[str, float]:
+    """HR@K / NDCG@K (K in 5, 10, 20) over full ranking, plus `sampled_*` over `task.eval_sampled` seeded negatives
+    when > 0. History items are excluded from the candidates when `task.exclude_history` (the target never is).
+
+    `scorer(histories, rows) -> (B, I) scores` replaces the model: baselines run through this same harness.
+    """
     task = data.cfg["task"]
     exclude = bool(task.get("exclude_history", True))
+    sampled_n = int(task.get("eval_sampled", 0))
+    seed = int(task.get("eval_seed", 0))
     rows, hist, target = eval_rows(data, split)
-    was_training = getattr(model, "training", False)
+    was_training = bool(getattr(model, "training", False))
     if model is not None:
         model.eval()
-    sums: dict[str, float] = {f"{m}@{k}": 0.0 for m in ("hr", "ndcg") for k in KS}
-    sampled_n = int(task.get("eval_sampled", 0))
+    sums: dict[str, float] = {f"{p}{m}@{k}": 0.0 for p in ("", "sampled_")[:1 + bool(sampled_n)]
+                              for m in ("hr", "ndcg") for k in KS}  # same keys on every worker (all_reduce)
     bs = int(task.get("eval_batch_size", 512))
     for lo in range(0, len(rows), bs):
         h, t = hist[lo:lo + bs], target[lo:lo + bs]
-        scores = scorer(h, [rows[k] for k in range(lo, min(lo + bs, len(rows)))]) if scorer else \
-            score_histories(model, h, data.max_len)
-        for name, value in ranking_sums(rank_targets(scores, h, t, exclude)).items():
+        batch_rows = rows[lo:lo + bs]
+        scores = scorer(h, batch_rows) if scorer is not None else score_histories(model, h, data.max_len)
+        h0 = [x - 1 for x in h]                                   # 1-based ids -> 0-based columns
+        for name, value in ranking_sums(rank_targets(scores, t - 1, h0, exclude)).items():
             sums[name] += value
         if sampled_n:
-            for name, value in ranking_sums(rank_targets(scores, h, t, exclude, sampled_n, seed=lo)).items():
-                sums[f"sampled_{name}"] = sums.get(f"sampled_{name}", 0.0) + value
+            keys = [zlib.crc32(data.users[r].encode()) for r in batch_rows]  # same negatives on any worker layout
+            ranks = rank_targets(scores, t - 1, h0, exclude, sampled=sampled_n, seed=seed, user_keys=keys)
+            for name, value in ranking_sums(ranks).items():
+                sums[f"sampled_{name}"] += value
     if model is not None and was_training:
         model.train()
     return _reduce(sums, len(rows))
@@ -223,3 +219,10 @@ def predict(model: nn.Module, meta: dict, histories: list[list[str]], k: int = 1
         top = torch.topk(row, min(k, len(row)))
         out.append([(meta["item_ids"][int(i)], float(v)) for v, i in zip(top.values, top.indices)])
     return out
+
+
+def baselines(data: SeqData) -> dict[str, Any]:
+    """Scorers for `evaluate(None, data, split, scorer=...)`: most-popular and item-kNN (next_item_baselines.py)."""
+    from ecomray.tasks.next_item_baselines import scorers
+
+    return scorers(data, data.cfg["task"].get("baselines"))

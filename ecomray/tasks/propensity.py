@@ -4,6 +4,9 @@ The split is prepare's seeded stratified `split` column. Features are fitted on 
 functions in `ecomray/features/tabular.py`; their statistics go to the registry with the model, and serving
 calls the same `transform_tabular`. Metrics: AUC, log-loss, accuracy, and F1 at the threshold that maximizes
 F1 on validation (the test F1 uses the validation threshold).
+
+A model's forward returns logits (B,), or (B, K) for an ensemble of K members (`ecomray/models/dcn_ensemble.py`):
+each member is trained on its own loss, and the predicted probability is the mean of the members' sigmoids.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> TableData:
     label = cfg["task"].get("label") or manifest["schema"]["label"]
     df = pl.read_parquet([os.path.join(folder, s["file"]) for s in manifest["shards"]]).sort("_file", "_row")
     parts = {s: df.filter(pl.col("split") == s).to_arrow() for s in ("train", "val", "test")}
-    spec = {k: list(cfg["task"].get(k) or []) for k in ("numeric", "categorical", "log")}
+    spec = {k: list(cfg["task"].get(k) or []) for k in ("numeric", "categorical", "log", "quantile")}
     stats = fit_tabular(parts["train"], spec)
     splits = {s: _tensors(t, stats, label) for s, t in parts.items()}
     return TableData(stats, label, splits, rank, world_size, cfg=cfg)
@@ -81,14 +84,21 @@ def train_batches(data: TableData, epoch: int, seed: int, batch_size: int) -> It
 
 
 def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(model(batch["numeric"], batch["categorical"]), batch["label"])
+    logits = model(batch["numeric"], batch["categorical"])                  # (B,) or (B, K) ensemble members
+    if logits.dim() == 1:
+        return F.binary_cross_entropy_with_logits(logits, batch["label"])
+    # Members train independently: each gets its own mean-over-batch loss, summed, so a member's gradient (and
+    # hence how strongly weight decay acts on it) is the same as if it were trained alone.
+    y = batch["label"][:, None].expand_as(logits)
+    return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(0).sum()
 
 
 @torch.no_grad()
 def _probs(model: nn.Module, t: dict[str, torch.Tensor]) -> np.ndarray:
     was = model.training
     model.eval()
-    p = torch.sigmoid(model(t["numeric"], t["categorical"]).float()).numpy()
+    p = torch.sigmoid(model(t["numeric"], t["categorical"]).float())      # (B,) or (B, K)
+    p = (p if p.dim() == 1 else p.mean(1)).numpy()
     model.train(was)
     return p
 

@@ -35,7 +35,11 @@ def trainer(cfg: dict, callbacks: list | None = None):
         run_config=RunConfig(
             storage_path=cfg["paths"]["runs"], name=cfg["run_name"], callbacks=callbacks,
             failure_config=FailureConfig(max_failures=int(tcfg.get("max_failures", 0))),
-            checkpoint_config=CheckpointConfig(num_to_keep=2)))
+            # Ray keeps the `num_to_keep` best by the monitored metric, and always the latest (the one a restart
+            # resumes from); every checkpoint also carries the best weights so far, which is what fit() registers.
+            checkpoint_config=CheckpointConfig(num_to_keep=int(tcfg.get("checkpoints_to_keep", 2)),
+                                               checkpoint_score_attribute=tcfg["monitor"],
+                                               checkpoint_score_order=tcfg.get("mode", "max"))))
 
 
 def fit(cfg: dict, callbacks: list | None = None, register: bool = True) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -46,11 +47,34 @@ def _min_over_workers(n: int) -> int:
 
 
 class _KeptDir:
+    """In-process runs (num_workers=0) report the checkpoint folder itself rather than a copy: keep the latest
+    folder alive until the next one has been reported, then remove the older one."""
+
+    previous: str | None = None
+
     def __enter__(self) -> str:
-        return tempfile.mkdtemp(prefix="ecomray-ckpt-")
+        self.path = tempfile.mkdtemp(prefix="ecomray-ckpt-")
+        return self.path
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        if _KeptDir.previous and os.path.isdir(_KeptDir.previous):
+            shutil.rmtree(_KeptDir.previous, ignore_errors=True)
+        _KeptDir.previous = self.path
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train_loop(cfg: dict) -> None:
@@ -83,6 +107,8 @@ def train_loop(cfg: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
         best_state = state["best_model"]
+        if state.get("rng") and rank == 0:
+            _set_rng_state(state["rng"])  # (each epoch re-seeds from (seed, epoch, rank) anyway; see below)
         if rank == 0:
             print(f"[train] resumed from epoch {state['epoch']} (best {monitor}={best})", flush=True)
 
@@ -135,7 +161,8 @@ def train_loop(cfg: dict) -> None:
             ckpt = None
             if rank == 0:
                 torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "best": best, "bad_epochs": bad_epochs, "history": history, "best_model": best_state}, os.path.join(d, "state.pt"))
+                            "best": best, "bad_epochs": bad_epochs, "history": history, "best_model": best_state,
+                            "rng": _rng_state()}, os.path.join(d, "state.pt"))
                 with open(os.path.join(d, "meta.json"), "w") as fh:
                     json.dump(task.metadata(data), fh)
                 ckpt = ray.train.Checkpoint.from_directory(d)

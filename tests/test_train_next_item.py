@@ -1,0 +1,169 @@
+"""Next-item family and the training plane in-process: sequences, loss masking, configs, tiny train -> registry ->
+evaluate -> predict, and the baselines in the same harness."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from ecomray import registry
+from ecomray.data.prepare import run as prepare
+from ecomray.models.sasrec import SASRec
+from ecomray.runtime import to_plain
+from ecomray.tasks import load_task, next_item
+from ecomray.tasks.next_item_baselines import item_knn
+from ecomray.train.driver import fit
+from tests.conftest import write_fake_events_shards
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_cfg(name: str, tmp: Path, *overrides: str) -> dict:
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        return to_plain(compose(name, overrides=[f"paths.root={tmp}", *overrides]))
+
+
+FUNNEL = [("u1", "a", "view"), ("u1", "a", "click"), ("u1", "b", "view"), ("u1", "a", "purchase"),
+          ("u1", "c", "view"), ("u1", "d", "cart"), ("u1", "e", "view"),
+          ("u2", "b", "view"), ("u2", "c", "purchase"), ("u2", "d", "purchase"), ("u2", "e", "purchase")]
+
+
+def _fake_cfg(tmp: Path, **task: object) -> dict:
+    cfg = compose_cfg("train", tmp, "dataset.name=fake")
+    cfg["task"].update(task)
+    write_fake_events_shards(tmp / "data" / "fake", FUNNEL)
+    return cfg
+
+
+def test_sequences_dedupe_first_interaction_and_leave_one_out(tmp_path: Path) -> None:
+    data = next_item.build_data(_fake_cfg(tmp_path, dedupe="first_interaction"), 0, 1)
+    assert data.item_ids == ["a", "b", "c", "d", "e"]
+    seqs = {u: [data.item_ids[k - 1] for k in s] for u, s in zip(data.users, data.seqs)}
+    assert seqs == {"u1": ["a", "b", "c", "d", "e"], "u2": ["b", "c", "d", "e"]}
+    _, hist, target = next_item.eval_rows(data, "test")
+    assert [data.item_ids[t - 1] for t in target] == ["e", "e"]
+    _, hist, target = next_item.eval_rows(data, "val")
+    assert [data.item_ids[t - 1] for t in target] == ["d", "d"] and [len(h) for h in hist] == [3, 2]
+    # training windows never contain a val or test item
+    batch = next(next_item.train_batches(data, 0, 0, 8))
+    assert set(batch["target"][batch["target"] > 0].tolist()) <= {2, 3}   # b, c
+
+
+def test_sequences_keep_repeats_and_filter_events(tmp_path: Path) -> None:
+    data = next_item.build_data(_fake_cfg(tmp_path, dedupe="none", sequence_events=["purchase"]), 0, 1)
+    seqs = {u: [data.item_ids[k - 1] for k in s] for u, s in zip(data.users, data.seqs)}
+    assert seqs == {"u1": ["a"], "u2": ["c", "d", "e"]} and data.item_ids == ["a", "c", "d", "e"]
+    # workers read disjoint shard files, with one catalogue
+    parts = [next_item.build_data(_fake_cfg(tmp_path, dedupe="none"), r, 2) for r in range(2)]
+    assert sorted(parts[0].users + parts[1].users) == ["u1", "u2"]
+    assert parts[0].item_ids == parts[1].item_ids
+
+
+def test_loss_counts_real_positions_only() -> None:
+    torch.manual_seed(0)
+    model = SASRec(num_items=20, max_len=6, dim=8, dropout=0.0).eval()
+    seq = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    target = torch.tensor([[0, 0, 4, 5, 6, 7]])
+    base = next_item.loss_step(model, {"seq": seq, "target": target})
+    h = model(seq)[0, 2:]                                                  # the four real positions
+    manual = torch.nn.functional.cross_entropy(h @ model.item_weights().T, target[0, 2:] - 1)
+    assert torch.allclose(base, manual)
+    # a padded target position contributes nothing: the loss over 3 real targets is the mean over those 3
+    target3 = torch.tensor([[0, 0, 0, 5, 6, 7]])
+    manual3 = torch.nn.functional.cross_entropy(model(seq)[0, 3:] @ model.item_weights().T, target3[0, 3:] - 1)
+    assert torch.allclose(next_item.loss_step(model, {"seq": seq, "target": target3}), manual3)
+    # a longer left padding does not change the real positions' hidden states (padding keys are masked)
+    longer = SASRec(num_items=20, max_len=8, dim=8, dropout=0.0).eval()
+    longer.load_state_dict({**model.state_dict(), "pos_emb.weight": torch.cat(
+        [torch.zeros(2, 8), model.state_dict()["pos_emb.weight"]])})
+    assert torch.allclose(longer(torch.tensor([[0, 0, 0, 0, 3, 4, 5, 6]]))[0, 4:], h, atol=1e-5)
+    # causal: position t does not see items after t
+    later = model(torch.tensor([[0, 0, 3, 4, 5, 9]]))
+    assert torch.allclose(model(seq)[0, :5], later[0, :5], atol=1e-6)
+    # sampled softmax: positive in column 0, shared negatives, accidental hits masked
+    neg = torch.tensor([1, 2, 5])
+    w = model.item_weights()
+    hs, ts = model(seq)[0, 2:], target[0, 2:]
+    logits = torch.cat([(hs * w[ts - 1]).sum(-1, keepdim=True), hs @ w[neg - 1].T], 1)
+    logits[:, 1:] = logits[:, 1:].masked_fill(neg[None] == ts[:, None], float("-inf"))
+    expect = torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+    got = next_item.loss_step(model, {"seq": seq, "target": target, "negatives": neg})
+    assert torch.allclose(got, expect)
+
+
+def test_item_knn_scores_co_occurring_items(tmp_path: Path) -> None:
+    data = next_item.build_data(_fake_cfg(tmp_path, dedupe="first_interaction"), 0, 1)
+    score = item_knn(data, shrink=0.0)(data.seqs[:1], [0])[0]             # training parts: a b c, b c
+    a, b, c = (data.item_ids.index(x) for x in "abc")
+    assert score[a] > 0 and score[b] > 0 and score[data.item_ids.index("e")] == 0
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_builds_its_model(experiment: str, tmp_path: Path) -> None:
+    cfg = compose_cfg("train", tmp_path, f"experiment={experiment}")
+    assert cfg["paths"]["registry"].startswith(str(tmp_path)) and cfg["train"]["monitor"].startswith("val/")
+    assert load_task(cfg).__name__ == cfg["task"]["module"]
+    if cfg["task"]["name"] == "next_item":
+        model = instantiate(cfg["model"], num_items=50)
+        T = cfg["model"]["max_len"]
+        assert model(torch.ones(2, T, dtype=torch.long)).shape == (2, T, cfg["model"]["dim"])
+    for root in ("pipeline", "evaluate"):
+        compose_cfg(root, tmp_path, f"experiment={experiment}")
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory) -> tuple[dict, dict]:
+    tmp = tmp_path_factory.mktemp("tiny")
+    cfg = compose_cfg("train", tmp, "experiment=tiny", "scaling=inproc")
+    prepare(cfg)
+    return cfg, fit(cfg)
+
+
+def test_tiny_trains_registers_and_evaluate_reproduces_it(tiny_trained) -> None:
+    from ecomray.evaluation import evaluate_version
+
+    cfg, out = tiny_trained
+    m = out["metrics"]
+    assert {"val/ndcg@10", "val/hr@10", "test/ndcg@10", "test/hr@20", "test/ndcg@5"} <= set(m)
+    losses = [h["train/loss"] for h in out["history"]]
+    assert losses[-1] < losses[0]
+    folder = Path(cfg["paths"]["registry"]) / out["name"] / out["version"]
+    assert out["name"] == "next_item_synthetic"
+    assert sorted(os.listdir(folder)) == ["config.yaml", "lineage.json", "meta.json", "metrics.json", "model.pt"]
+    lineage = json.loads((folder / "lineage.json").read_text())
+    assert len(lineage["data_manifest_hash"]) == 64 and lineage["seed"] == cfg["seed"]
+    assert lineage["research_only"] is False and lineage["licence"] and "torch" in lineage["packages"]
+    assert json.loads((folder / "metrics.json").read_text())["test/ndcg@10"] == m["test/ndcg@10"]
+    report = evaluate_version({**cfg, "evaluate": {"model": f"{out['name']}:{out['version']}", "split": "test",
+                                                   "sampled": 100}})
+    rows = report["metrics"]
+    assert rows["model"]["ndcg@10"] == pytest.approx(m["test/ndcg@10"], rel=1e-6)   # re-scoring reproduces it
+    assert set(rows) == {"model", "popularity", "item_knn", "oracle"}
+    assert rows["model"]["ndcg@10"] > 1.5 * rows["popularity"]["ndcg@10"]
+    assert rows["oracle"]["ndcg@10"] > rows["popularity"]["ndcg@10"]
+    assert rows["model"]["sampled_hr@10"] > rows["model"]["hr@10"]            # 100 negatives are easier than all
+    val = evaluate_version({**cfg, "evaluate": {"split": "val", "baselines": False}})
+    assert val["metrics"]["model"]["ndcg@10"] == pytest.approx(m["val/ndcg@10"], rel=1e-6)
+
+
+def test_predict_serves_the_registered_model(tiny_trained) -> None:
+    cfg, out = tiny_trained
+    found = registry.load(cfg["paths"]["registry"], out["name"], "latest")
+    model = instantiate(found["config"]["model"], num_items=found["meta"]["num_items"])
+    model.load_state_dict(found["state_dict"])
+    items = found["meta"]["item_ids"]
+    top = next_item.predict(model, found["meta"], [[items[3], items[7], "not-an-item"], []], k=5)
+    assert [len(t) for t in top] == [5, 5] and items[3] not in [i for i, _ in top[0]]
+    scores = [s for _, s in top[0]]
+    assert scores == sorted(scores, reverse=True)
+    # the same ranking as the offline scorer
+    offline = next_item.score_histories(model, [np.array([4, 8])], found["meta"]["max_len"])[0]
+    offline[[3, 7]] = float("-inf")
+    assert [items[int(i)] for i in torch.topk(offline, 5).indices] == [i for i, _ in top[0]]
