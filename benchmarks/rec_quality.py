@@ -65,11 +65,13 @@ def main() -> None:
     results = {}
     for key in args.datasets:
         results[key] = run_one(key, args.root, args.overrides, previous.get(key))
-    print(f"\n{'dataset':8s}{'HR@10':>9s}{'bar':>8s}{'NDCG@10':>9s}{'bar':>8s}{'pop HR@10':>11s}{'wall s':>9s}  (test, history excluded)")
+    print(f"\n{'dataset':8s}{'HR@10':>9s}{'bar':>8s}{'NDCG@10':>9s}{'bar':>8s}{'pop HR@10':>11s}{'kNN HR@10':>11s}"
+          f"{'wall s':>9s}  (test, history excluded)")
     for key, r in results.items():
-        m, pop = r["test_history_excluded"]["model"], r["test_history_excluded"]["popularity"]
+        rows = r["test_history_excluded"]
+        m, pop, knn = rows["model"], rows["popularity"], rows.get("item_knn", {"hr@10": float("nan")})
         print(f"{key:8s}{m['hr@10']:9.4f}{BARS[key]['hr@10']:8.4f}{m['ndcg@10']:9.4f}{BARS[key]['ndcg@10']:8.4f}"
-              f"{pop['hr@10']:11.4f}{r['wall_seconds']:9.0f}")
+              f"{pop['hr@10']:11.4f}{knn['hr@10']:11.4f}{r['wall_seconds']:9.0f}")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"bars": BARS, "results": results,
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}

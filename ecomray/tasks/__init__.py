@@ -10,6 +10,14 @@
     predict(model, meta, inputs, **kw)              # used by `jobs.evaluate` and by serving
 
 `cfg` is the whole resolved plain-dict config. The one training loop (`ecomray/train/loop.py`) only calls these.
+Contracts the loop relies on:
+- `build_data` on rank r of w reads its own part of the prepared shards (for example shard files r::w) and fits
+  nothing on val/test; every rank must derive the same sizes (vocabularies) so the models match under DDP.
+- `train_batches` must be a pure function of (data, epoch, seed, batch_size): a resumed run replays it exactly.
+- `evaluate` returns sums already divided by the global count; under DDP it all-reduces across workers itself,
+  so every worker must call it (it is a collective) and gets the same numbers.
+Optional: `baselines(data) -> {name: scorer}` for families whose `evaluate(None, data, split, scorer=...)` can
+score a baseline in the same harness (used by `jobs.evaluate`).
 """
 
 from __future__ import annotations
