@@ -27,6 +27,7 @@ from hydra import compose, initialize_config_dir
 from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
+# n_jobs=1: on a shared 2-core box OpenMP threads spin-wait behind other processes (one fit took minutes).
 LGBM_GRID = {"num_leaves": [7, 15, 31], "min_child_samples": [20, 50]}
 
 
@@ -57,7 +58,7 @@ def _lightgbm(X: Any, y: np.ndarray, part: dict[str, np.ndarray], seed: int) -> 
     for values in itertools.product(*LGBM_GRID.values()):
         params = dict(zip(LGBM_GRID, values))
         gbm = lgb.LGBMClassifier(n_estimators=3000, learning_rate=0.02, subsample=0.8, subsample_freq=1,
-                                 colsample_bytree=0.8, random_state=seed, verbose=-1, n_jobs=2, **params)
+                                 colsample_bytree=0.8, random_state=seed, verbose=-1, n_jobs=1, **params)
         gbm.fit(X[part["train"]], y[part["train"]], eval_set=[(X[part["val"]], y[part["val"]])], eval_metric="auc",
                 callbacks=[lgb.early_stopping(200, verbose=False)])
         val_auc = roc_auc_score(y[part["val"]], gbm.predict_proba(X[part["val"]])[:, 1])

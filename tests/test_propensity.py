@@ -134,3 +134,16 @@ def test_dcn_ensemble_members_are_independent() -> None:
     grad = model.head.weight.grad
     assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
     assert model(num[:2], cat[:2]).allclose(out[:2], atol=1e-6)   # rows are scored independently of the batch
+
+
+def test_quantile_transform_golden_values_clamps_and_handles_ties() -> None:
+    t = pa.table({"a": [0.0, 0.0, 0.0, 1.0, 2.0, 3.0, None, 10.0]})
+    stats = fit_tabular(t, {"numeric": ["a"], "quantile": ["a"]})
+    knots = stats["numeric"]["a"]["knots"]
+    assert [v for v, _ in knots] == sorted({v for v, _ in knots})    # one knot per distinct value (the zeros tie)
+    out = transform_tabular(pa.table({"a": [0.0, 10.0, -5.0, 100.0, None]}), stats)["a"].to_pylist()
+    assert out[0] == pytest.approx(knots[0][1], abs=1e-6) and out[2] == out[0]   # below the range: clamped
+    assert out[1] == pytest.approx(3.0902, abs=1e-3) and out[3] == out[1]        # max -> z(0.999), clamped above
+    assert out[4] == 0.0                                                          # missing -> the mean score
+    mid = transform_tabular(pa.table({"a": [2.0]}), stats)["a"].to_pylist()[0]
+    assert knots[0][1] < mid < out[1]
