@@ -16,12 +16,12 @@ from hydra.utils import instantiate
 from ecomray import registry
 from ecomray.data.prepare import load_manifest
 from ecomray.tasks import load_task
+from ecomray.train.driver import registry_name
 
 
 def evaluate_version(cfg: dict) -> dict[str, Any]:
     ev = cfg.get("evaluate") or {}
-    name, ref = registry.parse_ref(ev.get("model") or cfg.get("registry_name")
-                                   or f"{cfg['task']['name']}_{cfg['dataset']['name']}")
+    name, ref = registry.parse_ref(ev.get("model") or registry_name(cfg))
     found = registry.load(cfg["paths"]["registry"], name, ev.get("version") or ref)
     vcfg = {**found["config"], "paths": cfg["paths"]}  # the version's own task/model/dataset, today's locations
     if ev.get("exclude_history") is not None:            # rank with history items excluded or kept

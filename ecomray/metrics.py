@@ -11,7 +11,6 @@ which a repeat-purchase log may contain), matching protocols that filter seen it
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -40,11 +39,6 @@ def ranking_sums(rank: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]
         out[f"hr@{k}"] = float(hit.sum())
         out[f"ndcg@{k}"] = float((hit.double() / torch.log2(rank.double() + 2)).sum())
     return out
-
-
-def ndcg_single(rank: int, k: int) -> float:
-    """NDCG@k of one held-out item at 0-based `rank` (one relevant item, so IDCG = 1)."""
-    return 1.0 / math.log2(rank + 2) if rank < k else 0.0
 
 
 def mask_history(scores: torch.Tensor, histories: Sequence[np.ndarray], target: torch.Tensor) -> torch.Tensor:
