@@ -5,7 +5,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-JOBS = ("prepare", "train", "evaluate", "pipeline")
+JOBS = ("prepare", "train", "tune", "evaluate", "registry", "deploy", "batch_predict", "opinion", "pipeline")
 
 
 def main() -> None:

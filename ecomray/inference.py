@@ -1,0 +1,67 @@
+"""Load a registry version as a ready-to-predict model: one loader for `jobs.evaluate`, `jobs.batch_predict` and
+the Serve deployments, so offline scoring and the endpoint run the very same model and the same `predict`.
+
+    loaded = load_model(registry_root, "next_item_synthetic", "prod")   # ref: version, alias, "latest" or None
+    loaded.task.predict(loaded.model, loaded.meta, inputs, ...)
+
+A task module may define `load_model(found: dict) -> model` for models that are not a plain state dict over
+`instantiate(config["model"], **sizes)` (for example a scikit-learn baseline stored as arrays); otherwise the model
+is instantiated from the version's own `config.yaml` with sizes read from its `meta.json`, never typed by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from ecomray import registry
+from ecomray.tasks import load_task
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    model: Any
+    task: ModuleType
+    meta: dict
+    config: dict
+    metrics: dict = field(default_factory=dict)
+    lineage: dict = field(default_factory=dict)
+    path: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for logs and `GET /v1/models`."""
+        return {"name": self.name, "version": self.version, "task": self.config.get("task", {}).get("name"),
+                "metrics": {k: v for k, v in self.metrics.items() if k.startswith(("val/", "test/"))},
+                "research_only": bool(self.lineage.get("research_only", False)),
+                "licence": self.lineage.get("licence")}
+
+
+def model_sizes(meta: dict) -> dict[str, Any]:
+    """Constructor sizes stored by the task at training time (`meta.json`)."""
+    return meta.get("model_kwargs") or ({"num_items": meta["num_items"]} if "num_items" in meta else {})
+
+
+def build_from_version(found: dict) -> Any:
+    """The model of a loaded registry version (`registry.load(...)`), in eval mode."""
+    task = load_task(found["config"])
+    if hasattr(task, "load_model"):
+        model = task.load_model(found)
+    else:
+        from hydra.utils import instantiate
+
+        model = instantiate(found["config"]["model"], **model_sizes(found["meta"]))
+        model.load_state_dict(found["state_dict"])
+    if hasattr(model, "eval"):
+        model.eval()
+    return model
+
+
+def load_model(root: str, name: str, ref: str | None = None) -> LoadedModel:
+    """Resolve `ref` (a version, an alias, "latest", or None: prod, else best, else newest) and load it."""
+    found = registry.load(root, name, ref)
+    return LoadedModel(name=name, version=found["version"], model=build_from_version(found),
+                       task=load_task(found["config"]), meta=found["meta"], config=found["config"],
+                       metrics=found["metrics"], lineage=found["lineage"], path=found["path"])
