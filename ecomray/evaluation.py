@@ -11,10 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-
 from ecomray import registry
 from ecomray.data.prepare import load_manifest
+from ecomray.inference import build_from_version
 from ecomray.tasks import load_task
 from ecomray.train.driver import registry_name
 
@@ -31,8 +30,7 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
     split = ev.get("split", "test")
     task = load_task(vcfg)
     data = task.build_data(vcfg, 0, 1)
-    model = instantiate(vcfg["model"], **_sizes(found["meta"]))
-    model.load_state_dict(found["state_dict"])
+    model = build_from_version(found)   # the same loader as serving and batch scoring
     if "threshold" in found["meta"]:  # decision threshold chosen on validation at training time
         data.threshold = found["meta"]["threshold"]
     rows = {"model": task.evaluate(model, data, split)}
@@ -54,10 +52,6 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
     with open(os.path.join(cfg["paths"]["reports"], f"{name}-{found['version']}-{split}{suffix}.json"), "w") as fh:
         json.dump(report, fh, indent=2)
     return report
-
-
-def _sizes(meta: dict) -> dict:
-    return meta.get("model_kwargs") or ({"num_items": meta["num_items"]} if "num_items" in meta else {})
 
 
 def _oracle(truth_dir: str, data: Any):

@@ -147,3 +147,18 @@ def test_quantile_transform_golden_values_clamps_and_handles_ties() -> None:
     assert out[4] == 0.0                                                          # missing -> the mean score
     mid = transform_tabular(pa.table({"a": [2.0]}), stats)["a"].to_pylist()[0]
     assert knots[0][1] < mid < out[1]
+
+
+def test_piecewise_linear_encoding_golden_values() -> None:
+    from ecomray.features.tabular import numeric_columns, ple_encode
+
+    t = pa.table({"a": [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0], "c": ["x"] * 8})
+    stats = fit_tabular(t, {"numeric": ["a"], "ple": ["a"], "ple_bins": 4, "categorical": ["c"]})
+    edges = stats["numeric"]["a"]["edges"]
+    assert edges[0] == 0.0 and edges[-1] == 4.0 and edges == sorted(set(edges))   # the mass of zeros: one edge
+    assert numeric_columns(stats) == [f"a#{k}" for k in range(len(edges) - 1)]
+    enc = ple_encode(np.array([-1.0, 0.0, 4.0, 9.0, np.nan]), [0.0, 1.0, 4.0])
+    assert enc.tolist() == [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    assert ple_encode(np.array([2.5]), [0.0, 1.0, 4.0]).tolist() == [[1.0, 0.5]]
+    out = transform_tabular(pa.table({"a": [2.0], "c": ["y"]}), stats)
+    assert out.column_names == [*numeric_columns(stats), "c"] and out["c"].to_pylist() == [0]

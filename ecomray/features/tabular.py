@@ -4,8 +4,11 @@
 applies them to any table (a shard, or a serving request) and returns model-ready columns:
 numeric -> float32, log1p for columns listed in `spec["log"]`, then standardized, or, for columns listed in
 `spec["quantile"]`, mapped through the training distribution's quantiles onto a standard normal (rank-Gauss,
-piecewise linear between stored knots); categorical -> int32 index into the fitted vocabulary, 0 for values never
-seen in training (out of vocabulary).
+piecewise linear between stored knots), or, for columns listed in `spec["ple"]`, piecewise-linear encoded over
+bins at the training quantiles (one float32 column per bin, `<name>#<k>`: 0 below the bin, 1 above it, linear
+inside; Gorishniy et al. 2022, "On Embeddings for Numerical Features in Tabular Deep Learning"); categorical ->
+int32 index into the fitted vocabulary, 0 for values never seen in training (out of vocabulary).
+`numeric_columns(stats)` names the numeric model inputs in order.
 """
 
 from __future__ import annotations
@@ -31,8 +34,12 @@ def _numeric(col: pa.ChunkedArray | pa.Array, log: bool) -> pa.Array:
 def fit_tabular(table: pa.Table, spec: dict[str, Any]) -> dict[str, Any]:
     stats: dict[str, Any] = {"numeric": {}, "categorical": {}, "log": list(spec.get("log", []))}
     quantile = set(spec.get("quantile") or [])
+    ple = set(spec.get("ple") or [])
     for name in spec.get("numeric", []):
         x = _numeric(table[name], name in stats["log"])
+        if name in ple:
+            stats["numeric"][name] = {"edges": _ple_edges(x, int(spec.get("ple_bins") or 16))}
+            continue
         if name in quantile:
             stats["numeric"][name] = {"knots": _quantile_knots(x)}
             continue
@@ -57,13 +64,48 @@ def _quantile_knots(x: pa.Array) -> list[list[float]]:
     return [[float(v), float(s)] for v, s in zip(uniq, zs)]
 
 
+def _ple_edges(x: pa.Array, bins: int) -> list[float]:
+    """Bin edges at the training quantiles; repeated values (a mass of zeros) collapse into one edge."""
+    probs = np.linspace(0.0, 1.0, bins + 1).tolist()
+    values = pc.quantile(pc.drop_null(x), q=probs, interpolation="linear").to_pylist()
+    return [float(v) for v in np.unique(np.asarray(values, dtype=np.float64))]
+
+
+def _to_numpy(x: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return (x if isinstance(x, pa.Array) else x.combine_chunks()).to_numpy(zero_copy_only=False)
+
+
+def ple_encode(values: np.ndarray, edges: list[float]) -> np.ndarray:
+    """(R,) float -> (R, max(len(edges) - 1, 1)): bin k is clip((x - e_k) / (e_{k+1} - e_k), 0, 1); NaN -> 0."""
+    e = np.asarray(edges, dtype=np.float64)
+    if len(e) < 2:                                   # a constant column: one all-zero input
+        return np.zeros((len(values), 1), dtype=np.float32)
+    lo, width = e[:-1], np.diff(e)
+    out = np.clip((values[:, None] - lo[None, :]) / width[None, :], 0.0, 1.0)
+    return np.nan_to_num(out, nan=0.0).astype(np.float32)
+
+
+def numeric_columns(stats: dict[str, Any]) -> list[str]:
+    """The numeric model inputs, in order: one per plain numeric, one per bin of a PLE-encoded numeric."""
+    out = []
+    for name, s in stats["numeric"].items():
+        out += [f"{name}#{k}" for k in range(max(len(s["edges"]) - 1, 1))] if "edges" in s else [name]
+    return out
+
+
 def transform_tabular(table: pa.Table, stats: dict[str, Any]) -> pa.Table:
     cols, names = [], []
     for name, s in stats["numeric"].items():
         x = _numeric(table[name], name in stats["log"])
+        if "edges" in s:
+            enc = ple_encode(_to_numpy(x).astype(np.float64), s["edges"])
+            for k in range(enc.shape[1]):
+                cols.append(pa.array(enc[:, k], pa.float32()))
+                names.append(f"{name}#{k}")
+            continue
         if "knots" in s:   # np.interp clamps outside the training range, so serving can't produce extreme inputs
             v, z = np.asarray(s["knots"], dtype=np.float64).T
-            raw = x.to_numpy(zero_copy_only=False) if isinstance(x, pa.Array) else x.combine_chunks().to_numpy(zero_copy_only=False)
+            raw = _to_numpy(x)
             mask = np.isnan(raw)
             out = np.interp(np.where(mask, v[0], raw), v, z)
             x = pa.array(out, mask=mask)

@@ -25,7 +25,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_recall
 from torch import nn
 
 from ecomray.data.prepare import load_manifest
-from ecomray.features.tabular import cardinalities, fit_tabular, transform_tabular
+from ecomray.features.tabular import cardinalities, fit_tabular, numeric_columns, transform_tabular
 
 
 @dataclass
@@ -41,7 +41,7 @@ class TableData:
 
 def _tensors(table: pa.Table, stats: dict, label: str | None) -> dict[str, torch.Tensor]:
     feats = transform_tabular(table, stats)
-    num = [n for n in stats["numeric"]]
+    num = numeric_columns(stats)
     cat = [n for n in stats["categorical"]]
     out = {"numeric": torch.from_numpy(np.stack([feats[n].to_numpy() for n in num], 1) if num else
                                        np.zeros((table.num_rows, 0), np.float32)),
@@ -58,7 +58,8 @@ def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> TableData:
     label = cfg["task"].get("label") or manifest["schema"]["label"]
     df = pl.read_parquet([os.path.join(folder, s["file"]) for s in manifest["shards"]]).sort("_file", "_row")
     parts = {s: df.filter(pl.col("split") == s).to_arrow() for s in ("train", "val", "test")}
-    spec = {k: list(cfg["task"].get(k) or []) for k in ("numeric", "categorical", "log", "quantile")}
+    spec = {k: list(cfg["task"].get(k) or []) for k in ("numeric", "categorical", "log", "quantile", "ple")}
+    spec["ple_bins"] = int(cfg["task"].get("ple_bins") or 16)
     stats = fit_tabular(parts["train"], spec)
     splits = {s: _tensors(t, stats, label) for s, t in parts.items()}
     return TableData(stats, label, splits, rank, world_size, cfg=cfg)
@@ -69,7 +70,7 @@ def build_model(cfg: dict, data: TableData) -> nn.Module:
 
 
 def model_kwargs(stats: dict) -> dict:
-    return {"num_numeric": len(stats["numeric"]), "cardinalities": cardinalities(stats)}
+    return {"num_numeric": len(numeric_columns(stats)), "cardinalities": cardinalities(stats)}
 
 
 def train_batches(data: TableData, epoch: int, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
