@@ -167,3 +167,13 @@ def test_predict_serves_the_registered_model(tiny_trained) -> None:
     offline = next_item.score_histories(model, [np.array([4, 8])], found["meta"]["max_len"])[0]
     offline[[3, 7]] = float("-inf")
     assert [items[int(i)] for i in torch.topk(offline, 5).indices] == [i for i, _ in top[0]]
+
+
+def test_time_budget_stops_after_the_epoch_that_spends_it(tmp_path: Path) -> None:
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
+                      "train.epochs=5", "train.patience=100", "train.time_budget_s=1e-6")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    out = fit(cfg, register=False)
+    assert len(out["history"]) == 1 and out["history"][0]["stopped_early"] == 1.0
+    out = fit({**cfg, "train": {**cfg["train"], "time_budget_s": None}, "run_name": "nobudget"}, register=False)
+    assert len(out["history"]) == 5

@@ -46,6 +46,17 @@ def _min_over_workers(n: int) -> int:
     return int(t.item())
 
 
+def _any_worker(flag: bool, world: int) -> bool:
+    """True on every worker when it is true on any (workers' clocks differ; they must stop at the same epoch)."""
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class _KeptDir:
     """In-process runs (num_workers=0) report the checkpoint folder itself rather than a copy: keep the latest
     folder alive until the next one has been reported, then remove the older one."""
@@ -151,6 +162,9 @@ def train_loop(cfg: dict) -> None:
         else:
             bad_epochs += 1
         stop = bad_epochs >= int(tcfg.get("patience", 10**9))
+        budget = tcfg.get("time_budget_s")
+        out_of_time = bool(budget) and _any_worker(time.time() - t0 >= float(budget), world)
+        stop = stop or out_of_time
         metrics.update({"best/" + monitor: best, "stopped_early": float(stop)})
         history.append({k: v for k, v in metrics.items()})
         if rank == 0:
@@ -169,5 +183,7 @@ def train_loop(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
         if stop:
             if rank == 0:
-                print(f"[train] early stop: no {monitor} improvement for {bad_epochs} epochs", flush=True)
+                why = (f"time budget train.time_budget_s={budget} spent" if out_of_time
+                       else f"no {monitor} improvement for {bad_epochs} epochs")
+                print(f"[train] early stop: {why}", flush=True)
             break
