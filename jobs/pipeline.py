@@ -1,4 +1,8 @@
-"""python -m jobs.pipeline [experiment=tiny]: prepare -> train -> evaluate, end to end, on one config."""
+"""python -m jobs.pipeline [experiment=tiny]: prepare -> train -> evaluate -> tune -> deploy, end to end, on one config.
+
+The deploy stage answers one request from itself and shuts down (so the quickstart terminates), unless
+`pipeline.keep_serving=true`. `pipeline.stages=[prepare,train,evaluate]` runs a prefix (or any subset, in order).
+"""
 from __future__ import annotations
 
 import time
@@ -6,16 +10,22 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from ecomray.runtime import to_plain, user_errors
+from ecomray.runtime import UserError, to_plain, user_errors
+
+STAGES = ("prepare", "train", "evaluate", "tune", "deploy")
 
 
 def run(cfg: DictConfig | dict) -> dict:
     plain = to_plain(cfg)
     stages = list(plain["pipeline"]["stages"])
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"unknown pipeline stage(s) {unknown}: choose from {list(STAGES)}")
     results: dict = {}
     t0 = time.time()
     for stage in stages:
         print(f"\n=== pipeline: {stage} ===", flush=True)
+        t_stage = time.time()
         if stage == "prepare":
             from ecomray.data.prepare import run as prepare
 
@@ -30,8 +40,16 @@ def run(cfg: DictConfig | dict) -> dict:
             version = (results.get("train") or {}).get("version")
             results["evaluate"] = evaluate({**plain, "evaluate": {**plain.get("evaluate", {}),
                                                                   **({"version": version} if version else {})}})
-        else:
-            raise ValueError(f"unknown pipeline stage {stage!r}")
+        elif stage == "tune":
+            from jobs.tune import run as tune
+
+            results["tune"] = tune(plain)
+        elif stage == "deploy":
+            from jobs.deploy import run as deploy
+
+            keep = bool(plain["pipeline"].get("keep_serving", False))
+            results["deploy"] = deploy({**plain, "deploy": {**plain["deploy"], "once": not keep}})
+        print(f"=== pipeline: {stage} done in {time.time() - t_stage:.1f}s ===", flush=True)
     print(f"\n=== pipeline done in {time.time() - t0:.1f}s: {', '.join(stages)} ===", flush=True)
     return results
 
