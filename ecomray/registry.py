@@ -4,7 +4,7 @@ A version folder holds `model.pt` (a state dict; load with weights_only=True), t
 `metrics.json`, `meta.json` (feature metadata to rebuild and serve the model) and `lineage.json` (data manifest
 hash, git commit, package versions, seed, the dataset's licence note and research-only flag). Versions are written
 to a temporary folder and renamed into place, so concurrent writers (Tune trials) never see or make half a version.
-`aliases.json` maps alias -> version (e.g. best, prod).
+`aliases.json` maps alias -> version (e.g. best, prod); `aliases_history.jsonl` records every move (`rollback`).
 """
 
 from __future__ import annotations
@@ -90,21 +90,94 @@ def register(root: str, name: str, state_dict: dict, cfg: dict, metrics: dict, m
 
 
 def set_alias(root: str, name: str, alias: str, version: str) -> None:
-    folder = _safe(root, name)
+    """Point `alias` at `version` and record the move in `aliases_history.jsonl` (what `rollback` walks back)."""
     _safe(root, name, version)
     if version not in versions(root, name):
         raise UserError(f"{name} has no version {version} (have {versions(root, name)})")
     if not _NAME.match(alias) or alias in ("latest", "auto") or re.fullmatch(r"v\d{4,}", alias):
         raise UserError(f"invalid alias {alias!r}: letters, digits, '_', '-', '.'; not 'latest' or a version id")
-    path = os.path.join(folder, "aliases.json")
+    _update_alias(root, name, alias, lambda aliases, history: ("set", version))
+
+
+def rollback(root: str, name: str, alias: str = "prod") -> tuple[str | None, str]:
+    """Move `alias` back to the version it pointed to before its current one; returns (from, to).
+
+    The alias's past is replayed from `aliases_history.jsonl` as a stack: a `set` pushes (unless it repeats the top), a
+    `rollback` pops. So rolling back twice goes two versions back, not back and forth between the last two."""
+    moved: dict[str, str | None] = {}
+
+    def step(aliases: dict[str, str], history: list[dict]) -> tuple[str, str]:
+        stack = _alias_stack(history, alias)
+        current = aliases.get(alias)
+        if current is None or len(stack) < 2:
+            raise UserError(f"{name}: alias {alias!r} has no earlier version to roll back to "
+                            f"(history: {stack or 'none'}); set one with `promote`")
+        moved["from"] = current
+        return "rollback", stack[-2]
+
+    to = _update_alias(root, name, alias, step)
+    return moved["from"], to
+
+
+def alias_history(root: str, name: str) -> list[dict[str, Any]]:
+    """Every alias move of a model, oldest first: {"ts", "alias", "version", "previous", "action"}."""
+    return _read_history(os.path.join(_safe(root, name), "aliases_history.jsonl"))
+
+
+def _alias_stack(history: list[dict], alias: str) -> list[str]:
+    stack: list[str] = []
+    for h in history:
+        if h["alias"] != alias:
+            continue
+        if h["action"] == "rollback":
+            stack = stack[:-1]
+        elif not stack or stack[-1] != h["version"]:
+            stack.append(h["version"])
+    return stack
+
+
+def _update_alias(root: str, name: str, alias: str, fn) -> str:
+    """Read-modify-write `aliases.json` and its history under one lock; `fn(aliases, history) -> (action, version)`."""
+    folder = _safe(root, name)
+    path, hpath = os.path.join(folder, "aliases.json"), os.path.join(folder, "aliases_history.jsonl")
     with open(os.path.join(folder, ".aliases.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # read-modify-write under a lock: concurrent set_alias calls all land
-        aliases = _read_aliases(path)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # read-modify-write under a lock: concurrent alias moves all land
+        aliases, history = _read_aliases(path), _read_history(hpath)
+        action, version = fn(aliases, history)
+        entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "alias": alias, "version": version,
+                 "previous": aliases.get(alias), "action": action}
         aliases[alias] = version
-        tmp = path + f".tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(aliases, fh, indent=2)
-        os.replace(tmp, path)  # readers see the old or the new file, never half of one
+        # history first: a crash between the two writes leaves a history entry for a move that did not land, which
+        # replays as a harmless duplicate; the reverse order could lose the only record of where the alias was.
+        _write_atomic(hpath, "".join(json.dumps(h) + "\n" for h in [*history, entry]))
+        _write_atomic(path, json.dumps(aliases, indent=2))
+    return version
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + f".tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)  # readers see the old or the new file, never half of one
+
+
+def _read_history(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def aliases(root: str, name: str) -> dict[str, str]:
+    return _read_aliases(os.path.join(_safe(root, name), "aliases.json"))
+
+
+def models(root: str) -> list[str]:
+    """Model names in the registry (folders holding at least one version)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(n for n in os.listdir(root) if _NAME.match(n) and os.path.isdir(os.path.join(root, n))
+                  and versions(root, n))
 
 
 def get_alias(root: str, name: str, alias: str) -> str | None:

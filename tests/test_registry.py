@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -68,3 +70,78 @@ def test_names_and_versions_cannot_escape_the_root(tmp_path: Path) -> None:
     os.symlink(tmp_path, tmp_path / "reg" / "link")                  # a link pointing out of the root
     with pytest.raises(UserError):
         registry.versions(root, "link")
+
+
+def test_alias_history_and_rollback_walk_back(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    for k in range(4):
+        _register(root, float(k))
+    with pytest.raises(UserError):
+        registry.rollback(root, "m")                                 # prod never set
+    for v in ("v0001", "v0002", "v0002", "v0004"):                   # setting the same version twice is one step
+        registry.set_alias(root, "m", "prod", v)
+    registry.set_alias(root, "m", "best", "v0003")                   # other aliases do not interfere
+    assert registry.rollback(root, "m") == ("v0004", "v0002")
+    assert registry.resolve(root, "m") == "v0002"
+    assert registry.rollback(root, "m") == ("v0002", "v0001")        # twice: two steps back, not back and forth
+    with pytest.raises(UserError):
+        registry.rollback(root, "m")                                 # nothing before v0001
+    assert registry.get_alias(root, "m", "prod") == "v0001" and registry.get_alias(root, "m", "best") == "v0003"
+    moves = registry.alias_history(root, "m")
+    assert [(h["action"], h["alias"], h["version"]) for h in moves][-3:] == [
+        ("set", "best", "v0003"), ("rollback", "prod", "v0002"), ("rollback", "prod", "v0001")]
+    assert moves[-1]["previous"] == "v0002"
+    registry.set_alias(root, "m", "prod", "v0003")                   # a new promotion after a rollback
+    assert registry.rollback(root, "m") == ("v0003", "v0001")
+
+
+def test_concurrent_alias_moves_all_land_in_the_history(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    for k in range(3):
+        _register(root, float(k))
+    threads = [threading.Thread(target=registry.set_alias, args=(root, "m", f"a{k}", f"v000{k % 3 + 1}"))
+               for k in range(12)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(registry.alias_history(root, "m")) == 12 and len(registry.aliases(root, "m")) == 12
+
+
+def _cli(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.registry", "--registry", str(root), *args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+
+
+def test_registry_cli_list_promote_warns_on_research_only_and_rolls_back(tmp_path: Path, capsys, monkeypatch) -> None:
+    from jobs.registry import main
+
+    root = tmp_path / "registry"
+    lin = {"data_manifest_hash": "abc", "dataset": "amazon_beauty", "research_only": True,
+           "licence": "research use only"}
+    for k, research in enumerate((False, True)):
+        registry.register(str(root), "rec", {"w": torch.zeros(1)}, {"train": {"monitor": "val/ndcg@10"}},
+                          {"val/ndcg@10": 0.1 + k / 10, "test/ndcg@10": 0.05 + k / 10}, {},
+                          {**lin, "research_only": research}, extra={"sweep": {"name": "s", "trial_id": f"t{k}"}}
+                          if k else None)
+    reg = ["--registry", str(root)]
+    assert main([*reg, "promote", "rec", "v0001", "--alias", "prod"])["warning"] is None
+    out = capsys.readouterr()
+    assert "WARNING" not in out.err and "prod -> v0001" in out.out
+    assert main([*reg, "promote", "rec", "v0002", "--alias", "prod"])["warning"]
+    out = capsys.readouterr()
+    assert "research-only" in out.err and "research use only" in out.err
+    rows = main([*reg, "list"])
+    listed = capsys.readouterr().out
+    assert [(r["version"], r["aliases"]) for r in rows] == [("v0001", []), ("v0002", ["prod"])]
+    line2 = next(line for line in listed.splitlines() if "v0002" in line)
+    assert "prod" in line2 and "val/ndcg@10 0.2000" in line2 and "test/ndcg@10 0.1500" in line2
+    assert "s/t1" in line2 and "research only" in line2
+    assert main([*reg, "rollback", "rec"])["version"] == "v0001"
+    assert "v0002 -> v0001" in capsys.readouterr().out
+    assert registry.resolve(str(root), "rec") == "v0001"             # what deploy would serve now
+    with pytest.raises(UserError, match="no version or alias"):
+        main([*reg, "promote", "rec", "v0009"])
+    monkeypatch.setenv("ECOMRAY_HOME", str(tmp_path))               # no --registry: $ECOMRAY_HOME/registry
+    assert [r["version"] for r in main(["list", "rec"])] == ["v0001", "v0002"]
+    # as a command: a user error is one line and exit code 2
+    again = _cli(root, "rollback", "rec")
+    assert again.returncode == 2 and "no earlier version" in again.stderr and "Traceback" not in again.stderr

@@ -167,7 +167,12 @@ def _split_expr(schema: dict, split: dict, decided: dict) -> pl.Expr | None:
         return pl.when(col > test_cut).then(pl.lit("test")).when(col > val_cut).then(pl.lit("val")).otherwise(pl.lit("train"))
     if strategy == "stratified":
         return None  # joined from the plan file
-    raise UserError(f"unknown split strategy {strategy!r}: use leave_one_out, temporal, stratified or none")
+    if strategy == "given":  # a published split, carried by the data itself (a schema column)
+        column = split.get("column", "split")
+        if column not in schema["columns"]:
+            raise UserError(f"split=given needs the split column {column!r} declared in the schema")
+        return pl.col(column)
+    raise UserError(f"unknown split strategy {strategy!r}: use leave_one_out, temporal, stratified, given or none")
 
 
 # ----------------------------------------------------------------------------------------------- pass 2

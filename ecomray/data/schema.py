@@ -7,8 +7,9 @@ A schema is the plain dict of a `conf/schema/*.yaml` (possibly extended by the d
 
 Column types: str, int, float, bool, datetime (UTC, microseconds). Rules per column: required, allowed
 (a list of values), min, max. `validate(lf, schema)` adds typed columns and a `reason` column that is
-null for good rows and names the first broken rule otherwise. Nothing here touches files or Ray, so the
-polars and ray engines (and tests) run the very same code.
+null for good rows and names the first broken rule otherwise. An adapter may flag rows itself with a `_reason`
+text column (for example a review text that leaks an evaluation set); it applies when no schema rule broke.
+Nothing here touches files or Ray, so the polars and ray engines (and tests) run the very same code.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ecomray.runtime import UserError
 
 TYPES = {"str": pl.Utf8, "int": pl.Int64, "float": pl.Float64, "bool": pl.Boolean, "datetime": pl.Datetime("us", "UTC")}
 RAW_PREFIX = "_raw_"
+ADAPTER_REASON = "_reason"  # optional adapter column: a quarantine reason decided by the adapter
 ROW_KEY = "_row_id"  # pseudo key: shard a table by source position
 _TRUE = ["true", "1", "yes", "t", "y"]
 _FALSE = ["false", "0", "no", "f", "n"]
@@ -147,7 +149,7 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
             rules.append((value < spec["min"], f"{name} < {spec['min']}"))
         if spec.get("max") is not None:
             rules.append((value > spec["max"], f"{name} > {spec['max']}"))
-    reason: Any = pl.lit(None, dtype=pl.Utf8)
+    reason: Any = pl.col(ADAPTER_REASON).cast(pl.Utf8) if ADAPTER_REASON in present else pl.lit(None, dtype=pl.Utf8)
     for cond, text in reversed(rules):  # first broken rule wins
         reason = pl.when(cond.fill_null(False)).then(pl.lit(text)).otherwise(reason)
     keep_raw = [pl.col(n).cast(pl.Utf8).alias(RAW_PREFIX + n) for n in raws]

@@ -1,13 +1,14 @@
 """The training driver: build a TorchTrainer from config, fit, score the best model on val and test, register it.
 
-`fit(cfg)` is what `jobs.train` runs and what a Tune trial runs: one driver for both.
+`fit(cfg)` is what `jobs.train` runs and what a Tune trial runs: one driver for both. `evaluate_checkpoint` scores
+(and registers) the best weights of a Train checkpoint: `fit` uses it, and so does the tune job for the sweep's winner.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,7 +22,7 @@ def registry_name(cfg: dict) -> str:
     return cfg.get("registry_name") or f"{cfg['task']['name']}_{cfg['dataset']['name']}"
 
 
-def trainer(cfg: dict, callbacks: list | None = None):
+def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict], None] | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -29,7 +30,7 @@ def trainer(cfg: dict, callbacks: list | None = None):
     backend = sc.pop("backend", None) or ("nccl" if sc.get("use_gpu") else "gloo")
     tcfg = cfg["train"]
     return TorchTrainer(
-        train_loop, train_loop_config=cfg,
+        train_fn or train_loop, train_loop_config=cfg,
         scaling_config=ScalingConfig(**sc),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(
@@ -42,16 +43,35 @@ def trainer(cfg: dict, callbacks: list | None = None):
                                                checkpoint_score_order=tcfg.get("mode", "max"))))
 
 
-def fit(cfg: dict, callbacks: list | None = None, register: bool = True) -> dict[str, Any]:
-    """Train, then evaluate the best epoch's model on val and test and (optionally) register it."""
+def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluate: bool = True,
+        train_fn: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train, then evaluate the best epoch's model on val and test and (optionally) register it.
+
+    A Tune trial passes `evaluate=False`: it only trains (its metrics reach Tune through the callbacks) and returns
+    its checkpoint; the tune job scores and registers the winner alone, with `evaluate_checkpoint`. `train_fn` wraps
+    the one training loop (the tune job's wrapper records the trial's placement group); default `train_loop`."""
     from ecomray.runtime import init_ray
 
     cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
     if int(cfg["scaling"].get("num_workers", 1)) > 0:
-        init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"))
+        init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"))  # no-op inside a Tune trial: Ray is already up
     t0 = time.time()
-    result = trainer(cfg, callbacks).fit()
-    with result.checkpoint.as_directory() as d:
+    result = trainer(cfg, callbacks, train_fn).fit()
+    if not evaluate:
+        return {"run_name": cfg["run_name"], "checkpoint": result.checkpoint.path, "train_seconds": time.time() - t0}
+    return evaluate_checkpoint(cfg, result.checkpoint, register=register, train_seconds=time.time() - t0)
+
+
+def evaluate_checkpoint(cfg: dict, checkpoint: Any, register: bool = True, train_seconds: float | None = None,
+                        extra: dict | None = None) -> dict[str, Any]:
+    """Load the best weights from a Train checkpoint (a `ray.train.Checkpoint` or its path; its `state.pt` holds
+    `best_model`), score them on val and test, and (optionally) register them with `extra` lineage.
+
+    Shared by `fit` and by the tune job, which registers only the sweep's winner."""
+    from ray.train import Checkpoint
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(str(checkpoint))
+    with ckpt.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")
     task = load_task(cfg)
     data = task.build_data(cfg, 0, 1)
@@ -59,16 +79,18 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True) -> dict
     model.load_state_dict(state["best_model"])
     metrics = {f"val/{k}": v for k, v in task.evaluate(model, data, "val").items()}
     metrics.update({f"test/{k}": v for k, v in task.evaluate(model, data, "test").items()})
-    metrics.update({"epochs_run": len(state["history"]), "train_seconds": time.time() - t0,
+    metrics.update({"epochs_run": len(state["history"]),
                     "best_epoch": max(range(len(state["history"])), key=lambda i: _score(state["history"][i], cfg))})
-    out: dict[str, Any] = {"metrics": metrics, "history": state["history"], "run_name": cfg["run_name"]}
+    if train_seconds is not None:
+        metrics["train_seconds"] = train_seconds
+    out: dict[str, Any] = {"metrics": metrics, "history": state["history"], "run_name": cfg.get("run_name")}
     print("[train] best model: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                            if k.startswith(("val/", "test/")) and "sampled" not in k and "@5" not in k and "@20" not in k), flush=True)
     if register:
         manifest = load_manifest(os.path.join(cfg["paths"]["data"], cfg["dataset"]["name"]))
         name = registry_name(cfg)
         version = registry.register(cfg["paths"]["registry"], name, model.state_dict(), cfg, metrics,
-                                    task.metadata(data), registry.lineage(cfg, manifest))
+                                    task.metadata(data), registry.lineage(cfg, manifest), extra=extra)
         print(f"[train] registered {name} {version} in {cfg['paths']['registry']}", flush=True)
         out.update(name=name, version=version)
     return out

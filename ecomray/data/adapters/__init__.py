@@ -6,8 +6,13 @@ An adapter is a module `ecomray.data.adapters.<name>` with
 
 returning one (source path, LazyFrame) per input file, columns named as the schema's columns (raw values:
 validation casts them). Adapters may add `_row` (source position, Int64) when the source order is not
-the file's line order; otherwise prepare adds it. Each source must be cheap to rebuild: the ray engine
-calls `sources()` again inside the task that processes source i.
+the file's line order; otherwise prepare adds it. An adapter may also add `_reason` (text): a quarantine reason
+it decided itself (the review adapters flag broken encoding, empty texts and texts that leak an evaluation set).
+Each source must be cheap to rebuild: the ray engine calls `sources()` again inside the task that processes source i.
+An optional `extra_manifest(dataset, paths) -> dict` adds entries to the manifest.
+
+Adapters: files (CSV/Parquet/JSONL), synthetic, amazon, ml100k, and for reviews chnsenticorp, online_shopping and
+synthetic_reviews.
 """
 
 from __future__ import annotations

@@ -1,0 +1,130 @@
+"""python -m jobs.registry {list | promote <model> <version> --alias prod | rollback <model> [--alias prod]}
+
+The model registry from the command line. This job takes argparse flags rather than Hydra overrides (it runs no
+config, only reads and moves aliases), but it finds the registry the same way the Hydra jobs do: `--registry`, else
+`$ECOMRAY_HOME/registry`, else `./runs/registry` (`paths.registry` of conf/paths/default.yaml).
+
+- `list [model]`: every model, its versions with their key metrics, training data and sweep, and its aliases.
+- `promote <model> <version|alias> --alias prod`: point an alias at a version; warns loudly when the version was
+  trained on research-only data (by its licence note in lineage.json).
+- `rollback <model> [--alias prod]`: move the alias back to the version it pointed to before (the registry keeps
+  every alias move in aliases_history.jsonl).
+- `history <model>`: the alias moves.
+Deploy serves `prod` when set, else `best`, else the newest version (`ecomray.registry.resolve`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ecomray import registry
+from ecomray.runtime import UserError, abspath, user_errors
+
+
+def default_root() -> str:
+    return abspath(os.path.join(os.environ.get("ECOMRAY_HOME", "./runs"), "registry"))
+
+
+def _key_metrics(metrics: dict[str, Any], monitor: str | None) -> str:
+    """The monitored val metric and its test twin first, then up to two more val/test numbers."""
+    base = (monitor or "").split("/", 1)[-1]
+    keys = [k for k in (f"val/{base}", f"test/{base}") if base and k in metrics]
+    keys += [k for k in metrics if k.startswith(("val/", "test/")) and k not in keys and "sampled" not in k
+             and "@5" not in k and "@20" not in k][: max(0, 4 - len(keys))]
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if isinstance(metrics[k], (int, float)))
+
+
+def list_models(root: str, only: str | None = None) -> list[dict[str, Any]]:
+    """One row per version: {"model", "version", "aliases", "metrics", "dataset", "research_only", "sweep"}."""
+    import json
+
+    import yaml
+
+    rows = []
+    for name in [only] if only else registry.models(root):
+        have = registry.versions(root, name)
+        if not have:
+            raise UserError(f"no model {name!r} in registry {root} (models: {registry.models(root)})")
+        by_version: dict[str, list[str]] = {}
+        for alias, v in registry.aliases(root, name).items():
+            by_version.setdefault(v, []).append(alias)
+        for v in have:
+            path = registry._safe(root, name, v)
+            with open(os.path.join(path, "metrics.json")) as fh:
+                metrics = json.load(fh)
+            with open(os.path.join(path, "lineage.json")) as fh:
+                lin = json.load(fh)
+            with open(os.path.join(path, "config.yaml")) as fh:
+                monitor = ((yaml.safe_load(fh) or {}).get("train") or {}).get("monitor")
+            sweep = lin.get("sweep") or {}
+            rows.append({"model": name, "version": v, "aliases": sorted(by_version.get(v, [])),
+                         "metrics": _key_metrics(metrics, monitor), "dataset": lin.get("dataset"),
+                         "research_only": bool(lin.get("research_only")), "created_at": lin.get("created_at"),
+                         "sweep": f"{sweep['name']}/{sweep['trial_id']}" if sweep else ""})
+    return rows
+
+
+def promote(root: str, name: str, ref: str, alias: str = "prod") -> dict[str, Any]:
+    version = registry.resolve(root, name, ref)
+    lin = registry.load(root, name, version)["lineage"]
+    warning = None
+    if lin.get("research_only"):
+        warning = (f"WARNING: {name} {version} was trained on research-only data ({lin.get('dataset')}: "
+                   f"{lin.get('licence')}). Do not serve it to customers or use it commercially.")
+        bar = "!" * min(len(warning), 100)
+        print(f"{bar}\n{warning}\n{bar}", file=sys.stderr, flush=True)
+    before = registry.get_alias(root, name, alias)
+    registry.set_alias(root, name, alias, version)
+    print(f"{name}: {alias} -> {version}" + (f" (was {before})" if before else ""), flush=True)
+    return {"name": name, "alias": alias, "version": version, "previous": before, "warning": warning}
+
+
+def rollback(root: str, name: str, alias: str = "prod") -> dict[str, Any]:
+    was, now = registry.rollback(root, name, alias)
+    print(f"{name}: {alias} rolled back {was} -> {now}", flush=True)
+    return {"name": name, "alias": alias, "version": now, "previous": was}
+
+
+def main(argv: list[str] | None = None) -> dict | list | None:
+    p = argparse.ArgumentParser(prog="python -m jobs.registry", description=__doc__.split("\n")[0])
+    p.add_argument("--registry", default=None,
+                   help="registry root (default: $ECOMRAY_HOME/registry or ./runs/registry)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("list", help="models, versions, key metrics, aliases")
+    ls.add_argument("model", nargs="?")
+    pr = sub.add_parser("promote", help="point an alias (default prod) at a version")
+    pr.add_argument("model")
+    pr.add_argument("version", help="v0003, or an alias such as best")
+    pr.add_argument("--alias", default="prod")
+    rb = sub.add_parser("rollback", help="move an alias (default prod) back to its previous version")
+    rb.add_argument("model")
+    rb.add_argument("--alias", default="prod")
+    hi = sub.add_parser("history", help="every alias move of a model")
+    hi.add_argument("model")
+    args = p.parse_args(argv)
+    root = abspath(args.registry) if args.registry else default_root()
+    if args.cmd == "list":
+        rows = list_models(root, args.model)
+        if not rows:
+            print(f"(no models in {root})")
+        header = ["model", "version", "aliases", "key metrics", "data", "sweep/trial"]
+        table = [[r["model"], r["version"], ",".join(r["aliases"]), r["metrics"],
+                  f"{r['dataset']}{' (research only)' if r['research_only'] else ''}", r["sweep"]] for r in rows]
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
+        for row in [header, *table]:
+            print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        return rows
+    if args.cmd == "promote":
+        return promote(root, args.model, args.version, args.alias)
+    if args.cmd == "rollback":
+        return rollback(root, args.model, args.alias)
+    moves = registry.alias_history(root, args.model)
+    for h in moves:
+        print(f"{h['ts']}  {h['action']:8s}  {h['alias']:8s}  {h.get('previous') or '-':>6} -> {h['version']}")
+    return moves
+
+
+if __name__ == "__main__":
+    user_errors(main)()

@@ -1,0 +1,137 @@
+"""Ray Tune sweeps over the training driver: a tiny sweep on a local 2-CPU Ray runs its trials to completion, ASHA
+stops the clearly bad one, the winner is registered with sweep lineage and aliased `best`, its exported experiment
+composes; the search space and the resource accounting as units."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ecomray import registry
+from ecomray.runtime import UserError
+from ecomray.train import tune as sweeps
+from tests.test_train_next_item import compose_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_space_overrides_and_resources(tmp_path: Path) -> None:
+    cfg = compose_cfg("tune", tmp_path, "experiment=tiny", "sweep=tiny")
+    spec = sweeps.sweep_spec(cfg)
+    assert spec["metric"] == "val/ndcg@10" and spec["mode"] == "max"
+    space = sweeps.param_space({"optim.lr": {"loguniform": [1e-4, 1e-2]}, "model.dim": {"choice": [16, 32]},
+                                "model.blocks": {"randint": [1, 3]}, "optim.weight_decay": {"grid": [0.0, 0.1]}})
+    assert space["optim.weight_decay"] == {"grid_search": [0.0, 0.1]}
+    assert 1e-4 <= space["optim.lr"].sample() <= 1e-2 and space["model.dim"].sample() in (16, 32)
+    out = sweeps.apply_overrides(cfg, {"optim.lr": 0.5, "model.dim": 8})
+    assert (out["optim"]["lr"], out["model"]["dim"], cfg["optim"]["lr"]) == (0.5, 8, 0.003)   # a copy
+    prop = compose_cfg("tune", tmp_path, "experiment=propensity", "sweep=propensity")
+    assert sweeps.apply_overrides(prop, {"model.hidden.0": 128})["model"]["hidden"] == [128]
+    nested = sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "space": {"model": {"dim": {"grid": [16, 32]}}}}})
+    assert nested["space"] == {"model.dim": {"grid": [16, 32]}}
+    for bad in ({"optim.lrr": {"uniform": [0, 1]}}, {"optim.lr": {"normal": [0, 1]}}, {"optim.lr": {"uniform": [1]}}):
+        with pytest.raises(UserError):
+            sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "space": bad}})
+    with pytest.raises(UserError):   # Optuna samples: no grid
+        sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "search": "optuna"}})
+    # the driver reserves no CPU; a trial is its workers; concurrency = what fits
+    reserve, per_trial = sweeps.trial_resources(cfg)
+    assert reserve["CPU"] == 0 and per_trial == {"CPU": 1.0, "GPU": 0.0}
+    assert sweeps.max_concurrent_trials({"CPU": 2.0}, per_trial) == 2
+    beauty = compose_cfg("tune", tmp_path, "experiment=beauty_sasrec", "sweep=sasrec_beauty")
+    assert sweeps.max_concurrent_trials({"CPU": 2.0}, sweeps.trial_resources(beauty)[1]) == 1
+    gpu = compose_cfg("tune", tmp_path, "experiment=tiny", "scaling=gpu1")
+    assert sweeps.max_concurrent_trials({"CPU": 16.0, "GPU": 1.0}, sweeps.trial_resources(gpu)[1]) == 1
+    with pytest.raises(UserError):
+        sweeps.max_concurrent_trials({"CPU": 2.0}, sweeps.trial_resources(gpu)[1])
+    for name in ("tiny", "propensity", "sasrec_beauty"):   # every shipped sweep validates against its experiment
+        exp = {"tiny": "tiny", "propensity": "propensity", "sasrec_beauty": "beauty_sasrec"}[name]
+        sweeps.sweep_spec(compose_cfg("tune", tmp_path, f"experiment={exp}", f"sweep={name}"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory, ray_session) -> tuple[dict, dict]:
+    from ecomray.data.prepare import run as prepare
+    from jobs.tune import run
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = compose_cfg("tune", tmp, "experiment=tiny", "sweep=tiny", "dataset.synthetic.users=600")
+    prepare(cfg)
+    return cfg, run(cfg)
+
+
+def test_tiny_sweep_runs_stops_the_bad_trial_and_promotes_the_winner(tiny_sweep) -> None:
+    cfg, out = tiny_sweep
+    sweep_dir = Path(out["sweep_dir"])
+    with open(sweep_dir / "trials.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == out["trials"] == 3                       # one row per trial
+    metric = "best val/ndcg@10"
+    by_lr = {float(r["optim.lr"]): r for r in rows}
+    assert set(by_lr) == {0.003, 0.01, 1e-6}
+    bad = by_lr[1e-6]
+    assert bad["stopped_by"] == "scheduler" and int(bad["epochs_run"]) < 3      # ASHA stopped it early
+    best_row = max(rows, key=lambda r: float(r[metric]))
+    assert best_row["stopped_by"] == "completed" and int(best_row["epochs_run"]) == 3 and best_row is not bad
+    assert out["best_trial"] == best_row["trial_id"] and float(bad[metric]) < float(best_row[metric])
+    assert (sweep_dir / "curves.png").stat().st_size > 1000
+    # never more trials at once than the 2 CPUs hold (1-CPU workers, drivers at 0 CPU)
+    spans = [(float(r["start_s"]), float(r["start_s"]) + float(r["wall_s"])) for r in rows]
+    assert max(sum(a <= t < b - 1.5 for a, b in spans) for t, _ in spans) <= 2   # (Tune's timestamps are whole s)
+    # the winner: registered once, `best` points at it, its val metric is the best trial's, sweep lineage recorded
+    root = cfg["paths"]["registry"]
+    assert registry.versions(root, out["name"]) == [out["version"]]
+    assert registry.get_alias(root, out["name"], "best") == out["version"] and out["alias"] == "best"
+    found = registry.load(root, out["name"], "best")
+    assert found["metrics"]["val/ndcg@10"] == pytest.approx(float(best_row[metric]), rel=1e-5)
+    assert found["lineage"]["sweep"]["name"] == "tiny" and found["lineage"]["sweep"]["trial_id"] == out["best_trial"]
+    assert found["config"]["optim"]["lr"] == pytest.approx(float(best_row["optim.lr"]))
+    assert found["config"]["train"]["epochs"] == 3 and "sweep" not in found["config"]
+    # re-running the same sweep name finds it complete: no new trials, no second version
+    from jobs.tune import run
+
+    again = run(cfg)
+    assert again["version"] == out["version"] and registry.versions(root, out["name"]) == [out["version"]]
+
+
+def test_exported_experiment_composes_to_the_winning_config(tiny_sweep) -> None:
+    cfg, out = tiny_sweep
+    path = Path(out["experiment"])
+    assert path.parent.name == "experiment" and path.read_text().startswith("# @package _global_")
+    res = subprocess.run([sys.executable, "-m", "jobs.train", "--config-dir", out["sweep_dir"],
+                          f"experiment={path.stem}", f"paths.root={Path(cfg['paths']['root'])}", "--cfg", "job",
+                          "--resolve"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    import yaml
+
+    composed = yaml.safe_load(res.stdout)
+    found = registry.load(cfg["paths"]["registry"], out["name"], "best")
+    for key in ("model", "optim", "train", "task", "scaling"):   # (keys added to conf/ since only add entries)
+        assert {k: composed[key].get(k) for k in found["config"][key]} == found["config"][key], key
+    assert composed["dataset"]["synthetic"]["users"] == 600
+    # ... and retrains to the trial's metric (in-process here: same seeds and data order as the trial's Ray worker)
+    from ecomray.train.driver import fit
+
+    again = compose_cfg("train", Path(cfg["paths"]["root"]), f"experiment={path.stem}", "scaling=inproc",
+                        f"hydra.searchpath=[file://{out['sweep_dir']}]")
+    assert again["scaling"]["num_workers"] == 0 and again["optim"] == found["config"]["optim"]
+    retrained = fit({**again, "run_name": "retrain"}, register=False)
+    assert retrained["metrics"]["val/ndcg@10"] == pytest.approx(out["value"], rel=0.02)
+
+
+def test_a_sweep_name_holding_another_sweep_is_refused(tmp_path: Path) -> None:
+    cfg = compose_cfg("tune", tmp_path, "experiment=tiny", "sweep=tiny")
+    folder = Path(cfg["paths"]["runs"]) / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"fingerprint": "another sweep", "sweep": {}}))
+    with pytest.raises(UserError, match="different config"):
+        sweeps.run_sweep(cfg)
+    with pytest.raises(UserError, match="no sweep"):
+        sweeps.run_sweep({k: v for k, v in cfg.items() if k != "sweep"})
+    with pytest.raises(UserError):
+        sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "name": "../escape"}})
