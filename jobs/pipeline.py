@@ -48,7 +48,9 @@ def run(cfg: DictConfig | dict) -> dict:
             from jobs.deploy import run as deploy
 
             keep = bool(plain["pipeline"].get("keep_serving", False))
-            results["deploy"] = deploy({**plain, "deploy": {**plain["deploy"], "once": not keep}})
+            # once: a free port, so the quickstart can't collide with something already serving on 8000
+            results["deploy"] = deploy({**plain, "deploy": {**plain["deploy"], "once": not keep,
+                                                            **({} if keep else {"port": 0})}})
         print(f"=== pipeline: {stage} done in {time.time() - t_stage:.1f}s ===", flush=True)
     print(f"\n=== pipeline done in {time.time() - t0:.1f}s: {', '.join(stages)} ===", flush=True)
     return results
