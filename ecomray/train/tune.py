@@ -426,6 +426,10 @@ def trial_table(grid: Any, spec: dict, base: dict) -> tuple[list[dict], dict[str
         df = result.metrics_dataframe
         config = {k: result.config[k] for k in spec["space"] if k in result.config}
         trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(str(result.path))
+        if (df is None or metric not in getattr(df, "columns", []) or df.empty) and (result.metrics or {}).get(
+                "checkpoint_path"):
+            # a resumed trial whose Train run had already ended: Tune kept only its last result
+            df = _history_frame(result.metrics)
         if df is None or metric not in getattr(df, "columns", []) or df.empty:
             rows.append({"trial_id": trial_id, "config": config, "best_value": None, "epochs_run": 0,
                          "stopped_early": False, "stopped_by": "error" if result.error else "not started",
@@ -458,6 +462,24 @@ def trial_table(grid: Any, spec: dict, base: dict) -> tuple[list[dict], dict[str
     for r in rows:
         r["start_s"] = None if r["started_at"] is None else r["started_at"] - t0
     return rows, curves
+
+
+def _history_frame(last: dict) -> Any:
+    """Per-epoch rows of a trial from its last Train checkpoint (`state.pt` keeps every epoch's metrics)."""
+    import pandas as pd
+    import torch
+    from ray.train import Checkpoint
+
+    try:
+        with Checkpoint(str(last["checkpoint_path"])).as_directory() as d:
+            history = torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")["history"]
+    except (OSError, KeyError, RuntimeError):
+        return None
+    df = pd.DataFrame(history)
+    df["timestamp"] = float(last.get("timestamp", 0.0))
+    df["time_total_s"] = float(last.get("time_total_s", 0.0))
+    df["checkpoint_path"] = last["checkpoint_path"]
+    return df
 
 
 def write_results(rows: list[dict], curves: dict, spec: dict, sweep_dir: str) -> None:
