@@ -87,8 +87,7 @@ class _Family:
         if loaded is None:
             return {"family": self.family, "name": self.name, "version": "none", "ref": self.ref}
         try:
-            aliases = sorted(a for a, v in registry._read_aliases(
-                os.path.join(registry._safe(self.root, self.name), "aliases.json")).items() if v == loaded.version)
+            aliases = sorted(a for a, v in registry.aliases(self.root, self.name).items() if v == loaded.version)
         except Exception:  # noqa: BLE001 - aliases are informative only
             aliases = []
         info = loaded.describe()
