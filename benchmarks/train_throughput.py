@@ -2,8 +2,8 @@
 
     python benchmarks/train_throughput.py [--dataset amazon_beauty] [--epochs 3] [--threads 2]
 
-Same model (SASRec, the beauty_sasrec experiment), same batches (the task's `train_batches`), same loss, same
-optimizer, same number of torch threads on both sides (the Ray worker gets `--threads` CPUs, and Ray sets its
+Same model (the beauty_sasrec experiment's: a 3-member SASRec ensemble), same batches (the task's
+`train_batches`), same loss, same optimizer, the same weight EMA when the experiment sets `train.ema_decay`, same number of torch threads on both sides (the Ray worker gets `--threads` CPUs, and Ray sets its
 torch threads from them; the plain loop calls torch.set_num_threads). Reports training samples/s (sequences/s,
 evaluation excluded) of the epochs after the first. Writes benchmarks/results/train_throughput.json.
 """
@@ -11,6 +11,7 @@ evaluation excluded) of the epochs after the first. Writes benchmarks/results/tr
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -33,6 +34,8 @@ def plain_loop(cfg: dict, epochs: int, threads: int) -> list[float]:
     data = task.build_data(cfg, 0, 1)
     model = task.build_model(cfg, data)
     opt = instantiate(cfg["optim"])(params=model.parameters())
+    decay = float(cfg["train"].get("ema_decay") or 0.0)
+    ema = copy.deepcopy(model).requires_grad_(False) if decay else None
     rates = []
     for epoch in range(epochs):
         model.train()
@@ -42,6 +45,10 @@ def plain_loop(cfg: dict, epochs: int, threads: int) -> list[float]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for averaged, live in zip(ema.parameters(), model.parameters()):
+                        averaged.lerp_(live, 1.0 - decay)
             seen += len(batch["seq"])
         rates.append(seen / (time.time() - t))
     return rates

@@ -75,6 +75,10 @@ def test_loss_counts_real_positions_only() -> None:
     h = model(seq)[0, 2:]                                                  # the four real positions
     manual = torch.nn.functional.cross_entropy(h @ model.item_weights().T, target[0, 2:] - 1)
     assert torch.allclose(base, manual)
+    smooth = torch.nn.functional.cross_entropy(h @ model.item_weights().T, target[0, 2:] - 1, label_smoothing=0.1)
+    assert torch.allclose(next_item.loss_step(model, {"seq": seq, "target": target,
+                                                      "label_smoothing": torch.tensor(0.1)}), smooth)
+    assert not torch.allclose(smooth, manual)
     # a padded target position contributes nothing: the loss over 3 real targets is the mean over those 3
     target3 = torch.tensor([[0, 0, 0, 5, 6, 7]])
     manual3 = torch.nn.functional.cross_entropy(model(seq)[0, 3:] @ model.item_weights().T, target3[0, 3:] - 1)
@@ -84,6 +88,13 @@ def test_loss_counts_real_positions_only() -> None:
     longer.load_state_dict({**model.state_dict(), "pos_emb.weight": torch.cat(
         [torch.zeros(2, 8), model.state_dict()["pos_emb.weight"]])})
     assert torch.allclose(longer(torch.tensor([[0, 0, 0, 0, 3, 4, 5, 6]]))[0, 4:], h, atol=1e-5)
+    # ... and a batch padded only to its longest row (what train_batches and evaluation build) gives the same
+    # states as padding to max_len: positions count from the right
+    trimmed = next_item._left_pad([np.array([3, 4, 5, 6]), np.array([7, 8])], 6)
+    assert trimmed.shape == (2, 4)
+    full = model(torch.tensor([[0, 0, 3, 4, 5, 6], [0, 0, 0, 0, 7, 8]]))
+    assert torch.allclose(model(trimmed), full[:, 2:], atol=1e-6)
+    assert torch.allclose(model(trimmed)[:, -1], full[:, -1], atol=1e-6)
     # causal: position t does not see items after t
     later = model(torch.tensor([[0, 0, 3, 4, 5, 9]]))
     assert torch.allclose(model(seq)[0, :5], later[0, :5], atol=1e-6)
@@ -96,6 +107,32 @@ def test_loss_counts_real_positions_only() -> None:
     expect = torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
     got = next_item.loss_step(model, {"seq": seq, "target": target, "negatives": neg})
     assert torch.allclose(got, expect)
+
+
+def test_ensemble_members_train_on_their_own_loss_and_rank_by_mean_log_softmax() -> None:
+    from ecomray.models.sasrec_ensemble import SASRecEnsemble
+
+    torch.manual_seed(0)
+    ens = SASRecEnsemble(num_items=20, members=3, max_len=6, dim=8, dropout=0.0).eval()
+    seq, target = torch.tensor([[0, 0, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5]]), torch.tensor([[0, 0, 4, 5, 6, 7], [0, 2, 3, 4, 5, 6]])
+    members = list(ens.members)
+    assert ens(seq).shape == (3, 2, 6, 8) and ens.item_weights().shape == (3, 20, 8)
+    assert not torch.allclose(members[0].item_weights(), members[1].item_weights())   # independent inits
+    # the ensemble's loss is the sum of each member's own loss
+    each = [next_item.loss_step(m, {"seq": seq, "target": target}) for m in members]
+    assert torch.allclose(next_item.loss_step(ens, {"seq": seq, "target": target}), sum(each))
+    # a member's gradient does not depend on the other members
+    ens.zero_grad()
+    next_item.loss_step(ens, {"seq": seq, "target": target}).backward()
+    alone = SASRecEnsemble(num_items=20, members=1, max_len=6, dim=8, dropout=0.0).eval()
+    alone.members[0].load_state_dict(members[1].state_dict())
+    next_item.loss_step(alone, {"seq": seq, "target": target}).backward()
+    assert torch.allclose(members[1].item_emb.weight.grad, alone.members[0].item_emb.weight.grad, atol=1e-6)
+    # scores: the mean over members of the log-softmax over the catalogue
+    hist = [np.array([3, 4, 5, 6]), np.array([7])]
+    got = next_item.score_histories(ens, hist, 6)
+    expect = torch.stack([torch.log_softmax(next_item.score_histories(m, hist, 6), 1) for m in members]).mean(0)
+    assert got.shape == (2, 20) and torch.allclose(got, expect, atol=1e-5)
 
 
 def test_item_knn_scores_co_occurring_items(tmp_path: Path) -> None:
@@ -113,7 +150,9 @@ def test_every_experiment_composes_and_builds_its_model(experiment: str, tmp_pat
     if cfg["task"]["name"] == "next_item":
         model = instantiate(cfg["model"], num_items=50)
         T = cfg["model"]["max_len"]
-        assert model(torch.ones(2, T, dtype=torch.long)).shape == (2, T, cfg["model"]["dim"])
+        out = model(torch.ones(2, T, dtype=torch.long))
+        members = (cfg["model"]["members"],) if "members" in cfg["model"] else ()
+        assert out.shape == (*members, 2, T, cfg["model"]["dim"])
     for root in ("pipeline", "evaluate"):
         compose_cfg(root, tmp_path, f"experiment={experiment}")
 
@@ -177,3 +216,17 @@ def test_time_budget_stops_after_the_epoch_that_spends_it(tmp_path: Path) -> Non
     assert len(out["history"]) == 1 and out["history"][0]["stopped_early"] == 1.0
     out = fit({**cfg, "train": {**cfg["train"], "time_budget_s": None}, "run_name": "nobudget"}, register=False)
     assert len(out["history"]) == 5
+
+
+def test_ema_weights_are_the_ones_evaluated_and_checkpointed(tmp_path: Path) -> None:
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
+                      "train.epochs=2", "train.patience=100", "train.ema_decay=0.5", "optim.lr=0.05")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    out = fit(cfg, register=False, evaluate=False)
+    state = torch.load(Path(out["checkpoint"]) / "state.pt", weights_only=False)
+    assert state["ema"].keys() == state["model"].keys()
+    assert not all(torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])   # an average, not a copy
+    data = next_item.build_data(cfg, 0, 1)
+    model = next_item.build_model(cfg, data)
+    model.load_state_dict(state["ema"])
+    assert next_item.evaluate(model, data, "val")["ndcg@10"] == pytest.approx(state["history"][-1]["val/ndcg@10"])

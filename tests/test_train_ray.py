@@ -15,6 +15,7 @@ def test_two_worker_run_survives_a_failure_with_identical_metrics(tmp_path: Path
     """Two Ray Train workers (DDP, gloo). One run raises once mid-epoch 2 and resumes from the epoch-1
     checkpoint; it must end with the same metrics as the run that never failed (rel 1e-4)."""
     base = ["experiment=tiny", "scaling=cpu2", "train.epochs=3", "train.patience=10", "dataset.synthetic.users=800",
+            "train.ema_decay=0.9",   # the averaged weights must resume too
             "train.max_failures=1"]
     cfg = compose_cfg("train", tmp_path, *base)
     prepare(cfg)

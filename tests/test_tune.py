@@ -37,6 +37,12 @@ def test_space_overrides_and_resources(tmp_path: Path) -> None:
     for bad in ({"optim.lrr": {"uniform": [0, 1]}}, {"optim.lr": {"normal": [0, 1]}}, {"optim.lr": {"uniform": [1]}}):
         with pytest.raises(UserError):
             sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "space": bad}})
+    # a warm-start point must give every space key, and only those
+    beauty_spec = sweeps.sweep_spec(compose_cfg("tune", tmp_path, "experiment=beauty_sasrec", "sweep=sasrec_beauty"))
+    assert beauty_spec["points_to_evaluate"][0].keys() == beauty_spec["space"].keys()
+    for point in ({"optim.lr": 0.1}, {"optim.lr": 0.1, "model.dropout": 0.1, "model.dim": 8}):
+        with pytest.raises(UserError, match="points_to_evaluate"):
+            sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "points_to_evaluate": [point]}})
     with pytest.raises(UserError):   # Optuna samples: no grid
         sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "search": "optuna"}})
     # the driver reserves no CPU; a trial is its workers; concurrency = what fits

@@ -26,10 +26,17 @@ class SASRec(nn.Module):
             self.item_emb.weight[0].zero_()
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq (B, T), left-padded with 0 -> hidden (B, T, D); position t sees items <= t only."""
+        """seq (B, T), T <= max_len, left-padded with 0 -> hidden (B, T, D); position t sees items <= t only.
+
+        Positions count from the right (the newest item is always position max_len - 1), so a batch padded only
+        to its longest sequence gives exactly the hidden states of the same batch padded to max_len: padding
+        keys are masked, and the padding columns a short batch leaves out carry nothing.
+        """
         B, T = seq.shape
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} > max_len {self.max_len}")
         real = seq > 0                                                           # (B, T)
-        pos = torch.arange(T, device=seq.device)
+        pos = torch.arange(self.max_len - T, self.max_len, device=seq.device)
         x = self.item_emb(seq) * (self.item_emb.embedding_dim ** 0.5) + self.pos_emb(pos)[None]
         x = self.drop(x) * real[..., None]
         # Disallowed: future keys, and padding keys (except a position's own, so no row is fully masked).

@@ -88,6 +88,9 @@ def build_model(cfg: dict, data: SeqData) -> nn.Module:
 
 
 def _left_pad(rows: list[np.ndarray], length: int) -> torch.Tensor:
+    """(B, L) int64, each row's last `length` items right-aligned, 0 on the left; L is the longest row, at most
+    `length` (the model's positions count from the right, so padding further would change nothing)."""
+    length = max(1, min(length, max((len(s) for s in rows), default=1)))
     out = np.zeros((len(rows), length), dtype=np.int64)
     for r, s in enumerate(rows):
         s = s[-length:]
@@ -103,34 +106,48 @@ def train_batches(data: SeqData, epoch: int, seed: int, batch_size: int) -> Iter
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(train), generator=g).tolist()
     negatives = int(data.cfg["task"].get("num_negatives", 0))
+    smoothing = float(data.cfg["task"].get("label_smoothing") or 0.0)
     for lo in range(0, len(order), batch_size):
         rows = [train[k] for k in order[lo:lo + batch_size]]
         batch = {"seq": _left_pad([r[:-1] for r in rows], data.max_len),
                  "target": _left_pad([r[1:] for r in rows], data.max_len)}
         if negatives:
             batch["negatives"] = torch.randint(1, data.num_items + 1, (negatives,), generator=g)
+        if smoothing:   # a setting of the loss, carried with the batch because loss_step sees only (model, batch)
+            batch["label_smoothing"] = torch.tensor(smoothing)
         yield batch
+
+
+def _member_loss(h: torch.Tensor, weights: torch.Tensor, t: torch.Tensor, negatives: torch.Tensor | None,
+                 label_smoothing: float) -> torch.Tensor:
+    """One model's loss: h (N, D) hidden states at real positions, weights (I, D), targets t (N,) in 1..I."""
+    if negatives is None:
+        return F.cross_entropy(h @ weights.T, t - 1, label_smoothing=label_smoothing)
+    pos_logit = (h * weights[t - 1]).sum(-1, keepdim=True)            # (N, 1)
+    neg_logit = h @ weights[negatives - 1].T                          # (N, S) shared negatives
+    neg_logit = neg_logit.masked_fill(negatives[None, :] == t[:, None], float("-inf"))  # accidental hits
+    logits = torch.cat([pos_logit, neg_logit], 1)
+    return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=t.device),
+                           label_smoothing=label_smoothing)
 
 
 def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Full-softmax CE over the catalogue, or sampled softmax with shared negatives when batch has them.
 
-    Only real (non-padding) target positions count.
+    Only real (non-padding) target positions count. An ensemble (`SASRecEnsemble`: hidden (K, B, T, D)) trains
+    each member on its own loss; the sum is returned, so each member's gradient is what it would be alone.
     """
-    hidden = model(batch["seq"])                      # (B, T, D)
+    hidden = model(batch["seq"])                      # (B, T, D), or (K, B, T, D) for an ensemble
     target = batch["target"]                          # (B, T), 0 = padding
     real = target > 0
-    h, t = hidden[real], target[real]                 # (N, D), (N,)
+    t = target[real]                                  # (N,)
     core = model.module if hasattr(model, "module") else model
-    weights = core.item_weights()                     # (I, D)
-    if "negatives" not in batch:
-        return F.cross_entropy(h @ weights.T, t - 1)
-    neg = batch["negatives"]                          # (K,)
-    pos_logit = (h * weights[t - 1]).sum(-1, keepdim=True)            # (N, 1)
-    neg_logit = h @ weights[neg - 1].T                                # (N, K)
-    neg_logit = neg_logit.masked_fill(neg[None, :] == t[:, None], float("-inf"))  # accidental hits
-    logits = torch.cat([pos_logit, neg_logit], 1)
-    return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=t.device))
+    weights = core.item_weights()                     # (I, D), or (K, I, D)
+    if hidden.dim() == 3:
+        hidden, weights = hidden[None], weights[None]
+    smoothing = float(batch["label_smoothing"]) if "label_smoothing" in batch else 0.0
+    negatives = batch.get("negatives")
+    return sum(_member_loss(hidden[k][real], weights[k], t, negatives, smoothing) for k in range(len(hidden)))
 
 
 def eval_rows(data: SeqData, split: str) -> tuple[list[int], list[np.ndarray], np.ndarray]:
@@ -144,11 +161,16 @@ def eval_rows(data: SeqData, split: str) -> tuple[list[int], list[np.ndarray], n
 
 @torch.no_grad()
 def score_histories(model: nn.Module, histories: list[np.ndarray], max_len: int) -> torch.Tensor:
-    """(B, I) scores of every item for the next position after each history."""
+    """(B, I) scores of every item for the next position after each history: the dot products of one model, or
+    the mean of the members' log-softmax for an ensemble."""
     core = model.module if hasattr(model, "module") else model
-    seq = _left_pad(histories, max_len).to(core.item_emb.weight.device)
-    h = core(seq)[:, -1]                              # (B, D)
-    return (h @ core.item_weights().T).float().cpu()
+    seq = _left_pad(histories, max_len).to(next(core.parameters()).device)
+    h = core(seq)[..., -1, :]                         # (B, D), or (K, B, D)
+    weights = core.item_weights()                     # (I, D), or (K, I, D)
+    if h.dim() == 2:
+        return (h @ weights.T).float().cpu()
+    logits = torch.bmm(h, weights.transpose(1, 2)).float()             # (K, B, I)
+    return torch.log_softmax(logits, -1).mean(0).cpu()
 
 
 def _reduce(sums: dict[str, float], count: int) -> dict[str, float]:
@@ -174,6 +196,10 @@ def evaluate(model: nn.Module | None, data: SeqData, split: str, scorer: Any = N
     sampled_n = int(task.get("eval_sampled", 0))
     seed = int(task.get("eval_seed", 0))
     rows, hist, target = eval_rows(data, split)
+    # Score users in order of history length: each batch is padded only to its longest history (the sums do not
+    # depend on the order, and sampled negatives are keyed by user).
+    order = np.argsort([len(h) for h in hist], kind="stable")
+    rows, hist, target = [rows[k] for k in order], [hist[k] for k in order], target[order]
     was_training = bool(getattr(model, "training", False))
     if model is not None:
         model.eval()

@@ -9,6 +9,7 @@ the same metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -108,6 +109,10 @@ def train_loop(cfg: dict) -> None:
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     optimizer = instantiate(cfg["optim"])(params=model.parameters())
     amp = bool(tcfg.get("bf16", False)) and device.type == "cuda"
+    # train.ema_decay: evaluate, keep and register an exponential moving average of the weights (updated after
+    # every step) instead of the raw weights; the raw ones keep training. Same on every DDP rank (synced grads).
+    ema_decay = float(tcfg.get("ema_decay") or 0.0)
+    ema = copy.deepcopy(_unwrap(model)).requires_grad_(False).eval() if ema_decay else None
 
     start_epoch, best, best_state, bad_epochs, history = 0, None, None, 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -118,6 +123,8 @@ def train_loop(cfg: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
         best_state = state["best_model"]
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
         if state.get("rng") and rank == 0:
             _set_rng_state(state["rng"])  # (each epoch re-seeds from (seed, epoch, rank) anyway; see below)
         if rank == 0:
@@ -148,17 +155,24 @@ def train_loop(cfg: dict) -> None:
             if tcfg.get("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
             optimizer.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for averaged, live in zip(ema.parameters(), _unwrap(model).parameters()):
+                        averaged.lerp_(live, 1.0 - ema_decay)
+                    for averaged, live in zip(ema.buffers(), _unwrap(model).buffers()):
+                        averaged.copy_(live)
             loss_sum += float(loss.detach())
             n_batches += 1
             seen += len(next(iter(batch.values())))
         train_s = time.time() - t_epoch
-        metrics = {f"val/{k}": v for k, v in task.evaluate(_unwrap(model), data, "val").items()}
+        scored = ema if ema is not None else _unwrap(model)           # the weights that are evaluated and kept
+        metrics = {f"val/{k}": v for k, v in task.evaluate(scored, data, "val").items()}
         metrics.update({"epoch": epoch, "train/loss": loss_sum / max(n_batches, 1),
                         "samples_per_s": seen * world / max(train_s, 1e-9), "elapsed_s": time.time() - t0})
         improved = _better(metrics[monitor], best, mode)
         if improved:
             best, bad_epochs = metrics[monitor], 0
-            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
         else:
             bad_epochs += 1
         stop = bad_epochs >= int(tcfg.get("patience", 10**9))
@@ -176,7 +190,7 @@ def train_loop(cfg: dict) -> None:
             if rank == 0:
                 torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                             "best": best, "bad_epochs": bad_epochs, "history": history, "best_model": best_state,
-                            "rng": _rng_state()}, os.path.join(d, "state.pt"))
+                            "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state()}, os.path.join(d, "state.pt"))
                 with open(os.path.join(d, "meta.json"), "w") as fh:
                     json.dump(task.metadata(data), fh)
                 ckpt = ray.train.Checkpoint.from_directory(d)

@@ -9,6 +9,7 @@ A sweep is data (`conf/sweep/<name>.yaml`, the `sweep` key of the config):
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # or {name: none}
     time_budget_s: 600
     fixed: {train.epochs: 3}    # dotted overrides applied to every trial
+    points_to_evaluate: []      # optional: configurations (a value for every space key) tried first
     space:                      # dotted config paths -> one distribution each
       optim.lr: {loguniform: [1.0e-4, 1.0e-2]}   # also uniform [lo, hi], randint [lo, hi), choice [...], grid [...]
 
@@ -89,6 +90,16 @@ def sweep_spec(cfg: dict) -> dict[str, Any]:
             raise UserError(f"sweep.space.{key}: grid entries need search=random (Optuna samples; use choice)")
         get_path(cfg, key)  # the key must name an existing config entry: a typo fails here, not in trial 7
     spec["space"] = space
+    # Known configurations to try first (a warm start: e.g. the experiment's hand-tuned values), then the search.
+    points = spec.get("points_to_evaluate") or []
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise UserError("sweep.points_to_evaluate: write a list of {dotted key: value} mappings")
+    for n, point in enumerate(points):
+        if set(point) != set(space):
+            missing, extra = sorted(set(space) - set(point)), sorted(set(point) - set(space))
+            raise UserError(f"sweep.points_to_evaluate[{n}] must give a value for every space key "
+                            f"(missing {missing}, not in the space {extra})")
+    spec["points_to_evaluate"] = [dict(p) for p in points]
     return spec
 
 
@@ -360,10 +371,12 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
     if spec["search"] == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=spec.get("seed"))   # Tune wraps a Searcher in a ConcurrencyLimiter
+        search_alg = OptunaSearch(seed=spec.get("seed"),   # Tune wraps a Searcher in a ConcurrencyLimiter
+                                  points_to_evaluate=spec["points_to_evaluate"] or None)
     else:
         # A search generator is not wrapped: Tune ignores max_concurrent_trials unless the generator gets it itself.
-        search_alg = BasicVariantGenerator(random_state=spec.get("seed"), max_concurrent=concurrent)
+        search_alg = BasicVariantGenerator(random_state=spec.get("seed"), max_concurrent=concurrent,
+                                           points_to_evaluate=spec["points_to_evaluate"] or None)
     run_config = tune.RunConfig(storage_path=cfg["paths"]["runs"], name=spec["name"], verbose=1,
                                 callbacks=[ReleaseStoppedWorkers(sweep_dir)])
     t0 = time.time()
