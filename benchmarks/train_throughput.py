@@ -3,8 +3,9 @@
     python benchmarks/train_throughput.py [--dataset amazon_beauty] [--epochs 3] [--threads 2]
 
 Same model (the beauty_sasrec experiment's: a 3-member SASRec ensemble), same batches (the task's
-`train_batches`), same loss, same optimizer, the same weight EMA when the experiment sets `train.ema_decay`, same number of torch threads on both sides (the Ray worker gets `--threads` CPUs, and Ray sets its
-torch threads from them; the plain loop calls torch.set_num_threads). Reports training samples/s (sequences/s,
+`train_batches`), same loss, same optimizer, the same weight EMA when the experiment sets `train.ema_decay`, and
+the same number of torch threads on both sides (the Ray worker gets `--threads` CPUs, and Ray sets its torch threads
+from them; the plain loop calls torch.set_num_threads). Reports training samples/s (sequences/s,
 evaluation excluded) of the epochs after the first. Writes benchmarks/results/train_throughput.json.
 """
 

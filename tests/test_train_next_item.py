@@ -107,6 +107,21 @@ def test_loss_counts_real_positions_only() -> None:
     expect = torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
     got = next_item.loss_step(model, {"seq": seq, "target": target, "negatives": neg})
     assert torch.allclose(got, expect)
+    # ... with label smoothing: finite although negative 5 is a target (an accidental hit), and spread over the
+    # real candidates only: (1-e) nll + e * mean over the unmasked columns of -log_softmax
+    logp = torch.log_softmax(logits, 1)
+    valid = torch.isfinite(logits)
+    smooth = -(logp.masked_fill(~valid, 0).sum(1) / valid.sum(1))
+    expect_ls = (0.9 * -logp[:, 0] + 0.1 * smooth).mean()
+    got_ls = next_item.loss_step(model, {"seq": seq, "target": target, "negatives": neg,
+                                         "label_smoothing": torch.tensor(0.1)})
+    assert torch.isfinite(got_ls) and torch.allclose(got_ls, expect_ls)
+    no_hit = torch.tensor([1, 2, 3])          # no target among them: exactly PyTorch's label smoothing
+    logits_nh = torch.cat([(hs * w[ts - 1]).sum(-1, keepdim=True), hs @ w[no_hit - 1].T], 1)
+    assert torch.allclose(next_item.loss_step(model, {"seq": seq, "target": target, "negatives": no_hit,
+                                                      "label_smoothing": torch.tensor(0.1)}),
+                          torch.nn.functional.cross_entropy(logits_nh, torch.zeros(4, dtype=torch.long),
+                                                            label_smoothing=0.1))
 
 
 def test_ensemble_members_train_on_their_own_loss_and_rank_by_mean_log_softmax() -> None:

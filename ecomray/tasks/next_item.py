@@ -125,10 +125,17 @@ def _member_loss(h: torch.Tensor, weights: torch.Tensor, t: torch.Tensor, negati
         return F.cross_entropy(h @ weights.T, t - 1, label_smoothing=label_smoothing)
     pos_logit = (h * weights[t - 1]).sum(-1, keepdim=True)            # (N, 1)
     neg_logit = h @ weights[negatives - 1].T                          # (N, S) shared negatives
-    neg_logit = neg_logit.masked_fill(negatives[None, :] == t[:, None], float("-inf"))  # accidental hits
-    logits = torch.cat([pos_logit, neg_logit], 1)
-    return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=t.device),
-                           label_smoothing=label_smoothing)
+    hit = negatives[None, :] == t[:, None]                            # (N, S) accidental hits: the target itself
+    logits = torch.cat([pos_logit, neg_logit.masked_fill(hit, float("-inf"))], 1)                 # (N, 1 + S)
+    logp = torch.log_softmax(logits, 1)
+    nll = -logp[:, 0]
+    if not label_smoothing:
+        return nll.mean()
+    # Smoothing spreads its mass over the real candidates only: the -inf accidental hits would make it infinite
+    # (what F.cross_entropy(label_smoothing=) does). Same definition as PyTorch's otherwise: (1-e) nll + e mean(-logp).
+    valid = torch.cat([torch.ones_like(hit[:, :1]), ~hit], 1)
+    smooth = -(logp.masked_fill(~valid, 0.0).sum(1) / valid.sum(1))
+    return ((1 - label_smoothing) * nll + label_smoothing * smooth).mean()
 
 
 def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

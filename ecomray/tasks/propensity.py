@@ -95,7 +95,8 @@ def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _probs(model: nn.Module, t: dict[str, torch.Tensor]) -> np.ndarray:
+def probabilities(model: nn.Module, t: dict[str, torch.Tensor]) -> np.ndarray:
+    """(B,) purchase probabilities for tensors built by `_tensors` (an ensemble: the mean of its members' sigmoids)."""
     was = model.training
     model.eval()
     p = torch.sigmoid(model(t["numeric"], t["categorical"]).float())      # (B,) or (B, K)
@@ -112,7 +113,7 @@ def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
 
 def evaluate(model: nn.Module, data: TableData, split: str) -> dict[str, float]:
     t = data.splits[split]
-    y, p = t["label"].numpy(), _probs(model, t)
+    y, p = t["label"].numpy(), probabilities(model, t)
     if split == "val":
         data.threshold = best_threshold(y, p)
     thr = data.threshold
@@ -128,4 +129,4 @@ def metadata(data: TableData) -> dict:
 def predict(model: nn.Module, meta: dict, inputs: pa.Table | list[dict[str, Any]]) -> np.ndarray:
     """Purchase probabilities for rows given as an Arrow table or a list of dicts (serving)."""
     table = inputs if isinstance(inputs, pa.Table) else pa.Table.from_pylist(list(inputs))
-    return _probs(model, _tensors(table, meta["stats"], None))
+    return probabilities(model, _tensors(table, meta["stats"], None))

@@ -518,22 +518,22 @@ def write_results(rows: list[dict], curves: dict, spec: dict, sweep_dir: str) ->
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in rows:
         pts = curves.get(r["trial_id"])
         if pts:
             ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", ms=3,
                     ls="--" if r["stopped_early"] else "-",
-                    label=f"{r['trial_id'][-5:]} " + ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}"
-                                                             for k, v in r["config"].items()))
+                    label=f"{r['trial_id']} best {_fmt(r['best_value'])}: " + ", ".join(
+                        f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in r["config"].items()))
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(spec["metric"])
     ax.set_title(f"sweep {spec['name']}: validation curves (dashed: stopped early)")
-    if len(rows) <= 20:
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "curves.png"), dpi=100)
+    ax.grid(alpha=0.3)
+    if len(rows) <= 20:   # below the axes, one trial a line: the figure grows to hold it (bbox_inches="tight")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=1, frameon=False)
+    fig.savefig(os.path.join(sweep_dir, "curves.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
