@@ -10,7 +10,8 @@ ecomray's side is the real job, `python -m jobs.train experiment=beauty_sasrec` 
 (`model=sasrec`, no label smoothing, no weight EMA: the fast configuration, not the 3-member ensemble that sets the
 quality bars) on one Ray Train worker, started as a subprocess after `jobs.prepare`. The clock starts before
 prepare does, so preparing the shards, Python and Ray start-up, data loading and every validation pass are included;
-the time is taken when the epoch line whose `val/ndcg@10` first reaches the target is printed. Writes benchmarks/results/time_to_quality.json.
+the time is taken when the epoch line whose `val/ndcg@10` first reaches the target is printed.
+Writes benchmarks/results/time_to_quality.json.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main() -> None:
     ap.add_argument("--root", default=str(ROOT / "benchmarks" / "work" / "ttq"))
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the experiment")
     args = ap.parse_args()
-    env = {**os.environ, "ECOMRAY_DATASETS": os.environ.get("ECOMRAY_DATASETS", str(ROOT.parent / "shared" / "datasets"))}
+    datasets = os.environ.get("ECOMRAY_DATASETS", str(ROOT.parent / "shared" / "datasets"))
+    env = {**os.environ, "ECOMRAY_DATASETS": datasets}
     common = [f"paths.root={args.root}", "overwrite=true"]
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "jobs.prepare", "dataset=amazon_beauty", *common], cwd=ROOT, env=env,

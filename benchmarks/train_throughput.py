@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def plain_loop(cfg: dict, epochs: int, threads: int) -> list[float]:
     from ecomray.tasks import next_item as task
+    from ecomray.train.loop import update_ema
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -47,9 +48,7 @@ def plain_loop(cfg: dict, epochs: int, threads: int) -> list[float]:
             loss.backward()
             opt.step()
             if ema is not None:
-                with torch.no_grad():
-                    for averaged, live in zip(ema.parameters(), model.parameters()):
-                        averaged.lerp_(live, 1.0 - decay)
+                update_ema(ema, model, decay)
             seen += len(batch["seq"])
         rates.append(seen / (time.time() - t))
     return rates

@@ -98,8 +98,9 @@ class _Family:
     def model_ref(self, loaded: LoadedModel) -> dict[str, str]:
         return {"name": loaded.name, "version": loaded.version}
 
-    async def _predict_batch(self, items: list[Any]) -> list[Any]:  # replaced by each family
-        raise NotImplementedError
+    async def _predict_batch(self, items: list[Any]) -> list[Any]:
+        """Each family defines this as its `@serve.batch` method (Recommender, Propensity, Sentiment below)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _predict_batch")
 
 
 @serve.deployment(name="recommend")

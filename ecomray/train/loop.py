@@ -39,6 +39,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter; buffers are copied as they are."""
+    for averaged, live in zip(ema.parameters(), model.parameters()):
+        averaged.lerp_(live, 1.0 - decay)
+    for averaged, live in zip(ema.buffers(), model.buffers()):
+        averaged.copy_(live)
+
+
 def _min_over_workers(n: int) -> int:
     import torch.distributed as dist
 
@@ -156,11 +165,7 @@ def train_loop(cfg: dict) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
             optimizer.step()
             if ema is not None:
-                with torch.no_grad():
-                    for averaged, live in zip(ema.parameters(), _unwrap(model).parameters()):
-                        averaged.lerp_(live, 1.0 - ema_decay)
-                    for averaged, live in zip(ema.buffers(), _unwrap(model).buffers()):
-                        averaged.copy_(live)
+                update_ema(ema, _unwrap(model), ema_decay)
             loss_sum += float(loss.detach())
             n_batches += 1
             seen += len(next(iter(batch.values())))
