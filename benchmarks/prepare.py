@@ -85,8 +85,8 @@ def prepare_config(csv: str, out: str, shards: int, engine: str) -> dict:
 
     from ecomray.runtime import to_plain
 
-    overrides = ["dataset=events", "dataset.name=bench", f"dataset.path={csv}", "dataset.format=csv",
-                 "dataset.licence=synthetic", f"paths.root={os.path.dirname(out)}", f"prepare.out={out}",
+    overrides = ["dataset=events", f"dataset.name={os.path.basename(out)}", f"dataset.path={csv}", "dataset.format=csv",
+                 "dataset.licence=synthetic", f"paths.root={os.path.dirname(out)}", f"paths.data={os.path.dirname(out)}",
                  f"prepare.shards={shards}", f"prepare.engine={engine}", "overwrite=true"]
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose(config_name="prepare", overrides=overrides)

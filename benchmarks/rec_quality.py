@@ -46,7 +46,7 @@ def run_one(key: str, root: str, extra: list[str], reuse: dict | None = None) ->
                "val": {k[4:]: v for k, v in out["metrics"].items() if k.startswith("val/")}}
     for exclude in (True, False):
         vcfg = {**cfg, "evaluate": {"version": out["version"], "split": "test", "baselines": True,
-                                    "exclude_history": exclude}}
+                                    "task": {"exclude_history": exclude}}}
         rep = evaluate_version(vcfg)
         res["test_history_excluded" if exclude else "test_history_kept"] = rep["metrics"]
     return res

@@ -40,7 +40,7 @@ def train_models(root: Path) -> dict[str, str]:
     from ecomray import registry
     from ecomray.data.prepare import run as prepare
     from ecomray.train.driver import fit
-    from jobs.deploy import compose
+    from ecomray.config import compose
 
     specs = {"tiny": ["experiment=tiny", "train.epochs=2", "dataset.synthetic.users=400"],
              "heavy": ["experiment=tiny", "train.epochs=1", "dataset.name=synthetic12k",
@@ -48,7 +48,7 @@ def train_models(root: Path) -> dict[str, str]:
                        "model.dim=64", "train.batch_size=256"]}
     names = {}
     for tag, overrides in specs.items():
-        cfg = compose([f"paths.root={root}", "scaling=inproc", f"registry_name=bench_{tag}", "overwrite=true",
+        cfg = compose("deploy", [f"paths.root={root}", "scaling=inproc", f"registry_name=bench_{tag}", "overwrite=true",
                        *overrides])
         names[tag] = f"bench_{tag}"
         if registry.versions(cfg["paths"]["registry"], names[tag]):
@@ -126,7 +126,7 @@ def one_mode(mode: str, root: Path, names: dict[str, str], levels: list[int], re
     import ray
     from ray import serve
 
-    from jobs.deploy import compose
+    from ecomray.config import compose
     from serve.app import build_app
     from serve.settings import app_args, apply_env, free_port, throughput_env
 
@@ -174,14 +174,12 @@ def one_mode(mode: str, root: Path, names: dict[str, str], levels: list[int], re
 
     serve.run(FastEcho.bind(), name="fastapi_echo", route_prefix="/fastapi_echo")
     serve.run(Outer.bind(Inner.bind()), name="composed_echo", route_prefix="/composed_echo")
-    base = compose([f"paths.root={root}"])
+    base = compose("deploy", [f"paths.root={root}"])
     for app_name, tag, batch in (("tiny", "tiny", 32), ("heavy_on", "heavy", 32), ("heavy_off", "heavy", 1)):
         cfg = json.loads(json.dumps(base))
-        cfg["deploy"]["models"] = {"recommend": {"name": names[tag], "ref": None}}
+        cfg["deploy"]["endpoints"] = {"recommend": {"model": names[tag]}}
         cfg["serve"]["log_requests"] = False
-        cfg["serve"]["recommend"]["batching"] = {**cfg["serve"]["recommend"]["batching"], "max_batch_size": batch}
-        cfg["serve"]["recommend"].pop("autoscaling_config", None)
-        cfg["serve"]["recommend"]["num_replicas"] = 1
+        cfg["serve"]["routes"] = {"recommend": {"batching": {"max_batch_size": batch}, "num_replicas": 1}}
         serve.run(build_app({"app": app_args(cfg)}), name=app_name, route_prefix=f"/{app_name}")
     url = f"http://127.0.0.1:{port}"
     from ecomray.inference import load_model

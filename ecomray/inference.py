@@ -5,8 +5,9 @@ the Serve deployments, so offline scoring and the endpoint run the very same mod
     loaded.task.predict(loaded.model, loaded.meta, inputs, ...)
 
 A task module may define `load_model(found: dict) -> model` for models that are not a plain state dict over
-`instantiate(config["model"], **sizes)` (for example a scikit-learn baseline stored as arrays); otherwise the model
-is instantiated from the version's own `config.yaml` with sizes read from its `meta.json`, never typed by hand.
+`instantiate(config["model"], **meta["model_kwargs"])` (for example a scikit-learn baseline stored as arrays);
+otherwise the model is instantiated from the version's own `config.yaml` with the constructor arguments its task
+stored in `meta.json` (`model_kwargs`, the protocol's documented key), never typed by hand.
 """
 
 from __future__ import annotations
@@ -30,18 +31,16 @@ class LoadedModel:
     metrics: dict = field(default_factory=dict)
     lineage: dict = field(default_factory=dict)
     path: str = ""
+    info: dict = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        """What is loaded, for logs and `GET /v1/models`."""
+        """What is loaded, for logs and `GET /v1/models`: the task's key metrics on val and test."""
+        keys = self.info.get("key_metrics") or []
+        metrics = {f"{s}/{k}": self.metrics[f"{s}/{k}"] for k in keys for s in ("val", "test")
+                   if f"{s}/{k}" in self.metrics}
         return {"name": self.name, "version": self.version, "task": self.config.get("task", {}).get("name"),
-                "metrics": {k: v for k, v in self.metrics.items() if k.startswith(("val/", "test/"))},
-                "research_only": bool(self.lineage.get("research_only", False)),
+                "metrics": metrics, "research_only": bool(self.lineage.get("research_only", False)),
                 "licence": self.lineage.get("licence")}
-
-
-def model_sizes(meta: dict) -> dict[str, Any]:
-    """Constructor sizes stored by the task at training time (`meta.json`)."""
-    return meta.get("model_kwargs") or ({"num_items": meta["num_items"]} if "num_items" in meta else {})
 
 
 def build_from_version(found: dict) -> Any:
@@ -52,7 +51,7 @@ def build_from_version(found: dict) -> Any:
     else:
         from hydra.utils import instantiate
 
-        model = instantiate(found["config"]["model"], **model_sizes(found["meta"]))
+        model = instantiate(found["config"]["model"], **found["meta"]["model_kwargs"])
         model.load_state_dict(found["state_dict"])
     if hasattr(model, "eval"):
         model.eval()
@@ -64,4 +63,4 @@ def load_model(root: str, name: str, ref: str | None = None) -> LoadedModel:
     found = registry.load(root, name, ref)
     return LoadedModel(name=name, version=found["version"], model=build_from_version(found),
                        task=load_task(found["config"]), meta=found["meta"], config=found["config"],
-                       metrics=found["metrics"], lineage=found["lineage"], path=found["path"])
+                       metrics=found["metrics"], lineage=found["lineage"], path=found["path"], info=found["info"])

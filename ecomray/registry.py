@@ -1,10 +1,15 @@
 """The model registry: immutable, atomically written versions under `<paths.registry>/<name>/<version>/`.
 
 A version folder holds `model.pt` (a state dict; load with weights_only=True), the resolved `config.yaml`,
-`metrics.json`, `meta.json` (feature metadata to rebuild and serve the model) and `lineage.json` (data manifest
-hash, git commit, package versions, seed, the dataset's licence note and research-only flag). Versions are written
-to a temporary folder and renamed into place, so concurrent writers (Tune trials) never see or make half a version.
-`aliases.json` maps alias -> version (e.g. best, prod); `aliases_history.jsonl` records every move (`rollback`).
+`metrics.json`, `meta.json` (everything needed to rebuild and serve the model: `model_kwargs`, vocabularies,
+feature statistics, example requests), `lineage.json` (data manifest hash, git commit, package versions, seed,
+the dataset's licence note and research-only flag) and `version.json` (the registry format, the task and its key
+metrics). Versions are written to a temporary folder and renamed into place, so concurrent writers (Tune trials)
+never see or make half a version. `aliases.json` maps alias -> version (e.g. best, prod);
+`aliases_history.jsonl` records every move (`rollback`).
+
+Format 2 (this one) made versions self-contained; a format-1 version (no `version.json`) fails to load with one
+line naming the command that upgrades it in place: `python -m jobs.registry migrate <model>`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import yaml
 from ecomray.runtime import UserError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+FORMAT = 2
 
 
 def _safe(root: str, *parts: str) -> str:
@@ -36,6 +42,11 @@ def _safe(root: str, *parts: str) -> str:
     if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
         raise UserError(f"registry path {path} is outside the registry root {root}")
     return path
+
+
+def model_name(cfg: dict) -> str:
+    """The registry name a training config registers under: `registry_name`, else `<task>_<dataset>`."""
+    return cfg.get("registry_name") or f"{cfg['task']['name']}_{cfg['dataset']['name']}"
 
 
 def versions(root: str, name: str) -> list[str]:
@@ -63,16 +74,26 @@ def lineage(cfg: dict, manifest: dict | None) -> dict[str, Any]:
             "research_only": bool(m.get("research_only", False)), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def version_info(cfg: dict, key_metrics: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """The `version.json` of a version trained with `cfg`."""
+    task = cfg.get("task") or {}
+    return {"format": FORMAT, "task": task.get("name"), "module": task.get("module"),
+            "key_metrics": list(key_metrics)}
+
+
 def register(root: str, name: str, state_dict: dict, cfg: dict, metrics: dict, meta: dict, lin: dict,
-             extra: dict | None = None) -> str:
-    """Write a new version atomically; returns its id (v0001, v0002, ...)."""
+             extra: dict | None = None, info: dict | None = None) -> str:
+    """Write a new version atomically; returns its id (v0001, v0002, ...). `meta` must hold `model_kwargs`."""
+    if "model_kwargs" not in meta:
+        raise ValueError(f"{name}: the task's metadata() has no `model_kwargs` (see ecomray/tasks/__init__.py)")
     folder = _safe(root, name)
     os.makedirs(folder, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=folder)
     torch.save(state_dict, os.path.join(tmp, "model.pt"))
     with open(os.path.join(tmp, "config.yaml"), "w") as fh:
         yaml.safe_dump(cfg, fh, sort_keys=False)
-    for fname, obj in (("metrics.json", metrics), ("meta.json", meta), ("lineage.json", {**lin, **(extra or {})})):
+    for fname, obj in (("metrics.json", metrics), ("meta.json", meta), ("lineage.json", {**lin, **(extra or {})}),
+                       ("version.json", info or version_info(cfg))):
         with open(os.path.join(tmp, fname), "w") as fh:
             json.dump(obj, fh, indent=2, default=str)
     while True:  # claim the next free number; rename fails if another writer took it first
@@ -214,15 +235,42 @@ def resolve(root: str, name: str, ref: str | None = None) -> str:
     raise UserError(f"model {name!r} has no version or alias {ref!r} (versions {have}, aliases {sorted(aliases)})")
 
 
-def load(root: str, name: str, ref: str | None = None) -> dict[str, Any]:
-    """{"version", "path", "state_dict", "config", "metrics", "meta", "lineage"} of a version."""
+def read_info(root: str, name: str, version: str) -> dict[str, Any]:
+    """A version's `version.json`; format-1 versions (written before it existed) read as {"format": 1}."""
+    path = os.path.join(_safe(root, name, version), "version.json")
+    if not os.path.exists(path):
+        return {"format": 1}
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def check_format(root: str, name: str, version: str) -> dict[str, Any]:
+    info = read_info(root, name, version)
+    if int(info.get("format", 1)) != FORMAT:
+        raise UserError(f"{name} {version} is in registry format {info.get('format', 1)} (this ecomray reads format "
+                        f"{FORMAT}): upgrade it with `python -m jobs.registry migrate {name}`")
+    return info
+
+
+def load(root: str, name: str, ref: str | None = None, state: bool = True) -> dict[str, Any]:
+    """{"version", "path", "state_dict", "config", "metrics", "meta", "lineage", "info"} of a version
+    (`state=False` skips the weights)."""
     version = resolve(root, name, ref)
     path = _safe(root, name, version)
-    out: dict[str, Any] = {"name": name, "version": version, "path": path,
-                           "state_dict": torch.load(os.path.join(path, "model.pt"), weights_only=True, map_location="cpu")}
+    info = check_format(root, name, version)
+    out: dict[str, Any] = {"name": name, "version": version, "path": path, "info": info, "state_dict": None}
+    if state:
+        out["state_dict"] = torch.load(os.path.join(path, "model.pt"), weights_only=True, map_location="cpu")
     with open(os.path.join(path, "config.yaml")) as fh:
         out["config"] = yaml.safe_load(fh)
     for key in ("metrics", "meta", "lineage"):
         with open(os.path.join(path, f"{key}.json")) as fh:
             out[key] = json.load(fh)
     return out
+
+
+def rewrite_meta(root: str, name: str, version: str, meta: dict, info: dict) -> None:
+    """The one in-place change a version may see: `jobs.registry migrate` upgrading its format (atomic writes)."""
+    path = _safe(root, name, version)
+    _write_atomic(os.path.join(path, "meta.json"), json.dumps(meta, indent=2, default=str))
+    _write_atomic(os.path.join(path, "version.json"), json.dumps(info, indent=2))

@@ -33,16 +33,43 @@ def abspath(path: str | os.PathLike[str]) -> str:
 
 
 def to_plain(cfg: Any) -> dict[str, Any]:
-    """Resolve a Hydra/OmegaConf config to a plain dict and make every `paths.*` entry absolute."""
+    """Resolve a Hydra/OmegaConf config to a plain dict and make every `paths.*` entry absolute.
+
+    The config groups Hydra chose (`dataset: synthetic`, ...) are kept as `choices`: a tune job's exported experiment
+    names the same groups, and a registry version's config.yaml records them."""
     from omegaconf import OmegaConf
 
-    plain = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+    if isinstance(cfg, dict):
+        plain = dict(cfg)
+    else:
+        choices = _hydra_choices(cfg)
+        if "hydra" in cfg:                       # compose(return_hydra_config=True): keep only the choices
+            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        if choices:
+            plain["choices"] = choices
     paths = plain.get("paths") or {}
     for key, value in list(paths.items()):
         if isinstance(value, str) and value:
             paths[key] = abspath(value)
     plain["paths"] = paths
     return plain
+
+
+def _hydra_choices(cfg: Any) -> dict[str, str]:
+    """{group: option} of the config groups a Hydra config was composed from (not Hydra's own groups)."""
+    choices: dict[str, Any] = {}
+    try:
+        if "hydra" in cfg:
+            choices = dict(cfg.hydra.runtime.choices)
+        else:
+            from hydra.core.hydra_config import HydraConfig
+
+            if HydraConfig.initialized():
+                choices = dict(HydraConfig.get().runtime.choices)
+    except Exception:  # noqa: BLE001 - informative only
+        return {}
+    return {str(k): str(v) for k, v in choices.items() if v and not str(k).startswith("hydra")}
 
 
 def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:

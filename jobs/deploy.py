@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -18,34 +17,22 @@ from omegaconf import DictConfig
 
 from ecomray.runtime import to_plain, user_errors
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def compose(overrides: list[str]) -> dict[str, Any]:
-    """conf/deploy.yaml with Hydra overrides, resolved (for `serve build serve.app:build_app key=value ...`)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return to_plain(hydra_compose("deploy", overrides=overrides))
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        return to_plain(hydra_compose("deploy", overrides=overrides))
-
 
 def serve_config(plain: dict[str, Any]) -> dict[str, Any]:
-    """A Serve config file (`serve deploy`) for this app. The API key is never written: the ingress reads
-    ECOMRAY_API_KEY from its environment (set it on the nodes or in the runtime_env)."""
+    """A Serve config file (`serve deploy`) for this app, every route pinned to the exact version resolved now. The
+    API key is never written: the ingress reads ECOMRAY_API_KEY from its environment (set it on the nodes or in
+    the runtime_env)."""
     from serve.settings import app_args
 
     d = plain["deploy"]
     args = app_args(plain)
     args["api_key"] = None
-    # Per-family user_config: edit `ref` here and `serve deploy` again to hot-swap a version (reconfigure, no
-    # replica restart); the builder's own user_config carries the same values.
-    sc = plain.get("serve") or {}
-    deployments = [{"name": family, "user_config": {"ref": m["ref"], "batching": {
-        **((sc.get("common") or {}).get("batching") or {}), **((sc.get(family) or {}).get("batching") or {})}}}
-        for family, m in args["models"].items()]
+    # Per-route user_config: edit `version` here (a version id; `ref`, an alias, is resolved by each replica) and
+    # `serve deploy` again to hot-swap (reconfigure, no replica restart); the builder's user_config is the same.
+    deployments = [{"name": f"model_{route.replace('/', '_')}",
+                    "user_config": {"version": e["version"], "ref": e.get("ref"),
+                                    "batching": (e.get("options") or {}).get("batching") or {}}}
+                   for route, e in args["endpoints"].items() if "version" in e and not e.get("inline")]
     return {"proxy_location": "EveryNode",
             "http_options": {"host": str(d["host"]), "port": int(d["port"])},
             "applications": [{"name": d.get("app_name", "ecomray"), "route_prefix": d.get("route_prefix", "/"),
@@ -87,10 +74,10 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
     print(f"[deploy] serving at {url} ({mode}; {time.perf_counter() - t0:.1f}s to deploy); docs at {url}/docs",
           flush=True)
     for m in models.get("loaded", []):
-        print(f"[deploy]   {m['family']:<10s} {m['name']} {m['version']} (aliases {m.get('aliases') or '-'})",
+        print(f"[deploy]   POST /v1/{m['route']:<18s} {m['name']} {m['version']} (aliases {m.get('aliases') or '-'})",
               flush=True)
-    for family, why in models.get("unavailable", {}).items():
-        print(f"[deploy]   {family:<10s} not deployed: {why}", flush=True)
+    for route, why in models.get("unavailable", {}).items():
+        print(f"[deploy]   POST /v1/{route:<18s} not deployed: {why}", flush=True)
     return {"url": url, "models": models, "mode": mode, "started_ray": started_ray, "headers": headers}
 
 
@@ -108,24 +95,19 @@ def stop(started_ray: bool, app_name: str = "ecomray") -> None:
 
 
 def _one_request(plain: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """POST the first deployed route's first stored example (or `deploy.request`), print the answer."""
     import httpx
 
-    from ecomray import registry
-    from serve.settings import models
-
-    rec = models(plain).get("recommend")
-    if not rec or not any(m["family"] == "recommend" for m in info["models"].get("loaded", [])):
-        print("[deploy] no recommend model deployed; skipping the example request", flush=True)
+    examples = httpx.get(f"{info['url']}/v1/examples", headers=info["headers"], timeout=30).json()
+    route = next((r for r in examples if examples[r]), None)
+    if route is None:
+        print("[deploy] no deployed route has an example request; skipping it", flush=True)
         return {}
-    req = dict(plain["deploy"].get("request") or {})
-    if not req.get("history"):
-        root = plain["paths"]["registry"]
-        version = registry.resolve(root, rec["name"], rec["ref"])
-        with open(os.path.join(registry._safe(root, rec["name"], version), "meta.json")) as fh:
-            req["history"] = list(json.load(fh).get("popular", []))[:3]
-    r = httpx.post(f"{info['url']}/v1/recommend", json=req, headers=info["headers"], timeout=30)
+    req = {**examples[route][0], **(plain["deploy"].get("request") or {})}
+    r = httpx.post(f"{info['url']}/v1/{route}", json=req, headers=info["headers"], timeout=30)
     out = r.json()
-    print(f"[deploy] POST /v1/recommend {json.dumps(req)} -> {r.status_code}\n{json.dumps(out, indent=2)}", flush=True)
+    print(f"[deploy] POST /v1/{route} {json.dumps(req, ensure_ascii=False)} -> {r.status_code}\n"
+          f"{json.dumps(out, indent=2, ensure_ascii=False)}", flush=True)
     return out
 
 

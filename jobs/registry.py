@@ -1,8 +1,9 @@
-"""python -m jobs.registry {list | promote <model> <version> --alias prod | rollback <model> [--alias prod]}
+"""python -m jobs.registry {list | promote <model> <version> --alias prod | rollback <model> [--alias prod] | history
+| migrate}
 
 The model registry from the command line. This job takes argparse flags rather than Hydra overrides (it runs no
-config, only reads and moves aliases), but it finds the registry the same way the Hydra jobs do: `--registry`, else
-`$ECOMRAY_HOME/registry`, else `./runs/registry` (`paths.registry` of conf/paths/default.yaml).
+training config, only reads and moves aliases), but it finds the registry where the Hydra jobs do: `--registry`,
+else `paths.registry` of conf/paths/default.yaml (`$ECOMRAY_HOME/registry`, else `./runs/registry`).
 
 - `list [model]`: every model, its versions with their key metrics, training data and sweep, and its aliases.
 - `promote <model> <version|alias> --alias prod`: point an alias at a version; warns loudly when the version was
@@ -10,6 +11,7 @@ config, only reads and moves aliases), but it finds the registry the same way th
 - `rollback <model> [--alias prod]`: move the alias back to the version it pointed to before (the registry keeps
   every alias move in aliases_history.jsonl).
 - `history <model>`: the alias moves.
+- `migrate [model]`: upgrade versions written in an older registry format in place (see ecomray/registry.py).
 Deploy serves `prod` when set, else `best`, else the newest version (`ecomray.registry.resolve`).
 """
 from __future__ import annotations
@@ -24,23 +26,21 @@ from ecomray.runtime import UserError, abspath, user_errors
 
 
 def default_root() -> str:
-    return abspath(os.path.join(os.environ.get("ECOMRAY_HOME", "./runs"), "registry"))
+    """`paths.registry` as the jobs compose it (conf/paths/default.yaml)."""
+    from ecomray.config import compose
+
+    return compose("train")["paths"]["registry"]
 
 
-def _key_metrics(metrics: dict[str, Any], monitor: str | None) -> str:
-    """The monitored val metric and its test twin first, then up to two more val/test numbers."""
-    base = (monitor or "").split("/", 1)[-1]
-    keys = [k for k in (f"val/{base}", f"test/{base}") if base and k in metrics]
-    keys += [k for k in metrics if k.startswith(("val/", "test/")) and k not in keys and "sampled" not in k
-             and "@5" not in k and "@20" not in k][: max(0, 4 - len(keys))]
-    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if isinstance(metrics[k], (int, float)))
+def _key_metrics(metrics: dict[str, Any], keys: list[str]) -> str:
+    """The task's first two key metrics (version.json), on val and test."""
+    shown = [f"{s}/{k}" for k in keys[:2] for s in ("val", "test") if f"{s}/{k}" in metrics]
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in shown if isinstance(metrics[k], (int, float)))
 
 
 def list_models(root: str, only: str | None = None) -> list[dict[str, Any]]:
     """One row per version: {"model", "version", "aliases", "metrics", "dataset", "research_only", "sweep"}."""
     import json
-
-    import yaml
 
     rows = []
     for name in [only] if only else registry.models(root):
@@ -56,11 +56,12 @@ def list_models(root: str, only: str | None = None) -> list[dict[str, Any]]:
                 metrics = json.load(fh)
             with open(os.path.join(path, "lineage.json")) as fh:
                 lin = json.load(fh)
-            with open(os.path.join(path, "config.yaml")) as fh:
-                monitor = ((yaml.safe_load(fh) or {}).get("train") or {}).get("monitor")
+            info = registry.read_info(root, name, v)
             sweep = lin.get("sweep") or {}
+            shown = (_key_metrics(metrics, info.get("key_metrics") or []) if info.get("format") == registry.FORMAT
+                     else f"(registry format {info.get('format')}: run `migrate`)")
             rows.append({"model": name, "version": v, "aliases": sorted(by_version.get(v, [])),
-                         "metrics": _key_metrics(metrics, monitor), "dataset": lin.get("dataset"),
+                         "metrics": shown, "dataset": lin.get("dataset"),
                          "research_only": bool(lin.get("research_only")), "created_at": lin.get("created_at"),
                          "sweep": f"{sweep['name']}/{sweep['trial_id']}" if sweep else ""})
     return rows
@@ -87,10 +88,42 @@ def rollback(root: str, name: str, alias: str = "prod") -> dict[str, Any]:
     return {"name": name, "alias": alias, "version": now, "previous": was}
 
 
+def migrate(root: str, only: str | None = None) -> list[str]:
+    """Upgrade format-1 versions in place: `version.json` (task, key metrics) and, where the task asks for it
+    (`upgrade_meta(meta, config)`), the meta.json keys format 2 requires (`model_kwargs`, self-contained maps)."""
+    import json
+
+    import yaml
+
+    from ecomray.tasks import key_metrics, load_task
+
+    done = []
+    for name in [only] if only else registry.models(root):
+        for v in registry.versions(root, name):
+            if registry.read_info(root, name, v).get("format", 1) == registry.FORMAT:
+                continue
+            path = registry._safe(root, name, v)
+            with open(os.path.join(path, "config.yaml")) as fh:
+                config = yaml.safe_load(fh)
+            with open(os.path.join(path, "meta.json")) as fh:
+                meta = json.load(fh)
+            task = load_task(config)
+            if hasattr(task, "upgrade_meta"):
+                meta = task.upgrade_meta(meta, config)
+            if "model_kwargs" not in meta:
+                raise UserError(f"{name} {v}: cannot migrate: task {config['task']['name']} gives no model_kwargs")
+            registry.rewrite_meta(root, name, v, meta, registry.version_info(config, key_metrics(task)))
+            print(f"{name} {v}: migrated to registry format {registry.FORMAT}", flush=True)
+            done.append(f"{name}:{v}")
+    if not done:
+        print(f"nothing to migrate in {root}", flush=True)
+    return done
+
+
 def main(argv: list[str] | None = None) -> dict | list | None:
     p = argparse.ArgumentParser(prog="python -m jobs.registry", description=__doc__.split("\n")[0])
     p.add_argument("--registry", default=None,
-                   help="registry root (default: $ECOMRAY_HOME/registry or ./runs/registry)")
+                   help="registry root (default: paths.registry, i.e. $ECOMRAY_HOME/registry or ./runs/registry)")
     sub = p.add_subparsers(dest="cmd", required=True)
     ls = sub.add_parser("list", help="models, versions, key metrics, aliases")
     ls.add_argument("model", nargs="?")
@@ -103,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict | list | None:
     rb.add_argument("--alias", default="prod")
     hi = sub.add_parser("history", help="every alias move of a model")
     hi.add_argument("model")
+    mi = sub.add_parser("migrate", help="upgrade versions of an older registry format in place")
+    mi.add_argument("model", nargs="?")
     args = p.parse_args(argv)
     root = abspath(args.registry) if args.registry else default_root()
     if args.cmd == "list":
@@ -120,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict | list | None:
         return promote(root, args.model, args.version, args.alias)
     if args.cmd == "rollback":
         return rollback(root, args.model, args.alias)
+    if args.cmd == "migrate":
+        return migrate(root, args.model)
     moves = registry.alias_history(root, args.model)
     for h in moves:
         print(f"{h['ts']}  {h['action']:8s}  {h['alias']:8s}  {h.get('previous') or '-':>6} -> {h['version']}")

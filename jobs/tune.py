@@ -10,21 +10,9 @@ from ecomray.train.tune import run_sweep
 
 
 def run(cfg: DictConfig | dict) -> dict:
-    """Works on a Hydra config or a plain dict with a `sweep` key (the pipeline's tune stage). Returns
+    """Works on a Hydra config or a plain dict with `sweep` and `tune` keys (the pipeline's tune stage). Returns
     {"name", "version", "alias", "best_trial", "metric", "value", "sweep_dir", ...}."""
-    plain = to_plain(cfg)
-    choices = _hydra_choices()
-    if choices:  # which config groups the run used: the exported experiment file overrides the same ones
-        plain["tune"] = {**(plain.get("tune") or {}), "choices": choices}
-    return run_sweep(plain)
-
-
-def _hydra_choices() -> dict[str, str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}
-    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v and not k.startswith("hydra")}
+    return run_sweep(to_plain(cfg))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tune")

@@ -1,1 +1,1 @@
-"""ecomray on Ray Serve: the app (`serve.app:build_app`), one deployment per model family, the request guard."""
+"""ecomray on Ray Serve: the app (`serve.app:build_app`), one generic model deployment per route, the request guard."""

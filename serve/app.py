@@ -1,16 +1,21 @@
-"""The ecomray Serve application: a FastAPI ingress composed with one deployment per model family.
+"""The ecomray Serve application: a FastAPI ingress and one model deployment per route, generated from the
+table of deployed endpoints (`deploy.endpoints`, resolved by `serve.settings.app_args`).
 
     serve build serve.app:build_app experiment=tiny -o serve_config.yaml    # Hydra overrides as builder args
     serve deploy serve_config.yaml -a http://HEAD:8265
     python -m jobs.deploy experiment=tiny                                    # the same app, locally
 
-Routes (OpenAPI at /docs): POST /v1/recommend, POST /v1/score/propensity, POST /v1/sentiment, GET /v1/models,
-GET /healthz. A family whose model is not configured or not in the registry is not deployed: its route answers 503.
-"""
+Routes (OpenAPI at /docs): POST /v1/<route> for each endpoint (its request and response models come from its
+family's task module), GET /v1/models, GET /healthz. An endpoint whose model is not in the registry answers 503
+saying why.
 
+Topology: ingress -> DeploymentHandle -> model replicas (`serve/endpoint.py`), so each route scales, batches and
+gets GPUs on its own; an endpoint with `inline: true` is served inside the ingress instead (one hop less).
+"""
 
 import logging
 import os
+from importlib import import_module
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,19 +26,13 @@ from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from ecomray import registry
-from ecomray.runtime import UserError
+from ecomray import registry, serving
 from serve import schemas
-from serve.families import FAMILY_CLASSES
+from serve.endpoint import ModelDeployment, ModelServer
 from serve.middleware import MODEL_HEADER, Guard, GuardSettings
-from serve.settings import FAMILIES, api_key, app_args, check_bind
+from serve.settings import DEPLOYMENT_KEYS, api_key, app_args, check_bind
 
 logger = logging.getLogger("ray.serve")
-
-GUARD = GuardSettings()
-app = FastAPI(title="ecomray", version="1",
-              description="Recommendations, purchase propensity and sentiment from the ecomray model registry.")
-app.add_middleware(Guard, settings=GUARD)
 
 # Exceptions a handle call raises when the replica it was routed to died or is going away: the ingress retries
 # those once (Serve routes the retry to a live replica) before answering 503.
@@ -48,145 +47,174 @@ except ImportError:  # pragma: no cover - older Ray
 
     _RETRYABLE = (RayActorError,)
 
-
-@app.exception_handler(RequestValidationError)
-async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
-    # FastAPI's default, minus the echoed input (a huge bad body would be sent back whole).
-    detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in err.errors()]
-    return JSONResponse({"detail": detail}, status_code=422)
-
-
-@app.exception_handler(Exception)
-async def _unhandled(request: Request, err: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the body is not valid UTF-8 JSON, or a bad Content-Length"},
+    401: {"description": "missing or wrong X-API-Key (when the server has a key)"},
+    413: {"description": "body over serve.max_body_bytes"},
+    422: {"description": "a field is missing, has the wrong type, or a value the model can't take"},
+    503: {"description": "the route's model is not available (not in the registry, overloaded, replica lost)"},
+}
 
 
-class _Unavailable(Exception):
-    def __init__(self, family: str, why: str) -> None:
+class Unavailable(Exception):
+    def __init__(self, route: str, why: str) -> None:
         super().__init__(why)
-        self.family, self.why = family, why
-
-
-@app.exception_handler(_Unavailable)
-async def _unavailable(_: Request, err: _Unavailable) -> JSONResponse:
-    return JSONResponse({"detail": f"{err.family} is not available: {err.why}"}, status_code=503,
-                        headers={"retry-after": "5"})
+        self.route, self.why = route, why
 
 
 @serve.deployment(name="ingress")
-@serve.ingress(app)
+@serve.ingress()
 class Ingress:
-    """Validates requests (pydantic), routes them to the family deployments' handles, shapes the responses."""
+    """Validates requests against each route's schema and the edge checks, sends them to the route's model (a
+    handle, or in-process), shapes the response. The FastAPI app is built per replica from the endpoint table."""
 
-    def __init__(self, recommend: DeploymentHandle | None = None, propensity: DeploymentHandle | None = None,
-                 sentiment: DeploymentHandle | None = None, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, handles: dict[str, DeploymentHandle] | None = None,
+                 settings: dict[str, Any] | None = None) -> None:
         s = dict(settings or {})
-        self.handles = {"recommend": recommend, "propensity": propensity, "sentiment": sentiment}
-        self.unavailable: dict[str, str] = dict(s.get("unavailable") or {})
-        self.limits = dict(s.get("limits") or {})
+        self.endpoints: dict[str, dict[str, Any]] = dict(s.get("endpoints") or {})
         self.retries = int(s.get("retries", 1))
         host = str(s.get("host", "127.0.0.1"))
         key = s.get("api_key") or os.environ.get("ECOMRAY_API_KEY") or None
         check_bind(host, key)          # never serve a non-loopback address without a key
-        GUARD.api_key = key
-        GUARD.max_body_bytes = int(s.get("max_body_bytes", 1 << 20))
-        GUARD.log_requests = bool(s.get("log_requests", True))
+        self.guard = GuardSettings(api_key=key, max_body_bytes=int(s.get("max_body_bytes", 1 << 20)),
+                                   log_requests=bool(s.get("log_requests", True)))
+        self.backends: dict[str, Any] = dict(handles or {})
+        for route, e in self.endpoints.items():
+            if e.get("inline") and "version" in e:
+                self.backends[route] = ModelServer(s["registry"], e["model"], e["version"], route, e["options"])
+        self.registry = s.get("registry")
 
-    async def _call(self, family: str, method: str, *args: Any) -> dict[str, Any]:
-        handle = self.handles.get(family)
-        if handle is None:
-            raise _Unavailable(family, self.unavailable.get(family, "no model configured for this family"))
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_fastapi(self)
+
+    async def call(self, route: str, method: str, *args: Any) -> Any:
+        backend = self.backends.get(route)
+        if backend is None:
+            why = self.endpoints.get(route, {}).get("unavailable", "no model configured for this route")
+            raise Unavailable(route, why)
+        if isinstance(backend, ModelServer):          # inline: in this process
+            fn = backend if method == "__call__" else getattr(backend, method)
+            out = fn(*args)
+            return await out if hasattr(out, "__await__") else out
         for attempt in range(self.retries + 1):
             try:
-                return await getattr(handle, method).remote(*args)
-            except BackPressureError as err:   # the family's queue is full (max_queued_requests): shed load
-                raise _Unavailable(family, "overloaded; retry shortly") from err
+                target = backend if method == "__call__" else getattr(backend, method)
+                return await target.remote(*args)
+            except BackPressureError as err:   # the route's queue is full (max_queued_requests): shed load
+                raise Unavailable(route, "overloaded; retry shortly") from err
             except _RETRYABLE as err:
                 if attempt == self.retries:
-                    raise _Unavailable(family, f"replica failure ({type(err).__name__}); retry shortly") from err
-                logger.warning("[%s] replica failure (%s); retrying once", family, type(err).__name__)
+                    raise Unavailable(route, f"replica failure ({type(err).__name__}); retry shortly") from err
+                logger.warning("[%s] replica failure (%s); retrying once", route, type(err).__name__)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _respond(out: dict[str, Any]) -> JSONResponse:
-        if "error" in out:
-            return JSONResponse({"detail": out["error"]["detail"]}, status_code=int(out["error"]["status"]))
-        model = out.get("model") or {}
-        return JSONResponse(out, headers={MODEL_HEADER.decode(): f"{model.get('name')}:{model.get('version')}"})
 
-    def _limit(self, field: str, name: str, count: int, default: int) -> None:
-        cap = int(self.limits.get(name, default))
-        if count > cap:
-            raise RequestValidationError([{"loc": ("body", field), "msg": f"at most {cap} allowed, got {count}",
-                                           "type": "too_long"}])
+def _route_handler(ingress: Ingress, route: str, request_model: type) -> Any:
+    """The POST handler of one route: pydantic has validated the body against the family's schema; the edge checks
+    (valid Unicode, finite numbers in range) run on every value; then the model answers."""
 
-    @app.post("/v1/recommend", response_model=schemas.RecommendResponse,
-              responses={413: {"description": "body too large"}, 503: {"description": "family not deployed"}})
-    async def recommend(self, req: schemas.RecommendRequest) -> JSONResponse:
-        return self._respond(await self._call("recommend", "recommend", req.model_dump()))
+    async def handler(req: request_model) -> JSONResponse:  # type: ignore[valid-type]
+        body = req.model_dump(by_alias=True)
+        bad = serving.edge_errors(body)
+        if bad:
+            return JSONResponse({"detail": serving.clean_details(bad)}, status_code=422)
+        out = await ingress.call(route, "__call__", body)
+        if out["status"] != 200:
+            detail = out["detail"]
+            return JSONResponse({"detail": serving.clean_details(detail) if isinstance(detail, list) else detail},
+                                status_code=int(out["status"]))
+        model = out["body"].get("model") or {}
+        return JSONResponse(out["body"], headers={MODEL_HEADER.decode(): f"{model.get('name')}:{model.get('version')}"})
 
-    @app.post("/v1/score/propensity", response_model=schemas.PropensityResponse,
-              responses={413: {"description": "body too large"}, 503: {"description": "family not deployed"}})
-    async def propensity(self, req: schemas.PropensityRequest) -> JSONResponse:
-        self._limit("rows", "max_rows", len(req.rows), 256)
-        return self._respond(await self._call("propensity", "score", req.rows))
+    handler.__name__ = f"post_{route.replace('/', '_').replace('-', '_')}"
+    return handler
 
-    @app.post("/v1/sentiment", response_model=schemas.SentimentResponse,
-              responses={413: {"description": "body too large"}, 503: {"description": "family not deployed"}})
-    async def sentiment(self, req: schemas.SentimentRequest) -> JSONResponse:
-        self._limit("texts", "max_texts", len(req.texts), 64)
-        cap = int(self.limits.get("max_chars", 5000))
-        errors = [{"loc": ("body", "texts", n), "msg": f"at most {cap} characters", "type": "string_too_long"}
-                  for n, t in enumerate(req.texts) if len(t) > cap]
-        errors += [{"loc": ("body", "texts", n), "msg": "empty text", "type": "string_too_short"}
-                   for n, t in enumerate(req.texts) if not t.strip()]
-        if errors:
-            raise RequestValidationError(errors[:20])
-        return self._respond(await self._call("sentiment", "classify", req.texts))
+
+def _unavailable_handler(route: str, why: str) -> Any:
+    async def handler() -> JSONResponse:
+        raise Unavailable(route, why)
+
+    handler.__name__ = f"post_{route.replace('/', '_').replace('-', '_')}"
+    return handler
+
+
+def build_fastapi(ingress: Ingress) -> FastAPI:
+    app = FastAPI(title="ecomray", version="1", description="Models from the ecomray registry: " + ", ".join(
+        f"POST /v1/{r} ({e.get('model')} {e.get('version', 'unavailable')})" for r, e in ingress.endpoints.items()))
+    app.add_middleware(Guard, settings=ingress.guard)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's default, minus the echoed input, with every location part clipped.
+        return JSONResponse({"detail": serving.clean_details(list(err.errors()))}, status_code=422)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_: Request, err: Unavailable) -> JSONResponse:
+        return JSONResponse({"detail": f"{err.route} is not available: {err.why}"}, status_code=503,
+                            headers={"retry-after": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
+
+    for route, e in ingress.endpoints.items():
+        if "version" not in e:
+            app.post(f"/v1/{route}", responses=ERROR_RESPONSES, summary=f"{route} (not available)")(
+                _unavailable_handler(route, e.get("unavailable", "not available")))
+            continue
+        meta = registry.load(ingress.registry, e["model"], e["version"], state=False)["meta"]
+        request_model, response_model = import_module(e["module"]).api(meta, (e["options"] or {}).get("limits") or {})
+        app.post(f"/v1/{route}", response_model=response_model, responses=ERROR_RESPONSES,
+                 summary=f"{route}: {e['model']} {e['version']}")(_route_handler(ingress, route, request_model))
 
     @app.get("/v1/models", response_model=schemas.ModelsResponse)
-    async def models(self) -> dict[str, Any]:
-        loaded, unavailable = [], dict(self.unavailable)
-        for family in FAMILIES:
-            if self.handles.get(family) is None:
-                unavailable.setdefault(family, "no model configured for this family")
-                continue
+    async def models() -> dict[str, Any]:
+        loaded, unavailable = [], {}
+        for route in ingress.endpoints:
             try:
-                loaded.append(await self._call(family, "describe"))
-            except _Unavailable as err:
-                unavailable[family] = err.why
+                loaded.append(await ingress.call(route, "describe"))
+            except Unavailable as err:
+                unavailable[route] = err.why
         return {"loaded": loaded, "unavailable": unavailable}
 
+    @app.get("/v1/examples", include_in_schema=False)
+    async def examples() -> dict[str, Any]:
+        out = {}
+        for route in ingress.endpoints:
+            try:
+                out[route] = await ingress.call(route, "examples")
+            except Unavailable:
+                continue
+        return out
+
     @app.get("/healthz", response_model=schemas.Health)
-    async def healthz(self) -> JSONResponse:
-        """200 when every deployed family answers; 503 otherwise. Families not deployed are listed, not failed."""
-        families, ok = {}, True
-        for family in FAMILIES:
-            if self.handles.get(family) is None:
-                families[family] = "not deployed"
+    async def healthz() -> JSONResponse:
+        """200 when every available route's model answers; 503 otherwise. Unavailable routes are listed."""
+        routes, ok = {}, True
+        for route, e in ingress.endpoints.items():
+            if "version" not in e:
+                routes[route] = "not deployed"
                 continue
             try:
-                await self._call(family, "check_health")
-                families[family] = "ok"
+                await ingress.call(route, "check_health")
+                routes[route] = "ok"
             except Exception as err:  # noqa: BLE001 - a health probe reports, it does not raise
-                families[family], ok = f"unhealthy: {type(err).__name__}", False
-        return JSONResponse({"status": "ok" if ok else "degraded", "families": families},
+                routes[route], ok = f"unhealthy: {type(err).__name__}", False
+        return JSONResponse({"status": "ok" if ok else "degraded", "routes": routes},
                             status_code=200 if ok else 503)
 
+    return app
 
-def _deployment_options(serve_cfg: dict[str, Any], part: str) -> dict[str, Any]:
-    """Serve options of the ingress or a family from `conf/serve/*.yaml` (`common` merged under the part)."""
-    merged: dict[str, Any] = {**(serve_cfg.get("common") or {}), **(serve_cfg.get(part) or {})}
-    opts: dict[str, Any] = {}
-    for key in ("ray_actor_options", "max_ongoing_requests", "max_queued_requests", "health_check_period_s",
-                "health_check_timeout_s", "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s"):
-        if merged.get(key) is not None:
-            opts[key] = merged[key]
-    if merged.get("num_replicas") not in (None, "auto"):
-        opts["num_replicas"] = int(merged["num_replicas"])
-    elif merged.get("autoscaling_config"):
-        opts["autoscaling_config"] = dict(merged["autoscaling_config"])
+
+def _deployment_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Serve options from a route's (or the ingress's) settings; a fixed `num_replicas` wins over autoscaling."""
+    opts = {k: v for k, v in options.items() if k not in ("num_replicas", "autoscaling_config") and v is not None}
+    n = options.get("num_replicas")
+    if n not in (None, "auto"):
+        opts["num_replicas"] = int(n)
+    elif options.get("autoscaling_config"):
+        opts["autoscaling_config"] = dict(options["autoscaling_config"])
     return opts
 
 
@@ -199,40 +227,35 @@ def build_app(args: dict[str, Any]) -> Application:
     if "app" in args:
         a = dict(args["app"])
     else:
-        from jobs.deploy import compose
+        from ecomray.config import compose
 
-        a = app_args(compose([f"{k}={v}" for k, v in args.items()]))
+        a = app_args(compose("deploy", [f"{k}={v}" for k, v in args.items()]))
     serve_cfg = a.get("serve") or {}
     key = a.get("api_key") or api_key({})
     check_bind(a.get("host", "127.0.0.1"), key)
-    bound: dict[str, Any] = {}
-    unavailable: dict[str, str] = {}
-    for family in FAMILIES:
-        m = (a.get("models") or {}).get(family)
-        if not m:
-            unavailable[family] = "no model configured for this family (deploy.models." + family + ".name)"
+    handles: dict[str, Any] = {}
+    for route, e in (a.get("endpoints") or {}).items():
+        if "version" not in e:
+            logger.warning("[%s] not deployed: %s", route, e.get("unavailable"))
             continue
-        try:
-            version = registry.resolve(a["registry"], m["name"], m.get("ref"))   # refuses names outside the root
-        except UserError as err:
-            if "invalid registry name" in str(err) or "outside the registry root" in str(err):
-                raise
-            unavailable[family] = str(err)
+        registry._safe(a["registry"], e["model"], e["version"])        # never a name outside the registry root
+        if e.get("inline"):
             continue
-        fam_cfg = {**(serve_cfg.get("common") or {}), **(serve_cfg.get(family) or {})}
-        options = {k: v for k, v in fam_cfg.items() if k in ("batching", "max_history")}
-        options["data"] = a.get("data")
-        # The version loaded in __init__ is an init argument; the one served is `user_config.ref`. Changing only
-        # the user_config (a new `ref` or batching) is a light update: live replicas reconfigure() and swap
-        # versions in place. `init_ref` keeps the init arguments of a running deployment unchanged for that.
-        init_ref = m["init_ref"] if "init_ref" in m else m.get("ref")
-        dep = FAMILY_CLASSES[family].options(**_deployment_options(serve_cfg, family),
-                                             user_config={"ref": m.get("ref"), "batching": options.get("batching") or {}})
-        bound[family] = dep.bind(a["registry"], m["name"], init_ref, options)
-        logger.info("[%s] serving %s %s", family, m["name"], version)
+        # The version is an init argument and the user_config: a replica that starts late (autoscaling, a restart)
+        # loads exactly the version the app was deployed with. Changing only user_config (a serve config's
+        # `version`, or batching) is a light update: live replicas reconfigure() and swap in place.
+        dep = ModelDeployment.options(name=f"model_{route.replace('/', '_')}",
+                                      user_config={"version": e["version"], "ref": e.get("ref"),
+                                                   "batching": (e["options"] or {}).get("batching") or {}},
+                                      **_deployment_options(e.get("deployment") or {}))
+        handles[route] = dep.bind(a["registry"], e["model"], e["version"], route, e["options"])
+        logger.info("[%s] serving %s %s", route, e["model"], e["version"])
     ingress_cfg = serve_cfg.get("ingress") or {}
-    settings = {"host": a.get("host", "127.0.0.1"), "api_key": a.get("api_key"), "unavailable": unavailable,
-                "limits": dict(serve_cfg.get("limits") or {}), "retries": int(ingress_cfg.get("retries", 1)),
+    settings = {"host": a.get("host", "127.0.0.1"), "api_key": a.get("api_key"), "registry": a["registry"],
+                "endpoints": a.get("endpoints") or {}, "retries": int(ingress_cfg.get("retries", 1)),
                 "max_body_bytes": int(serve_cfg.get("max_body_bytes", 1 << 20)),
                 "log_requests": bool(serve_cfg.get("log_requests", True))}
-    return Ingress.options(**_deployment_options(serve_cfg, "ingress")).bind(**bound, settings=settings)
+    ingress_opts = {k: v for k, v in {**(serve_cfg.get("common") or {}), **ingress_cfg}.items()
+                    if k in DEPLOYMENT_KEYS}
+    return Ingress.options(**_deployment_options(ingress_opts)).bind(handles, settings)
+

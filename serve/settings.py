@@ -1,5 +1,6 @@
-"""Plain-dict settings for the Serve app: which registry models each family serves, the security rules, and the
-process environment of Serve's throughput mode. No Ray or FastAPI import here, so jobs and tests can use it cheaply.
+"""Plain-dict settings for the Serve app: which registry version each route serves (resolved here, once, at
+deploy time), the security rules, and the process environment of Serve's throughput mode. No Ray or FastAPI
+import here, so jobs and tests can use it cheaply.
 
 The app gets one resolved dict (`app_args(cfg)`): `serve build` / `serve deploy` pass it through a serve config's
 `args`, `jobs.deploy` passes it in memory.
@@ -9,16 +10,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tempfile
 from typing import Any
 
 from ecomray.runtime import UserError
 
-FAMILIES = ("recommend", "propensity", "sentiment")
-# The task family (conf/task/<name>.yaml `name`) each serving family runs.
-TASK_OF = {"recommend": "next_item", "propensity": "propensity", "sentiment": "sentiment"}
 API_KEY_ENV = "ECOMRAY_API_KEY"
+# Keys of a route's settings that are Serve deployment options; the rest (batching, limits, ...) go to the model.
+DEPLOYMENT_KEYS = ("ray_actor_options", "max_ongoing_requests", "max_queued_requests", "health_check_period_s",
+                   "health_check_timeout_s", "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s",
+                   "num_replicas", "autoscaling_config")
+MERGED_KEYS = ("batching", "limits", "ray_actor_options", "autoscaling_config")   # merged key by key, not replaced
+ROUTE = re.compile(r"^[a-z0-9][a-z0-9_/-]{0,63}$")
 
 
 def is_loopback(host: str) -> bool:
@@ -43,31 +48,72 @@ def check_bind(host: str, key: str | None) -> None:
                         "environment variable (clients then send it as the X-API-Key header)")
 
 
-def registry_name_for(cfg: dict) -> str:
-    return cfg.get("registry_name") or f"{cfg['task']['name']}_{cfg['dataset']['name']}"
-
-
-def models(cfg: dict) -> dict[str, dict[str, str | None]]:
-    """{family: {"name", "ref"}} for configured families. `deploy.models.<family>.name: null` defaults to the
-    experiment's registry name when the experiment trains that family; a family with no name is not deployed."""
-    out: dict[str, dict[str, str | None]] = {}
-    conf = (cfg.get("deploy") or {}).get("models") or {}
-    for family in FAMILIES:
-        m = conf.get(family) or {}
-        name = m.get("name")
-        if not name and cfg.get("task", {}).get("name") == TASK_OF[family]:
-            name = registry_name_for(cfg)
-        if name:
-            out[family] = {"name": str(name), "ref": (str(m["ref"]) if m.get("ref") else None)}
+def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for k, v in (layer or {}).items():
+            out[k] = {**(out.get(k) or {}), **v} if k in MERGED_KEYS and isinstance(v, dict) else v
     return out
 
 
+def endpoint_table(cfg: dict) -> dict[str, dict[str, Any]]:
+    """`deploy.endpoints` as {route: {"model", "ref", "inline"}}. null: the experiment's own model, at the route
+    its task declares (`ROUTE`); a dict lists every route to serve (any subset of families, or one family twice
+    under two routes)."""
+    from ecomray import registry
+    from ecomray.tasks import SERVING, load_task, supports
+
+    conf = (cfg.get("deploy") or {}).get("endpoints")
+    if conf is None:
+        task = load_task(cfg)
+        if not supports(task, SERVING):
+            raise UserError(f"task {cfg['task']['name']} does not serve: set deploy.endpoints to the models to serve")
+        conf = {task.ROUTE: {"model": registry.model_name(cfg)}}
+    out: dict[str, dict[str, Any]] = {}
+    for route, e in conf.items():
+        if not e:
+            continue
+        if not ROUTE.match(str(route)) or ".." in str(route):
+            raise UserError(f"deploy.endpoints: route {route!r} must be lowercase letters, digits, '_', '-', '/'")
+        if isinstance(e, str):
+            e = {"model": e}
+        name, ref = registry.parse_ref(str(e.get("model") or ""))
+        if not name:
+            raise UserError(f"deploy.endpoints.{route}: no `model` (a registry name[:version|alias])")
+        out[str(route)] = {"model": name, "ref": e.get("ref") or ref, "inline": bool(e.get("inline", False))}
+    return out
+
+
+def resolve_endpoint(registry_root: str, route: str, e: dict[str, Any], serve_cfg: dict[str, Any]) -> dict[str, Any]:
+    """One route, resolved once, at deploy time: the exact version (what every replica loads, however late it
+    starts), the task module, and its settings: `serve.common` < the task's `task.serve` (from the version's own
+    config) < `serve.routes.<route>`. A model that is missing gives {"unavailable": why}; a name that would leave
+    the registry root is refused."""
+    from ecomray import registry
+
+    try:
+        found = registry.load(registry_root, e["model"], e.get("ref"), state=False)
+    except UserError as err:
+        if "invalid registry name" in str(err) or "outside the registry root" in str(err):
+            raise
+        return {"model": e["model"], "ref": e.get("ref"), "unavailable": str(err)}
+    merged = _merge(serve_cfg.get("common") or {}, (found["config"].get("task") or {}).get("serve") or {},
+                    (serve_cfg.get("routes") or {}).get(route) or {})
+    return {"model": e["model"], "ref": e.get("ref"), "version": found["version"],
+            "module": found["config"]["task"]["module"], "inline": e.get("inline", False),
+            "deployment": {k: merged[k] for k in DEPLOYMENT_KEYS if merged.get(k) is not None},
+            "options": {**{k: v for k, v in merged.items() if k not in DEPLOYMENT_KEYS}, "ref": e.get("ref")}}
+
+
 def app_args(cfg: dict) -> dict[str, Any]:
-    """The resolved, JSON-able arguments of `serve.app.build_app` from a plain `deploy` config."""
+    """The resolved, JSON-able arguments of `serve.app.build_app` from a plain `deploy` config: every route with
+    its exact version."""
     deploy = cfg.get("deploy") or {}
-    return {"registry": cfg["paths"]["registry"], "data": cfg["paths"]["data"],
-            "host": str(deploy.get("host", "127.0.0.1")), "api_key": deploy.get("api_key") or None,
-            "models": models(cfg), "serve": cfg.get("serve") or {}}
+    serve_cfg = cfg.get("serve") or {}
+    endpoints = {route: resolve_endpoint(cfg["paths"]["registry"], route, e, serve_cfg)
+                 for route, e in endpoint_table(cfg).items()}
+    return {"registry": cfg["paths"]["registry"], "host": str(deploy.get("host", "127.0.0.1")),
+            "api_key": deploy.get("api_key") or None, "endpoints": endpoints, "serve": serve_cfg}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -2,11 +2,34 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
 import pytest
+
+
+PLUGIN_DIR = Path(tempfile.mkdtemp(prefix="ecomray-test-plugins-"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test (and so before any Ray starts): a folder on the import path of this process and, through
+    PYTHONPATH, of every Ray worker and Serve replica, where a test writes code that is not part of the project
+    (tests/test_protocol.py's throwaway family)."""
+    sys.path.insert(0, str(PLUGIN_DIR))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGIN_DIR), os.environ.get("PYTHONPATH")) if p)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(PLUGIN_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def plugin_dir() -> Path:
+    return PLUGIN_DIR
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ def test_batch_predict_next_item_matches_predict(ray_session, tmp_path: Path) ->
     from jobs.batch_predict import run
 
     cfg = compose_cfg("batch_predict", tmp_path, "experiment=tiny", "scaling=inproc", "train.epochs=1",
-                      "dataset.synthetic.users=300", "batch_predict.split=test", "batch_predict.k=5",
+                      "dataset.synthetic.users=300", "batch_predict.split=test", "batch_predict.options={k: 5}",
                       "batch_predict.batch_size=64")
     prepare(cfg)
     trained = fit(cfg)

@@ -29,6 +29,6 @@ def test_pipeline_end_to_end_serves_the_promoted_sweep_winner(tmp_path: Path, ra
     # deploy served the sweep's winner (no prod alias: best) and answered one request over HTTP
     response = deploy["response"]
     assert response["model"] == {"name": name, "version": tune["version"]}
-    assert len(response["items"]) == cfg["deploy"]["request"]["k"] and response["fallback"] is False
+    assert len(response["items"]) == 5 and response["fallback"] is False       # the stored example asks for 5
     lineage = json.loads((Path(root) / name / tune["version"] / "lineage.json").read_text())
     assert lineage["sweep"]["name"] == cfg["sweep"]["name"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from ecomray.runtime import UserError
 
 
 def _register(root: str, value: float = 1.0) -> str:
-    return registry.register(root, "m", {"w": torch.full((2,), value)}, {"seed": 1}, {"val/ndcg@10": value}, {"k": 1},
+    return registry.register(root, "m", {"w": torch.full((2,), value)}, {"seed": 1}, {"val/ndcg@10": value},
+                             {"k": 1, "model_kwargs": {}},
                              {"data_manifest_hash": "abc"})
 
 
@@ -32,7 +34,8 @@ def test_concurrent_writers_get_distinct_complete_versions(tmp_path: Path) -> No
     values = set()
     for v in got:
         found = registry.load(root, "m", v)
-        assert sorted(os.listdir(found["path"])) == ["config.yaml", "lineage.json", "meta.json", "metrics.json", "model.pt"]
+        assert sorted(os.listdir(found["path"])) == ["config.yaml", "lineage.json", "meta.json", "metrics.json", "model.pt",
+                                                     "version.json"]
         assert found["metrics"]["val/ndcg@10"] == found["state_dict"]["w"][0].item()  # files of one writer, not mixed
         values.add(found["metrics"]["val/ndcg@10"])
     assert len(values) == 8
@@ -119,9 +122,9 @@ def test_registry_cli_list_promote_warns_on_research_only_and_rolls_back(tmp_pat
            "licence": "research use only"}
     for k, research in enumerate((False, True)):
         registry.register(str(root), "rec", {"w": torch.zeros(1)}, {"train": {"monitor": "val/ndcg@10"}},
-                          {"val/ndcg@10": 0.1 + k / 10, "test/ndcg@10": 0.05 + k / 10}, {},
+                          {"val/ndcg@10": 0.1 + k / 10, "test/ndcg@10": 0.05 + k / 10}, {"model_kwargs": {}},
                           {**lin, "research_only": research}, extra={"sweep": {"name": "s", "trial_id": f"t{k}"}}
-                          if k else None)
+                          if k else None, info=registry.version_info({}, ["ndcg@10"]))
     reg = ["--registry", str(root)]
     assert main([*reg, "promote", "rec", "v0001", "--alias", "prod"])["warning"] is None
     out = capsys.readouterr()
@@ -145,3 +148,27 @@ def test_registry_cli_list_promote_warns_on_research_only_and_rolls_back(tmp_pat
     # as a command: a user error is one line and exit code 2
     again = _cli(root, "rollback", "rec")
     assert again.returncode == 2 and "no earlier version" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_format_1_versions_fail_with_the_migrate_command_then_migrate(tmp_path: Path) -> None:
+    """A version written before registry format 2 (no version.json; next_item meta without model_kwargs) fails to
+    load with one line naming the command; `jobs.registry migrate` upgrades it in place and it loads."""
+    from jobs.registry import main
+
+    root = str(tmp_path / "registry")
+    cfg = {"task": {"name": "next_item", "module": "ecomray.tasks.next_item"}, "dataset": {"name": "gone"},
+           "paths": {"data": str(tmp_path / "data")}}
+    v = registry.register(root, "old", {"w": torch.zeros(1)}, cfg, {"val/ndcg@10": 0.1},
+                          {"model_kwargs": {}, "num_items": 7, "popular": ["a", "b"]}, {})
+    folder = Path(root) / "old" / v
+    (folder / "version.json").unlink()
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["model_kwargs"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"registry format 1 .*python -m jobs.registry migrate old"):
+        registry.load(root, "old")
+    assert main(["--registry", root, "migrate"]) == [f"old:{v}"]
+    found = registry.load(root, "old")
+    assert found["meta"]["model_kwargs"] == {"num_items": 7} and found["info"]["format"] == registry.FORMAT
+    assert found["meta"]["item_categories"] is None               # the shards it was trained on are gone
+    assert main(["--registry", root, "migrate"]) == []            # nothing left to do

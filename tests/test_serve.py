@@ -1,4 +1,4 @@
-"""The Serve app: unit tests of the guard middleware and the family deployments without Serve, then one Serve
+"""The Serve app: unit tests of the guard middleware and the generic model server without Serve, then one Serve
 instance per module (tiny models trained in-process, a free loopback port) for the HTTP tests: end to end against
 offline predict, fallback and warnings, 422/413/503, category filters, hot swap, schema fuzzing, and a replica
 killed under load."""
@@ -96,8 +96,8 @@ def test_ingress_refuses_non_loopback_without_key(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("ECOMRAY_API_KEY", raising=False)
     user_cls = Ingress.func_or_class.__mro__[1]           # the class under Serve's ASGI wrapper
     with pytest.raises(UserError, match="API key"):
-        user_cls.__init__(object.__new__(user_cls), settings={"host": "0.0.0.0"})
-    user_cls.__init__(object.__new__(user_cls), settings={"host": "0.0.0.0", "api_key": "k"})
+        user_cls.__init__(object.__new__(user_cls), {}, settings={"host": "0.0.0.0"})
+    user_cls.__init__(object.__new__(user_cls), {}, settings={"host": "0.0.0.0", "api_key": "k"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,22 +124,34 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return out
 
 
-def test_family_health_reconfigure_and_path_safety(trained: dict[str, Any]) -> None:
-    from serve.families import Recommender
+def _server(reg: str, name: str, version: str | None = None, **options: Any):
+    from serve.endpoint import ModelServer
 
+    return ModelServer(reg, name, registry.resolve(reg, name, version), "recommend",
+                       {"max_history": 50, **options})
+
+
+def test_model_server_health_bad_swaps_and_path_safety(trained: dict[str, Any],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hot swap to a ref that is missing, outside the registry or broken never takes the route down: the
+    loaded version keeps serving and describe() names the failed ref."""
+    from ray.serve import batching
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
     cfg = trained["cfg"]
     reg, name = cfg["paths"]["registry"], trained["recommend"]["name"]
-    cls = Recommender.func_or_class
-    rec = cls(reg, name, None, {"data": cfg["paths"]["data"]})
+    rec = _server(reg, name)
     rec.check_health()
     v1 = rec.loaded.version
-    # names or refs that would leave the registry root are refused; the loaded model keeps serving
     with pytest.raises(UserError, match="invalid registry name"):
-        cls(reg, "../" + name, None, {})
-    with pytest.raises(UserError):
-        asyncio.run(rec.reconfigure({"ref": "../../etc"}))
-    assert rec.loaded.version == v1
-    rec.check_health()
+        _server(reg, "../" + name)
+    for bad in ("../../etc", "v9999", "no-such-alias"):
+        asyncio.run(rec.reconfigure({"ref": bad}))
+        assert rec.loaded.version == v1 and rec.describe()["failed_swap"]["ref"] == bad
+        rec.check_health()
+    asyncio.run(rec.reconfigure({"version": v1}))                 # a good config clears the failure
+    assert rec.describe()["failed_swap"] is None
     rec.loaded = None
     with pytest.raises(RuntimeError, match="no model loaded"):
         rec.check_health()
@@ -160,8 +172,6 @@ def test_reconfigure_swaps_in_place_without_failing_requests(trained: dict[str, 
     request is answered whole by one version, and the swap happens once."""
     from ray.serve import batching
 
-    from serve.families import Recommender
-
     # outside a replica @serve.batch can't read the replica context for one of its warnings; nothing else needs it
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
                         lambda self: None)
@@ -169,31 +179,25 @@ def test_reconfigure_swaps_in_place_without_failing_requests(trained: dict[str, 
     cfg = trained["cfg"]
     reg, name = cfg["paths"]["registry"], trained["recommend"]["name"]
     old, new_version = _second_version(reg, name)
-    rec = Recommender.func_or_class(reg, name, old["version"], {"data": cfg["paths"]["data"]})
+    rec = _server(reg, name, old["version"])
     hist = _histories(trained, 1)[0]
     seen: list[str] = []
 
-    async def main() -> None:
+    async def main() -> dict:
         async def client(n: int) -> None:
             for _ in range(n):
-                out = await rec.recommend({"history": hist, "k": 5})
-                assert "error" not in out and len(out["items"]) == 5
-                seen.append(out["model"]["version"])
+                out = await rec({"history": hist, "k": 5})
+                assert out["status"] == 200 and len(out["body"]["items"]) == 5
+                seen.append(out["body"]["model"]["version"])
                 await asyncio.sleep(0.002)
 
         flow = asyncio.gather(*(client(40) for _ in range(4)))
         await asyncio.sleep(0.05)
-        await rec.reconfigure({"ref": new_version})
+        await rec.reconfigure({"version": new_version})
         await flow
-        return await rec.recommend({"history": hist, "k": 5})
+        return (await rec({"history": hist, "k": 5}))["body"]
 
-    # one event loop: @serve.batch's queue lives on the loop that first used it. The queue is per class, so drop
-    # it afterwards: a class holding a live queue can't be pickled into a Serve replica by the later tests.
-    lazy = Recommender.func_or_class._predict_batch.set_max_batch_size.__self__
-    try:
-        out = asyncio.run(main())
-    finally:
-        lazy._queue = None
+    out = asyncio.run(main())      # one event loop: @serve.batch's queue lives on the loop that first used it
     assert len(seen) == 160 and seen[0] == old["version"] and seen[-1] == new_version
     first_new = seen.index(new_version)
     # after the swap only requests already in flight (at most one per client) finish on the old version
@@ -202,16 +206,24 @@ def test_reconfigure_swaps_in_place_without_failing_requests(trained: dict[str, 
     assert [i["item_id"] for i in out["items"]] == [i for i, _ in want]
 
 
-def test_build_app_refuses_a_name_outside_the_registry(trained: dict[str, Any]) -> None:
+def test_endpoint_table_refuses_a_name_outside_the_registry(trained: dict[str, Any]) -> None:
     from serve.app import build_app
     from serve.settings import app_args
 
-    args = app_args(trained["cfg"])
-    args["models"] = {"recommend": {"name": "../outside", "ref": None}}
+    cfg = json.loads(json.dumps(trained["cfg"]))
+    cfg["deploy"]["endpoints"] = {"recommend": {"model": "../outside"}}
     with pytest.raises(UserError, match="invalid registry name"):
-        build_app({"app": args})
-    args["models"] = {"recommend": {"name": "no_such_model", "ref": None}}
-    build_app({"app": args})    # a model that is simply missing: the family is not deployed (503), no error
+        app_args(cfg)
+    cfg["deploy"]["endpoints"] = {"recommend": {"model": "no_such_model"}}
+    args = app_args(cfg)        # a model that is simply missing: the route answers 503, no error
+    assert "no versions" in args["endpoints"]["recommend"]["unavailable"]
+    build_app({"app": args})
+    args["endpoints"] = {"recommend": {"model": "../outside", "version": "v0001", "module": "x", "options": {}}}
+    with pytest.raises(UserError, match="invalid registry name"):
+        build_app({"app": args})    # a hand-written serve config is checked too
+    cfg["deploy"]["endpoints"] = {"Bad Route!": {"model": "x"}}
+    with pytest.raises(UserError, match="route"):
+        app_args(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,12 +237,14 @@ def app(ray_session, trained: dict[str, Any]) -> dict[str, Any]:
 
     cfg = json.loads(json.dumps(trained["cfg"]))
     cfg["deploy"]["port"] = free_port()
-    if "propensity" in trained:
-        cfg["deploy"]["models"]["propensity"] = {"name": trained["propensity"]["name"], "ref": None}
-    cfg["deploy"]["models"]["sentiment"] = {"name": trained["sentiment"]["name"], "ref": None}
+    endpoints = {"recommend": {"model": trained["recommend"]["name"]},
+                 "sentiment": {"model": trained["sentiment"]["name"]},
+                 "score/propensity": {"model": trained["propensity"]["name"] if "propensity" in trained
+                                      else "propensity_shoppers"}}     # missing without the dataset: a 503 route
+    cfg["deploy"]["endpoints"] = endpoints
     cfg["serve"]["max_body_bytes"] = 200_000
-    cfg["serve"]["recommend"]["num_replicas"] = 2            # the reliability test kills one of them
-    cfg["serve"]["recommend"]["max_history"] = 50
+    # the reliability test kills one of the two recommend replicas
+    cfg["serve"]["routes"] = {"recommend": {"num_replicas": 2, "max_history": 50}}
     info = start(cfg)
     info["cfg"] = cfg
     yield info
@@ -313,11 +327,11 @@ def test_bad_input_is_422_413_or_503_never_500(app: dict[str, Any]) -> None:
     r = httpx.post(f"{url}/v1/score/propensity", json={"rows": [{"PageValues": "lots"}]})
     assert r.status_code in (422, 503) and r.status_code != 500
     models = httpx.get(f"{url}/v1/models").json()
-    assert [m["family"] for m in models["loaded"]][0] == "recommend"
-    assert {m["family"] for m in models["loaded"]} | set(models["unavailable"]) == {"recommend", "propensity",
-                                                                                  "sentiment"}
+    assert [m["route"] for m in models["loaded"]][0] == "recommend"
+    assert {m["route"] for m in models["loaded"]} | set(models["unavailable"]) == {"recommend", "score/propensity",
+                                                                                 "sentiment"}
     health = httpx.get(f"{url}/healthz")
-    assert health.status_code == 200 and health.json()["families"]["recommend"] == "ok"
+    assert health.status_code == 200 and health.json()["routes"]["recommend"] == "ok"
     assert httpx.get(f"{url}/docs").status_code == 200
 
 
@@ -365,8 +379,7 @@ def test_schema_fuzz_no_5xx(app: dict[str, Any]) -> None:
     from hypothesis import HealthCheck, Phase, given, settings
 
     schema = schemathesis.openapi.from_url(f"{app['url']}/openapi.json")
-    not_deployed = {f"/v1/{'score/' if f == 'propensity' else ''}{f}"
-                    for f in httpx.get(f"{app['url']}/v1/models").json()["unavailable"]}
+    not_deployed = {f"/v1/{r}" for r in httpx.get(f"{app['url']}/v1/models").json()["unavailable"]}
     counts: dict[int, int] = {}
     bad: list[str] = []
     import requests
@@ -404,7 +417,7 @@ def test_replica_killed_under_load(app: dict[str, Any], trained: dict[str, Any])
     succeed as the client sees them, and Serve starts a replacement."""
     import ray
 
-    before = _replicas("recommend")
+    before = _replicas("model_recommend")
     assert len(before) == 2, before
     hists = _histories(trained, 20)
     total, concurrency, kill_at = 5000, 8, 1000
@@ -442,7 +455,7 @@ def test_replica_killed_under_load(app: dict[str, Any], trained: dict[str, Any])
     assert ok / total >= 0.999
     deadline = time.time() + 90
     while time.time() < deadline:
-        now = _replicas("recommend")
+        now = _replicas("model_recommend")
         if len(now) == 2 and killed[0] not in now:
             break
         time.sleep(1)
@@ -472,7 +485,7 @@ def test_redeploy_new_version_without_failed_requests(app: dict[str, Any], train
         task = asyncio.ensure_future(load(stop))
         await asyncio.sleep(1.0)
         args = app_args(cfg)
-        args["models"]["recommend"] = {"name": name, "ref": new_version, "init_ref": None}
+        args["endpoints"]["recommend"]["version"] = new_version
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: serve.run(build_app({"app": args}), name=cfg["deploy"]["app_name"],
                                     route_prefix=cfg["deploy"]["route_prefix"]))
@@ -500,20 +513,21 @@ def test_deploy_once_answers_one_request_and_removes_its_app(app: dict[str, Any]
     from jobs.deploy import run
 
     cfg = json.loads(json.dumps(app["cfg"]))
-    cfg["deploy"].update(once=True, app_name="once", route_prefix="/once", request={"history": None, "k": 4})
-    cfg["serve"]["recommend"]["num_replicas"] = 1
-    cfg["deploy"]["models"] = {"recommend": cfg["deploy"]["models"]["recommend"]}
+    cfg["deploy"].update(once=True, app_name="once", route_prefix="/once", request={"k": 4})
+    cfg["serve"]["routes"] = {"recommend": {"num_replicas": 1}}
+    cfg["deploy"]["endpoints"] = {"recommend": cfg["deploy"]["endpoints"]["recommend"],
+                                  "missing": {"model": "no_such_model"}}
     seen_503: list[int] = []
 
     import jobs.deploy as deploy_job
 
     original = deploy_job._one_request
 
-    def one_request_and_probe(plain: dict, info: dict) -> dict:   # while the app is up: a family not deployed
-        for path, body in (("/v1/sentiment", {"texts": ["great"]}), ("/v1/score/propensity", {"rows": [{}]})):
-            r = httpx.post(info["url"] + path, json=body)
-            seen_503.append(r.status_code)
-            assert "is not available" in r.json()["detail"]
+    def one_request_and_probe(plain: dict, info: dict) -> dict:   # while the app is up: a route with no model
+        r = httpx.post(info["url"] + "/v1/missing", json={"anything": 1})
+        seen_503.append(r.status_code)
+        assert "is not available" in r.json()["detail"]
+        assert httpx.post(info["url"] + "/v1/sentiment", json={"texts": ["great"]}).status_code == 404
         return original(plain, info)
 
     deploy_job._one_request = one_request_and_probe
@@ -521,11 +535,11 @@ def test_deploy_once_answers_one_request_and_removes_its_app(app: dict[str, Any]
         out = run(cfg)
     finally:
         deploy_job._one_request = original
-    assert seen_503 == [503, 503]
+    assert seen_503 == [503]
     assert out["url"].endswith("/once") and len(out["response"]["items"]) == 4
     assert out["response"]["fallback"] is False and out["response"]["model"]["name"] == "next_item_synthetic"
     assert "once" not in serve.status().applications
-    assert set(out["models"]["unavailable"]) == {"propensity", "sentiment"}
+    assert set(out["models"]["unavailable"]) == {"missing"}
     assert httpx.get(f"{app['url']}/healthz").status_code == 200          # the other app is untouched
 
 

@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from ecomray import registry
 from ecomray.data.prepare import run as prepare
 from ecomray.models.sasrec import SASRec
-from ecomray.runtime import to_plain
+from ecomray.config import compose
 from ecomray.tasks import load_task, next_item
 from ecomray.tasks.next_item_baselines import item_knn
 from ecomray.train.driver import fit
@@ -26,8 +25,8 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def compose_cfg(name: str, tmp: Path, *overrides: str) -> dict:
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        return to_plain(compose(name, overrides=[f"paths.root={tmp}", *overrides]))
+    """A job's config as the jobs compose it (with the config groups chosen, as `choices`), under `tmp`."""
+    return compose(name, [f"paths.root={tmp}", *overrides])
 
 
 FUNNEL = [("u1", "a", "view"), ("u1", "a", "click"), ("u1", "b", "view"), ("u1", "a", "purchase"),
@@ -152,7 +151,8 @@ def test_ensemble_members_train_on_their_own_loss_and_rank_by_mean_log_softmax()
 
 def test_item_knn_scores_co_occurring_items(tmp_path: Path) -> None:
     data = next_item.build_data(_fake_cfg(tmp_path, dedupe="first_interaction"), 0, 1)
-    score = item_knn(data, shrink=0.0)(data.seqs[:1], [0])[0]             # training parts: a b c, b c
+    parts = [q[:-2] if len(q) >= 3 else q for q in data.seqs]              # training parts: a b c, b c
+    score = item_knn(parts, data.num_items, shrink=0.0)(data.seqs[:1], [0])[0]
     a, b, c = (data.item_ids.index(x) for x in "abc")
     assert score[a] > 0 and score[b] > 0 and score[data.item_ids.index("e")] == 0
 
@@ -190,13 +190,20 @@ def test_tiny_trains_registers_and_evaluate_reproduces_it(tiny_trained) -> None:
     assert losses[-1] < losses[0]
     folder = Path(cfg["paths"]["registry"]) / out["name"] / out["version"]
     assert out["name"] == "next_item_synthetic"
-    assert sorted(os.listdir(folder)) == ["config.yaml", "lineage.json", "meta.json", "metrics.json", "model.pt"]
+    assert sorted(os.listdir(folder)) == ["config.yaml", "lineage.json", "meta.json", "metrics.json", "model.pt",
+                                          "version.json"]
+    info = json.loads((folder / "version.json").read_text())
+    assert info == {"format": 2, "task": "next_item", "module": "ecomray.tasks.next_item",
+                    "key_metrics": list(next_item.KEY_METRICS)}
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["model_kwargs"] == {"num_items": meta["num_items"]} and meta["examples"]
+    assert set(meta["item_categories"]) == set(meta["item_ids"])      # self-contained: serving reads no shards
     lineage = json.loads((folder / "lineage.json").read_text())
     assert len(lineage["data_manifest_hash"]) == 64 and lineage["seed"] == cfg["seed"]
     assert lineage["research_only"] is False and lineage["licence"] and "torch" in lineage["packages"]
     assert json.loads((folder / "metrics.json").read_text())["test/ndcg@10"] == m["test/ndcg@10"]
     report = evaluate_version({**cfg, "evaluate": {"model": f"{out['name']}:{out['version']}", "split": "test",
-                                                   "sampled": 100}})
+                                                   "task": {"eval_sampled": 100}}})
     rows = report["metrics"]
     assert rows["model"]["ndcg@10"] == pytest.approx(m["test/ndcg@10"], rel=1e-6)   # re-scoring reproduces it
     assert set(rows) == {"model", "popularity", "item_knn", "oracle"}

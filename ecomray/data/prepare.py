@@ -29,6 +29,7 @@ import polars as pl
 import ecomray
 from ecomray.data import schema as S
 from ecomray.data.adapters import load_adapter
+from ecomray.data.shards import dataset_dir
 from ecomray.runtime import UserError, is_uri
 
 QUARANTINE_BUCKET = -1
@@ -282,7 +283,7 @@ def _stage_task(i: int, dataset: dict, paths: dict, schema: dict, shards: int, s
 
 
 def run(cfg: dict) -> dict:
-    """Prepare `cfg["dataset"]` into `cfg["prepare"]["out"]`; returns the manifest."""
+    """Prepare `cfg["dataset"]` into `<paths.data>/<dataset.name>` (`shards.dataset_dir`); returns the manifest."""
     t0 = time.time()
     dataset, paths, opts = cfg["dataset"], cfg["paths"], cfg["prepare"]
     schema = dict(dataset["schema"])
@@ -291,14 +292,14 @@ def run(cfg: dict) -> dict:
     if shards < 1:
         raise UserError(f"prepare.shards must be >= 1 (got {shards})")
     ts_format = dataset.get("ts_format", "auto")
-    final = opts["out"]
+    final = dataset_dir(cfg)
     if is_uri(final):
         local_root = tempfile.mkdtemp(prefix="ecomray-prepare-")
     else:
         local_root = os.path.dirname(final)
         if os.path.exists(os.path.join(final, "manifest.json")) and not cfg.get("overwrite", False):
             raise UserError(f"{final} already holds a prepared dataset; pass overwrite=true to replace it "
-                            f"or prepare.out=<another folder>")
+                            f"or paths.data=<another folder>")
     os.makedirs(local_root, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=local_root)
     out, stage = os.path.join(work, "out"), os.path.join(work, "stage")
@@ -395,12 +396,3 @@ def print_summary(m: dict, where: str, seconds: float) -> None:
     lines.append(f"  {len(m['shards'])} shards, rows per shard min {min(s['rows'] for s in m['shards']):,} "
                  f"max {max(s['rows'] for s in m['shards']):,}")
     print("\n".join(lines), file=sys.stdout, flush=True)
-
-
-def load_manifest(folder: str) -> dict:
-    """Read a prepared dataset's manifest, with a clear error when it isn't there."""
-    path = os.path.join(folder, "manifest.json")
-    if not os.path.exists(path):
-        raise UserError(f"no prepared dataset at {folder} (missing manifest.json): run `python -m jobs.prepare` first")
-    with open(path) as fh:
-        return json.load(fh)

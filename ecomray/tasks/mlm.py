@@ -28,6 +28,7 @@ from ecomray.features.text import MASK_ID, encode, fit_tokenizer, load_tokenizer
 from ecomray.tasks.sentiment import _length_batches, epoch_part, read_reviews, set_threads
 
 FIRST_REAL_ID = 5   # ids below are the special tokens
+KEY_METRICS = ("mlm_acc", "loss")
 
 
 @dataclass

@@ -9,24 +9,36 @@ for one-item-per-row logs (the Amazon files) the two coincide.
 
 Workers read shard files rank::world_size (users are hash-partitioned, so no user is split); the item vocabulary
 is the sorted set of item ids over all shards, identical on every worker.
+
+Serving (`POST /v1/recommend`): a history of item ids in, the top k items out. Unknown ids are dropped with a
+warning; an empty or all-unknown history gets the most popular items (`fallback: true`); `filters.category` keeps
+items of the wanted categories, from the item -> category map stored in the registry version.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator, Union
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from pydantic import BaseModel, Field, StringConstraints
 from torch import nn
 
-from ecomray.data.prepare import load_manifest
+from ecomray import serving
+from ecomray.data import shards
 from ecomray.metrics import KS, rank_targets, ranking_sums
+from ecomray.tasks import RequestError
+
+KEY_METRICS = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "ndcg@5", "hr@5")
+ROUTE = "recommend"
 
 
 @dataclass
@@ -37,19 +49,17 @@ class SeqData:
     max_len: int
     popularity: np.ndarray               # (I,) training counts, for the cold-start fallback and baselines
     cfg: dict = field(repr=False, default_factory=dict)
+    files: list[str] = field(repr=False, default_factory=list)    # every shard file of the dataset
+    _categories: dict[str, str] | None = field(repr=False, default=None)
 
     @property
     def num_items(self) -> int:
         return len(self.item_ids)
 
 
-def dataset_dir(cfg: dict) -> str:
-    return os.path.join(cfg["paths"]["data"], cfg["dataset"]["name"])
-
-
-def read_sequences(folder: str, task: dict, files: list[str]) -> pl.DataFrame:
-    """user_id -> list of item ids, in sequence order, from the given shard files."""
-    lf = pl.scan_parquet([os.path.join(folder, f) for f in files]) if files else None
+def read_sequences(task: dict, files: list[str]) -> pl.DataFrame:
+    """user_id -> list of item ids, in sequence order, from the given shard files (absolute paths)."""
+    lf = pl.scan_parquet(files) if files else None
     if lf is None:
         return pl.DataFrame({"user_id": [], "items": []}, schema={"user_id": pl.Utf8, "items": pl.List(pl.Utf8)})
     events = task.get("sequence_events")
@@ -64,23 +74,21 @@ def read_sequences(folder: str, task: dict, files: list[str]) -> pl.DataFrame:
 
 
 def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> SeqData:
-    folder = dataset_dir(cfg)
-    manifest = load_manifest(folder)
-    files = [s["file"] for s in manifest["shards"]]
+    files = shards.shard_files(shards.dataset_dir(cfg))
     # The catalogue: every item of the kept events over all shards (not only this worker's), sorted, so every
     # worker and every later re-load numbers items identically.
-    lf = pl.scan_parquet([os.path.join(folder, f) for f in files])
+    lf = pl.scan_parquet(files)
     if cfg["task"].get("sequence_events"):
         lf = lf.filter(pl.col("event").is_in(list(cfg["task"]["sequence_events"])))
     vocab = lf.select("item_id").unique().sort("item_id").collect()["item_id"].to_list()
     index = {item: k + 1 for k, item in enumerate(vocab)}
-    mine = read_sequences(folder, cfg["task"], files[rank::world_size])
+    mine = read_sequences(cfg["task"], files[rank::world_size])
     seqs = [np.fromiter((index[i] for i in items), dtype=np.int64, count=len(items)) for items in mine["items"]]
     pop = np.zeros(len(vocab), dtype=np.float64)
     for s in seqs:
         train_part = s[:-2] if len(s) >= 3 else s
         np.add.at(pop, train_part - 1, 1.0)
-    return SeqData(vocab, mine["user_id"].to_list(), seqs, int(cfg["model"].get("max_len", 50)), pop, cfg)
+    return SeqData(vocab, mine["user_id"].to_list(), seqs, int(cfg["model"].get("max_len", 50)), pop, cfg, files)
 
 
 def build_model(cfg: dict, data: SeqData) -> nn.Module:
@@ -230,16 +238,48 @@ def evaluate(model: nn.Module | None, data: SeqData, split: str, scorer: Any = N
     return _reduce(sums, len(rows))
 
 
+def item_categories(data: SeqData) -> dict[str, str] | None:
+    """item id -> its most frequent category (ties: the smallest), from the `category` column of the shards; None
+    when the dataset has no categories. Computed once per data object (metadata() runs every epoch)."""
+    if data._categories is None:
+        lf = pl.scan_parquet(data.files)
+        if "category" not in lf.collect_schema().names():
+            data._categories = {}
+        else:
+            df = (lf.select("item_id", pl.col("category").cast(pl.Utf8)).drop_nulls().group_by("item_id")
+                  .agg(pl.col("category").mode().min()).collect())
+            data._categories = dict(zip(df["item_id"].to_list(), df["category"].to_list()))
+    return data._categories or None
+
+
 def metadata(data: SeqData) -> dict:
     top = np.argsort(-data.popularity, kind="stable")[:1000]
+    examples = [{"history": [data.item_ids[k - 1] for k in s[:-2][-5:]], "k": 5}
+                for s in data.seqs if len(s) >= 4][:3]
     return {"item_ids": data.item_ids, "max_len": data.max_len, "num_items": data.num_items,
-            "popular": [data.item_ids[k] for k in top]}
+            "model_kwargs": {"num_items": data.num_items},
+            "popular": [data.item_ids[k] for k in top], "item_categories": item_categories(data),
+            "examples": examples}
+
+
+def upgrade_meta(meta: dict, config: dict) -> dict:
+    """Registry format 1 -> 2 (`jobs.registry migrate`): `model_kwargs`, and the item -> category map from the
+    prepared shards the version was trained on, when they are still there (else no category filters)."""
+    meta = {**meta, "model_kwargs": meta.get("model_kwargs") or {"num_items": meta["num_items"]}}
+    if "item_categories" not in meta:
+        try:
+            files = shards.shard_files(shards.dataset_dir(config))
+            meta["item_categories"] = item_categories(SeqData([], [], [], 0, np.zeros(0), config, files))
+        except Exception:  # noqa: BLE001 - optional: the shards may be gone
+            meta["item_categories"] = None
+    meta.setdefault("examples", [{"history": list(meta.get("popular") or [])[:3], "k": 5}])
+    return meta
 
 
 def predict(model: nn.Module, meta: dict, histories: list[list[str]], k: int = 10,
             exclude_history: bool = True) -> list[list[tuple[str, float]]]:
     """Top-k (item id, score) per history of item ids (oldest first); unknown ids are skipped."""
-    index = {item: n + 1 for n, item in enumerate(meta["item_ids"])}
+    index = meta.get("_index") or {item: n + 1 for n, item in enumerate(meta["item_ids"])}
     seqs = [np.array([index[i] for i in h if i in index], dtype=np.int64) for h in histories]
     model.eval()
     scores = score_histories(model, seqs, int(meta["max_len"]))
@@ -254,8 +294,160 @@ def predict(model: nn.Module, meta: dict, histories: list[list[str]], k: int = 1
     return out
 
 
-def baselines(data: SeqData) -> dict[str, Any]:
-    """Scorers for `evaluate(None, data, split, scorer=...)`: most-popular and item-kNN (next_item_baselines.py)."""
+# ----------------------------------------------------------------------------------------------- evaluation
+def evaluation_table(model: nn.Module, meta: dict, data: SeqData, split: str, baselines: bool = True) -> dict:
+    """The model beside most-popular and item-kNN (next_item_baselines.py) in the same harness, and on the synthetic
+    shop an oracle that ranks by the generator's true preferences."""
     from ecomray.tasks.next_item_baselines import scorers
 
-    return scorers(data, data.cfg["task"].get("baselines"))
+    rows = {"model": evaluate(model, data, split)}
+    if baselines:
+        train = [s[:-2] if len(s) >= 3 else s for s in data.seqs]
+        for who, scorer in scorers(train, data.num_items, data.popularity, data.cfg["task"].get("baselines")).items():
+            rows[who] = evaluate(None, data, split, scorer=scorer)
+        manifest = shards.load_manifest(shards.dataset_dir(data.cfg))
+        if manifest.get("truth_dir"):
+            rows["oracle"] = evaluate(None, data, split, scorer=_oracle(manifest["truth_dir"], data))
+    return rows
+
+
+def _oracle(truth_dir: str, data: SeqData):
+    """Scores every item by the generator's true preference for the user (given the history)."""
+    from ecomray.data import synthetic
+
+    truth = synthetic.load_truth(truth_dir)
+    col = np.array([truth.item_index()[i] for i in data.item_ids])  # vocab order -> truth order
+
+    def score(histories: list[np.ndarray], rows: list[int]) -> torch.Tensor:
+        users = [data.users[r] for r in rows]
+        hist = [[data.item_ids[k - 1] for k in h] for h in histories]
+        return torch.from_numpy(synthetic.true_scores(truth, users, hist)[:, col]).float()
+
+    return score
+
+
+# ----------------------------------------------------------------------------------------------- batch prediction
+def batch_inputs(cfg: dict, split: str) -> pa.Table:
+    """(user_id, history) per user from the task's own sequence code: `all` keeps the whole sequence (what a
+    campaign scores); `val` / `test` hold out the last 2 / 1 items of users with >= 3 (as in evaluation)."""
+    df = read_sequences(cfg["task"], shards.shard_files(shards.dataset_dir(cfg)))
+    if split in ("val", "test"):
+        cut = {"val": 2, "test": 1}[split]
+        df = df.filter(pl.col("items").list.len() >= 3).with_columns(
+            pl.col("items").list.head(pl.col("items").list.len() - cut))
+    elif split != "all":
+        raise ValueError(f"split {split!r}: next_item scores all, val or test")
+    return df.rename({"items": "history"}).to_arrow()
+
+
+def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:
+    """Top-k per user: `user_id`, `items`, `scores` (options: k, exclude_history)."""
+    top = predict(model, meta, batch["history"].to_pylist(), k=int(options.get("k", 10)),
+                  exclude_history=bool(options.get("exclude_history", True)))
+    return pa.table({"user_id": batch["user_id"],
+                     "items": pa.array([[i for i, _ in t] for t in top], pa.list_(pa.string())),
+                     "scores": pa.array([[s for _, s in t] for t in top], pa.list_(pa.float32()))})
+
+
+# ----------------------------------------------------------------------------------------------- serving
+MAX_K = 1000
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Category = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class RecommendFilters(serving.Strict):
+    category: Union[Category, list[Category], None] = Field(
+        None, description="keep only items of this category (or any of these categories)")
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float | None = Field(description="model score (higher is better); null for cold-start fallback items")
+
+
+class RecommendResponse(serving.Response):
+    user_id: str | None = None
+    items: list[ScoredItem]
+    fallback: bool = Field(description="true when the history had no known item: most popular items instead")
+
+
+def api(meta: dict, limits: dict) -> tuple[type[BaseModel], type[BaseModel]]:
+    """Request and response of POST /v1/recommend; `limits.max_history_items` caps the list (the body cap and
+    `max_history` truncation apply as well)."""
+    cap = int(limits.get("max_history_items", 10_000))
+
+    class RecommendRequest(serving.Strict):
+        user_id: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+            None, description="echoed back; the model ranks from the history only")
+        history: list[ItemId] = Field(default_factory=list, max_length=cap,
+                                      description="item ids the user interacted with, oldest first")
+        k: serving.Int = Field(10, ge=1, le=MAX_K, description="number of items to return")
+        exclude_history: bool = Field(True, description="never recommend an item already in the history")
+        filters: RecommendFilters | None = None
+
+    return RecommendRequest, RecommendResponse
+
+
+def prepare_serving(model: nn.Module, meta: dict) -> None:
+    if torch.cuda.is_available():          # a replica given a GPU (conf/serve/cluster.yaml) scores on it
+        model.to("cuda")
+    meta["_index"] = {item: n + 1 for n, item in enumerate(meta["item_ids"])}
+
+
+def serve_batch(model: nn.Module, meta: dict, requests: list[dict], options: dict) -> list[dict | RequestError]:
+    """One `predict` call per exclude_history group of the batch, with the group's largest k (a category filter
+    ranks the whole catalogue, then keeps the first k of the wanted categories)."""
+    max_history = int(options.get("max_history", 200))
+    index = meta.get("_index") or {item: n + 1 for n, item in enumerate(meta["item_ids"])}
+    cat_of = meta.get("item_categories")
+    out: list[Any] = [None] * len(requests)
+    ranked: dict[bool, list[int]] = {}
+    plans = []
+    for n, req in enumerate(requests):
+        warnings: list[str] = []
+        history = list(req.get("history") or [])
+        k, exclude = int(req.get("k", 10)), bool(req.get("exclude_history", True))
+        if len(history) > max_history:
+            warnings.append(f"history has {len(history)} items; only the most recent {max_history} are used")
+            history = history[-max_history:]
+        unknown = [i for i in history if i not in index]
+        known = [i for i in history if i in index]
+        if unknown:
+            shown = ", ".join(repr(serving.clip(i, 40)) for i in unknown[:5]) + (
+                f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            warnings.append(f"{len(unknown)} unknown item id(s) dropped from the history: {shown}")
+        wanted = _wanted_categories(req.get("filters"))
+        if wanted is not None and not cat_of:
+            out[n] = RequestError(["body", "filters", "category"],
+                                  "category filters are not available: the model's dataset has no categories")
+            continue
+        plans.append((n, req, history, known, k, exclude, wanted, warnings))
+        if known:
+            ranked.setdefault(exclude, []).append(len(plans) - 1)
+    results: dict[int, list[tuple[str, float]]] = {}
+    for exclude, members in ranked.items():
+        k_max = max(len(meta["item_ids"]) if plans[m][6] is not None else plans[m][4] for m in members)
+        tops = predict(model, meta, [plans[m][3] for m in members], k=k_max, exclude_history=exclude)
+        results.update(zip(members, tops))
+    for m, (n, req, history, known, k, exclude, wanted, warnings) in enumerate(plans):
+        fallback = not known
+        if fallback:
+            warnings.append("no known item in the history: most popular items (cold-start fallback)")
+            seen = set(history) if exclude else set()
+            pool = [(i, None) for i in meta.get("popular") or [] if i not in seen]
+        else:
+            pool = results[m]
+        if wanted is not None:
+            pool = [(i, s) for i, s in pool if cat_of.get(i) in wanted]
+        items = [{"item_id": i, "score": (s if s is not None and math.isfinite(s) else None)} for i, s in pool[:k]]
+        if len(items) < k:
+            warnings.append(f"only {len(items)} item(s) match; asked for {k}")
+        out[n] = {"user_id": req.get("user_id"), "items": items, "fallback": fallback, "warnings": warnings}
+    return out
+
+
+def _wanted_categories(filters: dict[str, Any] | None) -> set[str] | None:
+    cat = (filters or {}).get("category")
+    if cat is None:
+        return None
+    return {cat} if isinstance(cat, str) else set(cat)

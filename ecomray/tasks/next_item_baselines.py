@@ -1,6 +1,6 @@
 """Baselines for next-item recommendation, scored in the same harness as the model (`next_item.evaluate(...,
 scorer=...)`): most-popular and item-kNN. Both are fitted on the training part of each sequence only (the sequence
-minus its val and test items), like the model.
+minus its val and test items), like the model. They take plain arrays, so this module imports nothing of the task.
 
 A scorer is `scorer(histories, rows) -> (B, I) float scores`, histories being 1-based item-id arrays.
 """
@@ -13,22 +13,16 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ecomray.tasks.next_item import SeqData
-
 Scorer = Callable[[list[np.ndarray], list[int]], torch.Tensor]
 
 
-def _train_parts(data: SeqData) -> list[np.ndarray]:
-    return [s[:-2] if len(s) >= 3 else s for s in data.seqs]
-
-
-def popularity(data: SeqData) -> Scorer:
-    """Every user gets the catalogue ranked by training interaction counts."""
-    pop = torch.from_numpy(data.popularity).float()                       # (I,)
+def popularity(counts: np.ndarray) -> Scorer:
+    """Every user gets the catalogue ranked by training interaction counts (I,)."""
+    pop = torch.from_numpy(np.asarray(counts)).float()                    # (I,)
     return lambda histories, rows: pop.expand(len(histories), -1)
 
 
-def item_knn(data: SeqData, neighbours: int = 100, recent: int = 10, decay: float = 0.8,
+def item_knn(parts: list[np.ndarray], num_items: int, neighbours: int = 100, recent: int = 10, decay: float = 0.8,
              shrink: float = 10.0) -> Scorer:
     """Item-based kNN over co-occurrence in training sequences.
 
@@ -36,8 +30,7 @@ def item_knn(data: SeqData, neighbours: int = 100, recent: int = 10, decay: floa
     score for j is sum over the last `recent` history items h_t of decay**age(t) * sim(h_t, j): recent items weigh
     more, which suits next-item prediction.
     """
-    I = data.num_items
-    parts = _train_parts(data)
+    I = num_items
     indptr = np.cumsum([0] + [len(np.unique(p)) for p in parts])
     cols = np.concatenate([np.unique(p) - 1 for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     x = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), cols, indptr), shape=(len(parts), I))  # (U, I) binary
@@ -82,7 +75,9 @@ def _top_k_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
     return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=m.shape)
 
 
-def scorers(data: SeqData, cfg: dict | None = None) -> dict[str, Scorer]:
-    """The baselines by name; `cfg` (task.baselines.item_knn) may set item-kNN's parameters."""
+def scorers(train_parts: list[np.ndarray], num_items: int, counts: np.ndarray,
+            cfg: dict | None = None) -> dict[str, Scorer]:
+    """The baselines by name, fitted on each user's training part (1-based item ids); `cfg` (task.baselines) may
+    set item-kNN's parameters."""
     knn = ((cfg or {}).get("item_knn") or {})
-    return {"popularity": popularity(data), "item_knn": item_knn(data, **knn)}
+    return {"popularity": popularity(counts), "item_knn": item_knn(train_parts, num_items, **knn)}

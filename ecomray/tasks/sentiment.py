@@ -29,28 +29,34 @@ import functools
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from pydantic import BaseModel, Field, StringConstraints
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch import nn
 
-from ecomray.data.prepare import load_manifest
+from ecomray import serving
+from ecomray.data import shards
 from ecomray.features.text import encode as encode_chars
 from ecomray.features.text import fit_tokenizer, load_tokenizer, text_key_expr, tfidf_matrix, tfidf_vectorizer
 from ecomray.runtime import UserError
+from ecomray.tasks import RequestError
+
+KEY_METRICS = ("accuracy", "macro_f1")
+ROUTE = "sentiment"
 
 
 # ----------------------------------------------------------------------------------------------- reading
 def read_reviews(cfg: dict, name: str) -> pl.DataFrame:
     """A prepared reviews dataset as one frame in source order, with its `split` column."""
-    folder = os.path.join(cfg["paths"]["data"], name)
-    manifest = load_manifest(folder)
-    df = pl.read_parquet([os.path.join(folder, s["file"]) for s in manifest["shards"]]).sort("_file", "_row")
+    folder = shards.dataset_dir(cfg, name)
+    df = shards.read_frame(cfg, name)
     if "text" not in df.columns or "label" not in df.columns:
         raise UserError(f"{folder}: not a reviews dataset (needs text and label columns; prepare it with schema=reviews)")
     return df.with_columns(pl.lit(name).alias("_dataset"))
@@ -369,10 +375,11 @@ def metadata(data: TextData) -> dict:
             "model_kwargs": data.model_kwargs, "counts": data.counts, "fit": data.fit_report,
             "confusion": data.confusion, "per_category": data.per_category,
             "confusion_note": "rows = true label, columns = predicted, in `labels` order",
-            "train_datasets": [data.cfg["dataset"]["name"], *(data.cfg["task"].get("extra_train") or [])]}
+            "train_datasets": [data.cfg["dataset"]["name"], *(data.cfg["task"].get("extra_train") or [])],
+            "examples": [{"texts": [t[:80] for t in data.texts["train"][:3] if t.strip()]}] if data.texts["train"] else []}
 
 
-# ----------------------------------------------------------------------------------------------- serving
+# ----------------------------------------------------------------------------------------------- predicting
 def predict(model: nn.Module, meta: dict, texts: list[str]) -> list[dict]:
     """[{"label": name, "probs": {name: p}}] per text. Texts over meta["max_chars"] characters are cut to their first
     max_chars characters; an empty (or whitespace-only) text raises ValueError."""
@@ -388,3 +395,59 @@ def predict(model: nn.Module, meta: dict, texts: list[str]) -> list[dict]:
         p = _probs_ids(model, ids, lengths)
     labels = meta["labels"]
     return [{"label": labels[int(row.argmax())], "probs": {lab: float(row[k]) for k, lab in enumerate(labels)}} for row in p]
+
+
+def batch_inputs(cfg: dict, split: str) -> shards.ShardScan:
+    """The prepared review rows (prepare's `split` column selects train / val / test, or all)."""
+    return shards.scan(cfg, split)
+
+
+def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:
+    """`predicted` label and its probability per review; rows with an empty text get nulls."""
+    texts = batch["text"].to_pylist()
+    ok = [n for n, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    res = predict(model, meta, [texts[n] for n in ok]) if ok else []
+    label: list[Any] = [None] * len(texts)
+    prob: list[Any] = [None] * len(texts)
+    for n, r in zip(ok, res):
+        label[n], prob[n] = r["label"], r["probs"][r["label"]]
+    return pa.table({"predicted": pa.array(label, pa.string()), "probability": pa.array(prob, pa.float32())})
+
+
+# ----------------------------------------------------------------------------------------------- serving
+class SentimentResult(BaseModel):
+    label: str
+    probs: dict[str, float]
+
+
+class SentimentResponse(serving.Response):
+    results: list[SentimentResult]
+
+
+def api(meta: dict, limits: dict) -> tuple[type[BaseModel], type[BaseModel]]:
+    """POST /v1/sentiment: at most `limits.max_texts` texts of 1 to `limits.max_chars` characters, not blank."""
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=int(limits.get("max_chars", 5000)),
+                                            pattern=r"\S")]
+
+    class SentimentRequest(serving.Strict):
+        texts: list[Text] = Field(min_length=1, max_length=int(limits.get("max_texts", 64)),
+                                  description="texts to classify (each with at least one non-space character)")
+
+    return SentimentRequest, SentimentResponse
+
+
+def serve_batch(model: nn.Module, meta: dict, requests: list[dict], options: dict) -> list[dict | RequestError]:
+    """All texts of the batch in one `predict` call; texts over the model's `max_chars` are truncated, with a
+    warning."""
+    texts = [t for req in requests for t in req["texts"]]
+    results = predict(model, meta, texts)
+    max_chars = int(meta.get("max_chars") or 0)
+    out, lo = [], 0
+    for req in requests:
+        hi = lo + len(req["texts"])
+        warnings = ([f"texts over the model's {max_chars} characters were truncated"]
+                    if max_chars and any(len(t) > max_chars for t in req["texts"]) else [])
+        out.append({"results": [{"label": str(r["label"]), "probs": {str(k): float(v) for k, v in r["probs"].items()}}
+                                for r in results[lo:hi]], "warnings": warnings})
+        lo = hi
+    return out

@@ -13,13 +13,9 @@ from typing import Any, Callable
 import torch
 
 from ecomray import registry
-from ecomray.data.prepare import load_manifest
-from ecomray.tasks import load_task
+from ecomray.data import shards
+from ecomray.tasks import key_metrics, load_task
 from ecomray.train.loop import train_loop
-
-
-def registry_name(cfg: dict) -> str:
-    return cfg.get("registry_name") or f"{cfg['task']['name']}_{cfg['dataset']['name']}"
 
 
 def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict], None] | None = None):
@@ -52,7 +48,9 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     the one training loop (the tune job's wrapper records the trial's placement group); default `train_loop`."""
     from ecomray.runtime import init_ray
 
-    cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
+    cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry.model_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
+    load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
+    shards.require(cfg)            # so does a dataset that was never prepared (with the command to run)
     if int(cfg["scaling"].get("num_workers", 1)) > 0:
         init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"))  # no-op inside a Tune trial: Ray is already up
     t0 = time.time()
@@ -84,13 +82,15 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Any, register: bool = True, train
     if train_seconds is not None:
         metrics["train_seconds"] = train_seconds
     out: dict[str, Any] = {"metrics": metrics, "history": state["history"], "run_name": cfg.get("run_name")}
-    print("[train] best model: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                           if k.startswith(("val/", "test/")) and "sampled" not in k and "@5" not in k and "@20" not in k), flush=True)
+    keys = key_metrics(task) or tuple(k.split("/", 1)[1] for k in metrics if k.startswith("val/"))
+    print("[train] best model: " + "  ".join(f"{s}/{k} {metrics[f'{s}/{k}']:.4f}" for s in ("val", "test")
+                                           for k in keys[:3] if f"{s}/{k}" in metrics), flush=True)
     if register:
-        manifest = load_manifest(os.path.join(cfg["paths"]["data"], cfg["dataset"]["name"]))
-        name = registry_name(cfg)
+        manifest = shards.load_manifest(shards.dataset_dir(cfg))
+        name = registry.model_name(cfg)
         version = registry.register(cfg["paths"]["registry"], name, model.state_dict(), cfg, metrics,
-                                    task.metadata(data), registry.lineage(cfg, manifest), extra=extra)
+                                    task.metadata(data), registry.lineage(cfg, manifest), extra=extra,
+                                    info=registry.version_info(cfg, key_metrics(task)))
         print(f"[train] registered {name} {version} in {cfg['paths']['registry']}", flush=True)
         out.update(name=name, version=version)
     return out

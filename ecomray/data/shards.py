@@ -1,0 +1,117 @@
+"""The one reader of prepared datasets: where a shard set lives, its manifest, its shard files.
+
+`jobs.prepare` writes `<paths.data>/<dataset.name>/` (`manifest.json`, `shards/part-*.parquet`,
+`quarantine.parquet`); every reader (the task families, evaluation, batch prediction, the tune job) finds it here,
+so the writer and the readers can never disagree about the folder.
+
+    folder = dataset_dir(cfg)                 # the config's own dataset
+    folder = dataset_dir(cfg, "shoppers")     # another prepared dataset under the same paths.data
+    manifest = load_manifest(folder)
+    files = shard_files(folder, manifest)     # absolute paths, in shard order
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ecomray.runtime import UserError, is_uri
+
+
+def dataset_dir(cfg: dict, name: str | None = None) -> str:
+    """`<paths.data>/<name>`; `name` defaults to the config's `dataset.name`. To put prepared data elsewhere, set
+    `paths.data` (or `paths.root`): there is no second knob that only the writer would see."""
+    name = name or cfg["dataset"]["name"]
+    root = cfg["paths"]["data"]
+    return f"{root.rstrip('/')}/{name}" if is_uri(root) else os.path.join(root, name)
+
+
+def prepare_command(cfg: dict, name: str | None = None) -> str:
+    """The exact command that prepares the dataset a job is missing."""
+    name = name or cfg["dataset"]["name"]
+    root = cfg["paths"].get("root")
+    where = f" paths.root={root}" if root and root != os.path.abspath("runs") else ""
+    return f"python -m jobs.prepare dataset={name}{where}"
+
+
+def _read_text(path: str) -> str | None:
+    if is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, inner = pafs.FileSystem.from_uri(path)
+        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(inner) as fh:
+            return fh.read().decode()
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return fh.read()
+
+
+def has_manifest(folder: str) -> bool:
+    return _read_text(os.path.join(folder, "manifest.json") if not is_uri(folder)
+                      else f"{folder}/manifest.json") is not None
+
+
+def load_manifest(folder: str, hint: str | None = None) -> dict[str, Any]:
+    """A prepared dataset's manifest, with a clear error (and the command to run) when there is none."""
+    text = _read_text(os.path.join(folder, "manifest.json") if not is_uri(folder) else f"{folder}/manifest.json")
+    if text is None:
+        name = os.path.basename(folder.rstrip("/"))
+        raise UserError(f"no prepared dataset at {folder} (missing manifest.json): run "
+                        f"`{hint or f'python -m jobs.prepare dataset={name}'}` first")
+    return json.loads(text)
+
+
+def shard_files(folder: str, manifest: dict | None = None) -> list[str]:
+    """Absolute paths (or URIs) of a prepared dataset's shard files, in shard order."""
+    manifest = manifest if manifest is not None else load_manifest(folder)
+    join = (lambda f: f"{folder.rstrip('/')}/{f}") if is_uri(folder) else (lambda f: os.path.join(folder, f))
+    return [join(s["file"]) for s in manifest["shards"]]
+
+
+def require(cfg: dict, name: str | None = None) -> dict[str, Any]:
+    """The manifest of the dataset a job needs, checked in the driver before Ray starts.
+
+    A missing built-in synthetic shop is prepared on the spot (it needs no download); any other missing dataset
+    is one error line with the exact `jobs.prepare` command."""
+    folder = dataset_dir(cfg, name)
+    if has_manifest(folder):
+        return load_manifest(folder)
+    dataset = cfg["dataset"]
+    if (name in (None, dataset["name"])) and dataset.get("adapter") == "synthetic" and cfg.get("prepare"):
+        from ecomray.data.prepare import run as prepare
+
+        print(f"[data] {dataset['name']} is not prepared yet: preparing the built-in synthetic shop first", flush=True)
+        return prepare(cfg)
+    return load_manifest(folder, hint=prepare_command(cfg, name))
+
+
+def read_frame(cfg: dict, name: str | None = None, columns: list[str] | None = None):
+    """A whole (small) prepared dataset as one Polars frame in source order (`_file`, `_row`): labelled tables."""
+    import polars as pl
+
+    folder = dataset_dir(cfg, name)
+    files = shard_files(folder, load_manifest(folder, hint=prepare_command(cfg, name)))
+    return pl.read_parquet(files, columns=columns).sort("_file", "_row")
+
+
+@dataclass
+class ShardScan:
+    """What batch prediction reads when a family scores prepared rows as they are: shard files, optionally only
+    the rows of one split. (A family that must build its inputs first returns a pyarrow Table instead.)"""
+
+    files: list[str]
+    split: str | None = None
+
+
+def scan(cfg: dict, split: str | None = None) -> ShardScan:
+    """The config's prepared dataset as a ShardScan; `split` None or "all" keeps every row."""
+    folder = dataset_dir(cfg)
+    files = shard_files(folder, load_manifest(folder, hint=prepare_command(cfg)))
+    if split not in (None, "all", "train", "val", "test"):
+        raise UserError(f"split {split!r}: use all, train, val or test")
+    return ShardScan(files, None if split in (None, "all") else split)

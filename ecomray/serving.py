@@ -1,0 +1,105 @@
+"""What every family's serving API shares: the strict request base, the response base (model version and
+warnings), and the edge checks the generic deployment applies to every request of every family.
+
+A family's task module builds its request and response models from these (`api(limits)`), so a new family gets
+the checks without writing them: text must be valid Unicode (no lone surrogates, which JSON can carry but UTF-8
+can't encode), numbers finite and within +-2**53, and error messages never echo more than a short prefix of the
+input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+MAX_ABS_NUMBER = float(2**53)     # beyond this a float can't hold every integer; nothing we serve needs more
+ECHO_CHARS = 64                   # at most this many characters of a client's input come back in an error
+
+
+class Strict(BaseModel):
+    """Request bodies: no type coercion (a "5" is not 5), unknown fields refused."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and math.isfinite(v) and v.is_integer() else v
+
+
+# An integer field that also takes an integral JSON number such as 5.0 (JSON Schema's `integer` allows it, so the
+# OpenAPI contract does), still strict otherwise: "5" and 5.5 are refused.
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Response(BaseModel):
+    """Every answer names the registry version that produced it."""
+
+    model: ModelRef
+    warnings: list[str] = Field(default_factory=list)
+
+
+def clip(value: Any, n: int = ECHO_CHARS) -> str:
+    """A short, printable prefix of a client's value, for error messages."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} chars)"
+
+
+def edge_errors(body: Any, loc: tuple = ("body",), limit: int = 20) -> list[dict[str, Any]]:
+    """422 details for values no model can take, anywhere in a parsed request body: text that is not valid
+    Unicode (a lone surrogate such as "\\ud800"), numbers that are not finite or beyond +-2**53. Keys are checked
+    like values."""
+    errors: list[dict[str, Any]] = []
+
+    def walk(v: Any, where: tuple) -> None:
+        if len(errors) >= limit:
+            return
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                errors.append({"loc": list(where), "msg": "text is not valid Unicode (unpaired surrogate)",
+                               "type": "string_unicode"})
+        elif isinstance(v, bool) or v is None:
+            return
+        elif isinstance(v, (int, float)):
+            try:
+                ok = math.isfinite(v) and abs(v) <= MAX_ABS_NUMBER
+            except OverflowError:                     # an int too large to compare as a float
+                ok = False
+            if not ok:
+                errors.append({"loc": list(where), "msg": f"number must be finite and within +-2**53",
+                               "type": "number_out_of_range"})
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if isinstance(k, str):
+                    try:
+                        k.encode("utf-8")
+                    except UnicodeEncodeError:
+                        errors.append({"loc": [*where, clip(k)], "msg": "key is not valid Unicode",
+                                       "type": "string_unicode"})
+                        continue
+                walk(x, (*where, clip(k) if isinstance(k, str) else k))
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, (*where, i))
+
+    walk(body, tuple(loc))
+    return errors
+
+
+def clean_details(details: list[dict[str, Any]], limit: int = 20) -> list[dict[str, Any]]:
+    """Validation errors as `{loc, msg, type}` with every location part clipped: a 500k-character key must not
+    come back whole inside a 422."""
+    out = []
+    for d in details[:limit]:
+        loc = [p if isinstance(p, int) else clip(p) for p in d.get("loc", [])]
+        out.append({"loc": loc, "msg": clip(str(d.get("msg", "")), 300), "type": str(d.get("type", "value_error"))})
+    return out

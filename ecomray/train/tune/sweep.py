@@ -1,0 +1,145 @@
+"""Run (or resume) a sweep, then score, register and alias its winner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+from ecomray import registry
+from ecomray.data import shards
+from ecomray.runtime import UserError
+from ecomray.train.tune.export import EXPORT_KEYS, export_experiment
+from ecomray.train.tune.resources import ReleaseStoppedWorkers, max_concurrent_trials, trial_resources
+from ecomray.train.tune.results import trial_table, write_results
+from ecomray.train.tune.spec import apply_overrides, param_space, sweep_spec
+from ecomray.train.tune.trial import trial, trial_cfg
+
+
+def _fingerprint(cfg: dict, spec: dict) -> str:
+    keep = {k: cfg.get(k) for k in EXPORT_KEYS}
+    return hashlib.sha256(json.dumps([keep, {k: v for k, v in spec.items() if k != "time_budget_s"}],
+                                     sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_sweep(cfg: dict) -> dict[str, Any]:
+    """Run (or resume) the sweep in `cfg["sweep"]`, then register and alias its winner. Returns
+    {"name", "version", "alias", "best_trial", "metric", "value", "sweep_dir", "trials", "csv", "plot",
+    "experiment", "sweep_seconds", "metrics"}."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from ecomray.runtime import init_ray
+
+    tcfg = cfg["tune"]          # conf/common/tune.yaml
+    spec = sweep_spec(cfg)
+    base = apply_overrides({k: v for k, v in cfg.items() if k not in ("sweep", "tune", "hydra")}, spec["fixed"])
+    base["run_name"] = None
+    sweep_dir = os.path.join(cfg["paths"]["runs"], spec["name"])
+    fingerprint = _fingerprint(base, spec)
+
+    summary_path = os.path.join(sweep_dir, "summary.json")
+    if os.path.isdir(sweep_dir) and not tcfg["resume"]:
+        aside = f"{sweep_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(sweep_dir, aside)
+        print(f"[tune] tune.resume=false: moved the earlier sweep aside to {aside}", flush=True)
+    spec_path = os.path.join(sweep_dir, "sweep.json")
+    if os.path.exists(spec_path):
+        with open(spec_path) as fh:
+            earlier = json.load(fh)
+        if earlier["fingerprint"] != fingerprint:
+            raise UserError(f"sweep folder {sweep_dir} holds a sweep with a different config or space: pass "
+                            f"sweep.name=<new name> for a new sweep, or tune.resume=false to start this one over")
+        if os.path.exists(summary_path):
+            with open(summary_path) as fh:
+                done = json.load(fh)
+            print(f"[tune] sweep {spec['name']} is complete: winner {done['best_trial']} registered as "
+                  f"{done['name']} {done['version']} ({done['alias']}); tune.resume=false runs it again", flush=True)
+            return done
+    os.makedirs(sweep_dir, exist_ok=True)
+    with open(spec_path, "w") as fh:
+        json.dump({"fingerprint": fingerprint, "sweep": spec}, fh, indent=2, default=str)
+
+    shards.require(base)         # fail here, not in every trial (or prepare the built-in synthetic shop)
+    init_ray(num_cpus=(cfg.get("ray") or {}).get("num_cpus"))  # once, here; trials run inside this Ray
+    import ray
+
+    reserve, per_trial = trial_resources(base, float(tcfg["driver_cpus"]))
+    cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
+    concurrent = int(tcfg["max_concurrent_trials"] or max_concurrent_trials(cluster, per_trial))
+    print(f"[tune] sweep {spec['name']}: one trial needs {per_trial} (its driver {reserve}); cluster "
+          f"{ {k: cluster.get(k, 0.0) for k in ('CPU', 'GPU')} } -> {concurrent} trial(s) at a time", flush=True)
+
+    trainable = tune.with_resources(tune.with_parameters(trial, base_cfg=base, sweep_dir=sweep_dir),
+                                    {k: v for k, v in reserve.items() if v})
+    sched = spec["scheduler"]
+    scheduler = None
+    if sched.get("name") == "asha":
+        # stop_last_trials=False: a trial that reaches max_t ends on its own (its Train run shuts down cleanly)
+        # rather than being stopped by ASHA at its very last report.
+        scheduler = ASHAScheduler(time_attr="training_iteration",
+                                  max_t=int(sched.get("max_t") or base["train"]["epochs"]),
+                                  grace_period=int(sched.get("grace_period", 1)),
+                                  reduction_factor=float(sched.get("reduction_factor", 3)), stop_last_trials=False)
+    if spec["search"] == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=spec.get("seed"),   # Tune wraps a Searcher in a ConcurrencyLimiter
+                                  points_to_evaluate=spec["points_to_evaluate"] or None)
+    else:
+        # A search generator is not wrapped: Tune ignores max_concurrent_trials unless the generator gets it itself.
+        search_alg = BasicVariantGenerator(random_state=spec.get("seed"), max_concurrent=concurrent,
+                                           points_to_evaluate=spec["points_to_evaluate"] or None)
+    run_config = tune.RunConfig(storage_path=cfg["paths"]["runs"], name=spec["name"], verbose=1,
+                                callbacks=[ReleaseStoppedWorkers(sweep_dir)])
+    t0 = time.time()
+    if tcfg["resume"] and tune.Tuner.can_restore(sweep_dir):
+        print(f"[tune] resuming the sweep in {sweep_dir}", flush=True)
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(spec["space"]),
+            tune_config=tune.TuneConfig(metric=spec["metric"], mode=spec["mode"], num_samples=spec["num_samples"],
+                                        scheduler=scheduler, search_alg=search_alg,
+                                        max_concurrent_trials=concurrent,
+                                        time_budget_s=spec.get("time_budget_s")),
+            run_config=run_config)
+    grid = tuner.fit()
+    wall = time.time() - t0
+    rows, curves = trial_table(grid, spec, base)
+    if not rows:
+        raise UserError(f"sweep {spec['name']}: no trial reported a metric (see the errors above)")
+    write_results(rows, curves, spec, sweep_dir)
+    with open(os.path.join(sweep_dir, "curves.json"), "w") as fh:   # [(epoch, value, unix time)] per trial
+        json.dump(curves, fh)
+    scored = [r for r in rows if r["best_value"] is not None]
+    if not scored:
+        raise UserError(f"sweep {spec['name']}: every trial failed before its first epoch ended")
+    sign = 1 if spec["mode"] == "max" else -1
+    best = max(scored, key=lambda r: sign * r["best_value"])
+    print(f"[tune] best trial {best['trial_id']}: {spec['metric']} {best['best_value']:.4f} with "
+          + ", ".join(f"{k}={v}" for k, v in best["config"].items()) + f"  (sweep {wall:.0f}s)", flush=True)
+
+    winner_cfg = trial_cfg(base, best["config"], best["trial_id"], sweep_dir)
+    experiment = export_experiment(winner_cfg, spec, best, sweep_dir, tcfg.get("choices"))
+    out: dict[str, Any] = {"best_trial": best["trial_id"], "metric": spec["metric"], "value": best["best_value"],
+                           "sweep_dir": sweep_dir, "trials": len(rows), "csv": os.path.join(sweep_dir, "trials.csv"),
+                           "plot": os.path.join(sweep_dir, "curves.png"), "experiment": experiment,
+                           "alias": tcfg["alias"], "name": None, "version": None, "sweep_seconds": wall}
+    if tcfg["register"]:
+        from ecomray.train.driver import evaluate_checkpoint
+
+        lineage = {"sweep": {"name": spec["name"], "trial_id": best["trial_id"], "config": best["config"],
+                             "fixed": spec["fixed"], "metric": spec["metric"], "mode": spec["mode"],
+                             "best_value": best["best_value"], "trials": len(rows), "sweep_dir": sweep_dir}}
+        scored_out = evaluate_checkpoint(winner_cfg, best["checkpoint"], register=True,
+                                         train_seconds=best["wall_s"], extra=lineage)
+        registry.set_alias(cfg["paths"]["registry"], scored_out["name"], tcfg["alias"], scored_out["version"])
+        print(f"[tune] {scored_out['name']} {scored_out['version']} is now `{tcfg['alias']}`", flush=True)
+        out.update(name=scored_out["name"], version=scored_out["version"], metrics=scored_out["metrics"])
+        with open(summary_path, "w") as fh:
+            json.dump(out, fh, indent=2, default=str)
+    return out

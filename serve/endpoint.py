@@ -1,0 +1,168 @@
+"""The one model deployment: any family's registry version behind one route.
+
+`ModelServer` loads an exact registry version in `__init__` (the shared loader `ecomray.inference.load_model`),
+batches requests with `@serve.batch`, and calls the family's own `serve_batch` (ecomray/tasks/__init__.py), which
+calls the same `predict` offline evaluation and batch prediction use. It knows no family: the route, the schemas
+and the batching come from the task module and the config.
+
+It is a plain class: `ModelDeployment` runs it as its own Serve deployment (the default topology: ingress ->
+handle -> model replicas), and the ingress can also hold one in-process (`inline: true` for a light CPU family:
+one hop less, no independent scaling).
+
+Every result is a plain dict, never an exception across Ray: `{"status": 200, "body": {...}}` or
+`{"status": 422 | 500 | 503, "detail": ...}`. One request that fails (a bad value the model can't take, or a bug
+the family's code hits on it) fails alone: the batch is retried request by request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray import serve
+
+from ecomray import registry
+from ecomray.inference import LoadedModel, load_model
+from ecomray.runtime import UserError
+from ecomray.tasks import RequestError, supports, SERVING
+
+logger = logging.getLogger("ray.serve")
+
+
+def error(status: int, detail: Any) -> dict[str, Any]:
+    return {"status": status, "detail": detail}
+
+
+class ModelServer:
+    """One route's model: load, batch, predict, hot-swap, describe."""
+
+    def __init__(self, registry_root: str, name: str, version: str, route: str,
+                 options: dict[str, Any] | None = None) -> None:
+        self.root, self.name, self.route = registry_root, name, route
+        self.options = dict(options or {})
+        self.ref: str | None = self.options.get("ref")
+        self.failed: dict[str, str] | None = None       # the last hot swap that did not happen, and why
+        self.loaded: LoadedModel | None = None
+        self.loaded = self._load(version)
+        batching = self.options.get("batching") or {}
+        # One batch queue per instance (a decorated method would share one queue between instances).
+        self._batch = serve.batch(max_batch_size=int(batching.get("max_batch_size", 16)),
+                                  batch_wait_timeout_s=float(batching.get("batch_wait_timeout_s", 0.0)))(self._run)
+
+    # -- loading and hot swap ------------------------------------------------------------------------------------
+    def _load(self, version: str) -> LoadedModel:
+        t0 = time.perf_counter()
+        loaded = load_model(self.root, self.name, version)   # registry._safe: names never leave the registry root
+        if not supports(loaded.task, SERVING):
+            raise UserError(f"{self.name} {loaded.version}: task {loaded.task.__name__} does not serve "
+                            f"(it defines no {', '.join(n for n in SERVING if not hasattr(loaded.task, n))})")
+        if hasattr(loaded.task, "prepare_serving"):
+            loaded.task.prepare_serving(loaded.model, loaded.meta)
+        logger.info("[%s] loaded %s %s in %.2fs", self.route, loaded.name, loaded.version, time.perf_counter() - t0)
+        return loaded
+
+    def _apply_batching(self, batching: dict[str, Any]) -> None:
+        if "max_batch_size" in batching:
+            self._batch.set_max_batch_size(int(batching["max_batch_size"]))
+        if "batch_wait_timeout_s" in batching:
+            self._batch.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """`user_config: {version: v0003, ref: <what it was resolved from>, batching: {...}}` (a `ref` alone is
+        resolved here). The new version is loaded beside the one serving, then the reference is swapped: requests in
+        flight finish on the old model, none is dropped. A version that does not load (missing, outside the
+        registry, broken files) is not swapped in: the old one keeps serving and `describe()` reports the failure."""
+        user_config = user_config or {}
+        self._apply_batching(user_config.get("batching") or {})
+        if not ({"version", "ref"} & set(user_config)):
+            return
+        ref = user_config.get("ref")
+        wanted = user_config.get("version") or ref
+        current = self.loaded
+        try:
+            version = registry.resolve(self.root, self.name, wanted)
+            if current is not None and version == current.version:
+                self.ref, self.failed = ref, None
+                return
+            fresh = await asyncio.get_running_loop().run_in_executor(None, self._load, version)
+        except Exception as err:  # noqa: BLE001 - a bad swap must never take the route down
+            self.failed = {"ref": str(wanted)[:200], "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            logger.error("[%s] hot swap to %r failed, still serving %s %s: %s", self.route, wanted, self.name,
+                         current.version if current else "nothing", self.failed["error"])
+            return
+        self.loaded, self.ref, self.failed = fresh, ref, None      # one reference assignment: the swap
+
+    def check_health(self) -> None:
+        if self.loaded is None or self.loaded.model is None:
+            raise RuntimeError(f"{self.route}: no model loaded")
+
+    def describe(self) -> dict[str, Any]:
+        loaded = self.loaded
+        info: dict[str, Any] = {"route": self.route, "name": self.name, "ref": self.ref, "failed_swap": self.failed}
+        try:
+            info["replica"] = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (inline in tests)
+            info["replica"] = None
+        if loaded is None:
+            return {**info, "version": "none"}
+        try:
+            aliases = sorted(a for a, v in registry.aliases(self.root, self.name).items() if v == loaded.version)
+        except Exception:  # noqa: BLE001 - aliases are informative only
+            aliases = []
+        return {**info, **loaded.describe(), "aliases": aliases}
+
+    def examples(self) -> list[dict[str, Any]]:
+        """Valid request bodies stored in the version at registration (docs, playground, deploy.once)."""
+        return list((self.loaded.meta.get("examples") if self.loaded else None) or [])
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    async def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One validated request body -> `{"status": 200, "body": answer}` or an error dict."""
+        loaded = self.loaded                 # this request runs on one version, even across a swap
+        if loaded is None:
+            return error(503, f"{self.route}: no model loaded")
+        return await self._batch((loaded, body))
+
+    async def _run(self, items: list[tuple[LoadedModel, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """A batch: one `serve_batch` call per loaded version in it; if that call raises, each request is retried
+        alone, so only the request that breaks the family's code fails."""
+        out: list[Any] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for n, (loaded, _) in enumerate(items):
+            groups.setdefault(id(loaded), []).append(n)
+        for members in groups.values():
+            loaded = items[members[0]][0]
+            try:
+                results = self._serve(loaded, [items[n][1] for n in members])
+            except Exception:  # noqa: BLE001 - isolate below
+                results = []
+                for n in members:
+                    try:
+                        results.extend(self._serve(loaded, [items[n][1]]))
+                    except Exception as err:  # noqa: BLE001 - this request alone
+                        logger.exception("[%s] %s %s failed on one request", self.route, loaded.name, loaded.version)
+                        results.append(err)
+            ref = {"name": loaded.name, "version": loaded.version}
+            for n, r in zip(members, results):
+                out[n] = self._shape(r, ref)
+        return out
+
+    def _serve(self, loaded: LoadedModel, bodies: list[dict[str, Any]]) -> list[Any]:
+        results = loaded.task.serve_batch(loaded.model, loaded.meta, bodies, self.options)
+        if len(results) != len(bodies):
+            raise RuntimeError(f"{loaded.task.__name__}.serve_batch returned {len(results)} results for "
+                               f"{len(bodies)} requests")
+        return results
+
+    @staticmethod
+    def _shape(result: Any, ref: dict[str, str]) -> dict[str, Any]:
+        if isinstance(result, RequestError):
+            return error(422, [result.detail()])
+        if isinstance(result, BaseException):
+            return error(500, "internal error; the server log has the details")
+        return {"status": 200, "body": {**result, "model": ref}}
+
+
+ModelDeployment = serve.deployment(name="model")(ModelServer)
