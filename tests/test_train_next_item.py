@@ -252,3 +252,14 @@ def test_ema_weights_are_the_ones_evaluated_and_checkpointed(tmp_path: Path) -> 
     model = next_item.build_model(cfg, data)
     model.load_state_dict(state["ema"])
     assert next_item.evaluate(model, data, "val")["ndcg@10"] == pytest.approx(state["history"][-1]["val/ndcg@10"])
+
+
+def test_lr_plateau_decays_after_an_epoch_without_improvement() -> None:
+    from ecomray.train.loop import decay_on_plateau
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    decay_on_plateau(opt, None)
+    assert opt.param_groups[0]["lr"] == 1e-3
+    for want in (1e-4, 1e-5, 1e-6, 1e-6):                       # never below min_lr
+        decay_on_plateau(opt, {"factor": 0.1, "min_lr": 1e-6})
+        assert opt.param_groups[0]["lr"] == pytest.approx(want)

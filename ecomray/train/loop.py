@@ -48,6 +48,16 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         averaged.copy_(live)
 
 
+def decay_on_plateau(optimizer: torch.optim.Optimizer, plateau: dict | None) -> None:
+    """`train.lr_plateau: {factor, min_lr}`: after an epoch that did not improve the monitored metric, every
+    learning rate is multiplied by `factor` (not below `min_lr`). The same on every DDP rank (the metric is), and
+    resumed with the optimizer's state."""
+    if not plateau:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = max(group["lr"] * float(plateau.get("factor", 0.1)), float(plateau.get("min_lr", 0.0)))
+
+
 def _min_over_workers(n: int) -> int:
     import torch.distributed as dist
 
@@ -180,6 +190,7 @@ def train_loop(cfg: dict) -> None:
             best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
         else:
             bad_epochs += 1
+            decay_on_plateau(optimizer, tcfg.get("lr_plateau"))
         stop = bad_epochs >= int(tcfg.get("patience", 10**9))
         budget = tcfg.get("time_budget_s")
         out_of_time = bool(budget) and _any_worker(time.time() - t0 >= float(budget), world)

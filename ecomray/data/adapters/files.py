@@ -66,8 +66,21 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str])
 
 
 def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
+    """One source per input file. With `dataset.splits: {train: <file>, val: <file>, test: <file>}` (files
+    relative to `dataset.path`), a published split kept in separate files, each row gets its file's split in the
+    `split` column (`split: given`)."""
     fmt = dataset.get("format", "auto")
+    csv, columns = dataset.get("csv") or {}, dataset.get("columns") or {}
+    splits = dataset.get("splits")
+    if not splits:
+        return [(f, scan_file(f, file_format(f, fmt), csv, columns)) for f in list_files(dataset_path(dataset, paths))]
+    root = dataset_path(dataset, paths)
+    column = (dataset.get("split") or {}).get("column", "split")
     out = []
-    for f in list_files(dataset_path(dataset, paths)):
-        out.append((f, scan_file(f, file_format(f, fmt), dataset.get("csv") or {}, dataset.get("columns") or {})))
+    for split, rel in splits.items():
+        f = list_files(os.path.join(root, rel))
+        if len(f) != 1:
+            raise UserError(f"dataset.splits.{split}: {rel} must name one file (found {len(f)})")
+        out.append((f[0], scan_file(f[0], file_format(f[0], fmt), csv, columns).with_columns(
+            pl.lit(str(split)).alias(column))))
     return out
