@@ -17,6 +17,7 @@ from ecomray.data.prepare import run as prepare
 from ecomray.inference import load_model
 from ecomray.models.dcnv2 import DCNv2
 from ecomray.models.deepfm import DeepFM
+from ecomray.models.finalmlp import FinalMLP
 from ecomray.tasks import RequestError, ctr
 from tests.test_train_next_item import compose_cfg
 
@@ -95,6 +96,15 @@ def test_deepfm_pairwise_term_and_dcnv2_cross_layer() -> None:
     layer = net.cross.layers[0]
     assert torch.allclose(net.cross(x0), x0 * layer(x0) + x0)
     assert len(model.embedding_parameters()) == 2 and net(x[:, :2].clamp(max=6)).shape == (2,)
+    # FinalMLP's fusion: w1.x + w2.y + sum over heads of x_h^T W_h y_h
+    final = FinalMLP(cardinalities=[3, 4, 5], embed_dim=2, hidden1=[4], hidden2=[6], heads=2, gate_hidden=[4]).eval()
+    fx, fy = torch.randn(3, 4), torch.randn(3, 6)
+    f = final.fusion
+    explicit = f.wx(fx).squeeze(1) + f.wy(fy).squeeze(1) + sum(
+        ((fx[:, 2 * h:2 * h + 2] @ f.w[h]) * fy[:, 3 * h:3 * h + 3]).sum(1) for h in range(2))
+    assert torch.allclose(f(fx, fy), explicit, atol=1e-5) and final(x).shape == (2,)
+    gate = final.gate1(x, final.embedding(x).flatten(1))        # gates are 2 * sigmoid: in (0, 2) x embedding
+    assert gate.shape == (2, 6)
 
 
 def test_tiny_ctr_trains_registers_evaluates_and_serves_unknown_values(frappe_like: dict) -> None:
