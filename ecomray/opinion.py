@@ -30,15 +30,6 @@ STOP = set("""的 了 是 我 也 和 就 都 不 在 有 这 那 你 他 她 �
 _WORD = re.compile(r"^[\u4e00-\u9fffA-Za-z]+$")
 
 
-def _cjk_font() -> str | None:
-    from matplotlib import font_manager
-
-    for f in font_manager.fontManager.ttflist:
-        if any(k in f.name for k in ("CJK", "WenQuanYi", "SimHei", "Heiti", "Hei", "Ming", "Song", "Kai", "PingFang")):
-            return f.name
-    return None
-
-
 def score(loaded: Any, texts: list[str], batch: int = 512) -> np.ndarray:
     """(N, C) class probabilities from the loaded model's own `predict` (the serving code path)."""
     labels = loaded.meta["labels"]
@@ -61,10 +52,10 @@ def top_terms(texts: list[str], n: int, min_len: int = 2, stop: set[str] | None 
 
 def run(cfg: dict) -> dict[str, Any]:
     import jieba
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ecomray.plots import cjk_font, pyplot
+
+    plt = pyplot()
 
     from ecomray.inference import load_model
     from ecomray.tasks.sentiment import read_reviews
@@ -96,7 +87,9 @@ def run(cfg: dict) -> dict[str, Any]:
     p = score(loaded, texts)
     k = labels.index(neg)
     df = df.with_columns(p_negative=pl.Series(p[:, k]), predicted=pl.Series([labels[i] for i in p.argmax(1)]))
-    names = cfg["dataset"].get("label_names") or {}
+    from ecomray.data import shards
+
+    names = cfg["dataset"].get("label_names") or shards.load_manifest(shards.dataset_dir(cfg)).get("label_names") or {}
     if "label" in df.columns:
         df = df.with_columns(label_name=pl.col("label").replace_strict(names, default=pl.col("label")) if names else pl.col("label"))
     if "category" not in df.columns or df["category"].null_count() == df.height:
@@ -113,9 +106,8 @@ def run(cfg: dict) -> dict[str, Any]:
         agg.append((pl.col("label_name") == pl.col("predicted")).mean().alias("accuracy"))
     by_cat = df.group_by("category").agg(agg).sort("negative_share", descending=True)
     cats = by_cat["category"].to_list()
-    font = _cjk_font()
+    font = cjk_font()
     if font:
-        plt.rcParams["font.family"] = [font, "DejaVu Sans"]
         tick = {c: c for c in cats}
     else:
         tick = {c: f"C{i + 1}" for i, c in enumerate(cats)}

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-__all__ = ["UserError", "is_uri", "abspath", "to_plain", "init_ray", "user_errors"]
+__all__ = ["UserError", "is_uri", "abspath", "to_plain", "init_ray", "user_errors", "quiet_libraries"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,6 +53,7 @@ def to_plain(cfg: Any) -> dict[str, Any]:
         if isinstance(value, str) and value:
             paths[key] = abspath(value)
     plain["paths"] = paths
+    quiet_libraries(bool(plain.get("verbose")))      # every job passes here first: its logging is set up here too
     return plain
 
 
@@ -72,12 +73,35 @@ def _hydra_choices(cfg: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in choices.items() if v and not str(k).startswith("hydra")}
 
 
-def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
-    """Connect to RAY_ADDRESS when it is set (a cluster, or `ray job submit`), else start a local Ray."""
+# Loggers of libraries that talk at INFO about their own workings (Hydra's job logging sets the root logger to INFO,
+# so without this every one of them prints): Ray's driver-side logs, Tune's TensorBoard writer renaming each
+# `val/ndcg@10` to `val/ndcg_10` (a line per metric per report), filelock, urllib3.
+NOISY = ("ray", "tensorboardX", "filelock", "urllib3", "fsspec", "numexpr", "matplotlib", "PIL", "asyncio", "httpx",
+         "httpcore")
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Libraries log at WARNING and above unless `verbose=true`; our own progress lines are prints."""
+    import logging
+
+    level = logging.INFO if verbose else logging.WARNING
+    for name in NOISY:
+        logging.getLogger(name).setLevel(level)
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "info" if verbose else "warning")   # workers a local Ray starts
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def init_ray(num_cpus: int | None = None, verbose: bool = False, **kwargs: Any) -> None:
+    """Connect to RAY_ADDRESS when it is set (a cluster, or `ray job submit`), else start a local Ray. Ray's own
+    logging stays at WARNING unless `verbose`."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    quiet_libraries(verbose)
+    kwargs.setdefault("logging_level", logging.INFO if verbose else logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:

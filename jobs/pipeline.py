@@ -2,9 +2,11 @@
 
 The deploy stage answers one request from itself and shuts down (so the quickstart terminates), unless
 `pipeline.keep_serving=true`. `pipeline.stages=[prepare,train,evaluate]` runs a prefix (or any subset, in order).
+At the end it writes a run report, `<paths.reports>/pipeline-<time>/report.html` (ecomray/report.py).
 """
 from __future__ import annotations
 
+import os
 import time
 
 import hydra
@@ -22,9 +24,10 @@ def run(cfg: DictConfig | dict) -> dict:
     if unknown:
         raise UserError(f"unknown pipeline stage(s) {unknown}: choose from {list(STAGES)}")
     results: dict = {}
+    timings: dict[str, float] = {}
     t0 = time.time()
-    for stage in stages:
-        print(f"\n=== pipeline: {stage} ===", flush=True)
+    for n, stage in enumerate(stages, start=1):
+        print(f"\n=== pipeline {n}/{len(stages)}: {stage} ===", flush=True)
         t_stage = time.time()
         if stage == "prepare":
             from ecomray.data.prepare import run as prepare
@@ -49,10 +52,18 @@ def run(cfg: DictConfig | dict) -> dict:
 
             keep = bool(plain["pipeline"].get("keep_serving", False))
             # once: a free port, so the quickstart can't collide with something already serving on 8000
-            results["deploy"] = deploy({**plain, "deploy": {**plain["deploy"], "once": not keep,
-                                                            **({} if keep else {"port": 0})}})
-        print(f"=== pipeline: {stage} done in {time.time() - t_stage:.1f}s ===", flush=True)
-    print(f"\n=== pipeline done in {time.time() - t0:.1f}s: {', '.join(stages)} ===", flush=True)
+            quiet = {} if keep or plain.get("verbose") else {"serve": {**(plain.get("serve") or {}),
+                                                                       "log_level": "WARNING", "log_requests": False}}
+            results["deploy"] = deploy({**plain, **quiet, "deploy": {**plain["deploy"], "once": not keep,
+                                                                     **({} if keep else {"port": 0})}})
+        timings[stage] = time.time() - t_stage
+        print(f"=== {stage} done in {timings[stage]:.1f}s ===", flush=True)
+    from ecomray import report
+
+    out = os.path.join(plain["paths"]["reports"], f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}")
+    results["report"] = report.write(results, timings, plain, out)
+    print(f"\n=== pipeline done in {time.time() - t0:.1f}s: {', '.join(stages)}; report {results['report']} ===",
+          flush=True)
     return results
 
 

@@ -33,13 +33,33 @@ def plugin_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the few tests that need real Ray workers (2 CPUs, like the CI machine)."""
+def _ray_at_exit():
+    yield
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_ray_at_exit):
+    """One local Ray for the tests that need real Ray workers (2 CPUs, like the CI machine), shared across modules
+    and started again after a module that needed the machine to itself (`no_local_ray`)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+
+
+@pytest.fixture(scope="module")
+def no_local_ray():
+    """For tests that start Ray in other processes (a job in a subprocess, `ray start` nodes): the test session's own
+    Ray is stopped first. Two Ray instances on one machine confuse Ray's address discovery (Ray Train's placement
+    group cleaner then prints tracebacks) and its log routing; a user's machine runs one."""
+    import ray
+
+    ray.shutdown()
+    yield
 
 
 def write_fake_events_shards(folder: str | os.PathLike[str], rows: list[tuple[str, str, str]], shards: int = 2,
@@ -74,3 +94,27 @@ def write_fake_events_shards(folder: str | os.PathLike[str], rows: list[tuple[st
                 "hash": "0" * 64, "ecomray_version": "test"}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return manifest
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Selenium, with Debian's chromium and chromium-driver (.ci/run installs them when it
+    runs as root). The driver path is given explicitly: Selenium would otherwise try to download one."""
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip(f"no browser: {CHROMIUM} and {CHROMEDRIVER} are needed "
+                    "(apt-get install chromium chromium-driver; .ci/run does when it runs as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1200,1600"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()

@@ -240,6 +240,19 @@ def test_time_budget_stops_after_the_epoch_that_spends_it(tmp_path: Path) -> Non
     assert len(out["history"]) == 5
 
 
+def test_time_budget_ends_a_long_epoch_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    from ecomray.train import loop
+
+    monkeypatch.setattr(loop, "BUDGET_CHECK_STEPS", 1)          # look after every step (50 in real runs)
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
+                      "train.epochs=3", "train.patience=100", "train.batch_size=1", "train.time_budget_s=1e-6")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    out = fit(cfg, register=False)
+    assert len(out["history"]) == 1 and out["history"][0]["stopped_early"] == 1.0
+    assert "spent at step 1 of" in capsys.readouterr().out       # one step trained, then evaluated and stopped
+
+
 def test_ema_weights_are_the_ones_evaluated_and_checkpointed(tmp_path: Path) -> None:
     cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
                       "train.epochs=2", "train.patience=100", "train.ema_decay=0.5", "optim.lr=0.05")
@@ -263,3 +276,46 @@ def test_lr_plateau_decays_after_an_epoch_without_improvement() -> None:
     for want in (1e-4, 1e-5, 1e-6, 1e-6):                       # never below min_lr
         decay_on_plateau(opt, {"factor": 0.1, "min_lr": 1e-6})
         assert opt.param_groups[0]["lr"] == pytest.approx(want)
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from TensorBoard event files (records: u64 length, u32 crc, payload, u32 crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        raw = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(raw):
+            (n,) = struct.unpack("<Q", raw[pos:pos + 8])
+            event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_runs_are_tracked_in_tensorboard_and_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every epoch's metrics reach the run's TensorBoard files (tags cleaned: val/ndcg@10 -> val/ndcg_10) and, with
+    tracking.mlflow_uri, an MLflow run (a local file store here) tagged with the registry version it became."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")     # MLflow 3.x keeps its file store behind a flag
+    store = (tmp_path / "mlruns").as_uri()
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
+                      "train.epochs=2", "train.patience=100", f"tracking.mlflow_uri={store}")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    out = fit({**cfg, "run_name": "tracked"})
+    tb = tmp_path / "train" / "tracked" / "tensorboard"
+    scalars = _tensorboard_scalars(tb)
+    assert "val/ndcg_10" in scalars, (sorted(scalars), sorted(p.name for p in tb.glob("*")) if tb.exists() else None)
+    assert [step for step, _ in scalars["val/ndcg_10"]] == [0, 1] and "train/loss" in scalars
+    assert scalars["val/ndcg_10"][1][1] == pytest.approx(out["history"][1]["val/ndcg@10"], rel=1e-5)
+    mlflow.set_tracking_uri(store)
+    (run,) = mlflow.search_runs(experiment_names=["ecomray"], output_format="list")
+    assert run.info.run_name == "tracked" and run.data.tags["registry_version"] == f"{out['name']}:{out['version']}"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val.ndcg_10")
+    assert [m.step for m in history] == [0, 1] and run.data.params["model.dim"] == "8"

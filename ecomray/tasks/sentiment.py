@@ -136,7 +136,8 @@ def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> TextData:
     t = cfg["task"]
     set_threads(cfg)
     train, evals, counts = training_frame(cfg)
-    names = cfg["dataset"].get("label_names") or {}
+    names = (cfg["dataset"].get("label_names")
+             or shards.load_manifest(shards.dataset_dir(cfg)).get("label_names") or {})
     raw = sorted(set(train["label"].unique().to_list()) | set(names))
     labels = [str(names.get(r, r)) for r in raw]
     index = {r: i for i, r in enumerate(raw)}

@@ -19,7 +19,7 @@ from ecomray.train.loop import train_loop
 
 
 def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict], None] | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     sc = dict(cfg["scaling"])
@@ -31,6 +31,13 @@ def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict],
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(
             storage_path=cfg["paths"]["runs"], name=cfg["run_name"], callbacks=callbacks,
+            # WARNING: Ray Train's INFO lines (a 300-character line per report) and its copy of every print stay in
+            # its log files; the loop's own epoch lines (prints) still reach the console, once.
+            logging_config=LoggingConfig(log_level="INFO" if cfg.get("verbose") else "WARNING"),
+            # Ray Train turns a worker's print() into a log record and also prints it: every epoch line twice,
+            # with its INFO records beside them. Without the patch a print is a plain print, once.
+            worker_runtime_env=None if cfg.get("verbose") else {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                                                         "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}},
             failure_config=FailureConfig(max_failures=int(tcfg.get("max_failures", 0))),
             # Ray keeps the `num_to_keep` best by the monitored metric, and always the latest (the one a restart
             # resumes from); every checkpoint also carries the best weights so far, which is what fit() registers.
@@ -52,7 +59,7 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
     shards.require(cfg)            # so does a dataset that was never prepared (with the command to run)
     if int(cfg["scaling"].get("num_workers", 1)) > 0:
-        init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"))  # no-op inside a Tune trial: Ray is already up
+        init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"), verbose=bool(cfg.get("verbose")))  # no-op inside a Tune trial: Ray is already up
     t0 = time.time()
     result = trainer(cfg, callbacks, train_fn).fit()
     if not evaluate:
@@ -82,7 +89,8 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Any, register: bool = True, train
     if train_seconds is not None:
         metrics["train_seconds"] = train_seconds
     out: dict[str, Any] = {"metrics": metrics, "history": state["history"], "run_name": cfg.get("run_name")}
-    keys = key_metrics(task) or tuple(k.split("/", 1)[1] for k in metrics if k.startswith("val/"))
+    keys = [k for k in key_metrics(task) if f"val/{k}" in metrics] or \
+        [k.split("/", 1)[1] for k in metrics if k.startswith("val/")]       # (an objective without the key metrics)
     print("[train] best model: " + "  ".join(f"{s}/{k} {metrics[f'{s}/{k}']:.4f}" for s in ("val", "test")
                                            for k in keys[:3] if f"{s}/{k}" in metrics), flush=True)
     if register:
@@ -92,6 +100,9 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Any, register: bool = True, train
                                     task.metadata(data), registry.lineage(cfg, manifest), extra=extra,
                                     info=registry.version_info(cfg, key_metrics(task)))
         print(f"[train] registered {name} {version} in {cfg['paths']['registry']}", flush=True)
+        from ecomray.train.tracking import record_registration
+
+        record_registration(cfg, name, version)
         out.update(name=name, version=version)
     return out
 

@@ -58,10 +58,20 @@ def decay_on_plateau(optimizer: torch.optim.Optimizer, plateau: dict | None) -> 
         group["lr"] = max(group["lr"] * float(plateau.get("factor", 0.1)), float(plateau.get("min_lr", 0.0)))
 
 
+BUDGET_CHECK_STEPS = 50   # steps between two looks at train.time_budget_s inside an epoch
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor for a collective must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _min_over_workers(n: int) -> int:
     import torch.distributed as dist
 
-    t = torch.tensor([n], dtype=torch.int64)
+    t = torch.tensor([n], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
@@ -72,7 +82,7 @@ def _any_worker(flag: bool, world: int) -> bool:
         return flag
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)], dtype=torch.int64)
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -114,7 +124,12 @@ def train_loop(cfg: dict) -> None:
 
     import logging
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if not cfg.get("verbose"):
+        # Ray Train sets `ray.train` to DEBUG when it configures a worker's logging (after this runs) and its INFO
+        # records ("Reporting training result N: ..." per epoch) reach the console; a level on `ray.train.v2`
+        # survives that and holds for every logger below it
+        for name in ("ray.train", "ray.train.v2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tcfg = cfg["train"]
@@ -149,6 +164,9 @@ def train_loop(cfg: dict) -> None:
         if rank == 0:
             print(f"[train] resumed from epoch {state['epoch']} (best {monitor}={best})", flush=True)
 
+    from ecomray.train.tracking import Tracker
+
+    tracker = Tracker(cfg) if rank == 0 else None          # TensorBoard (and MLflow when configured)
     fail_marker = os.path.join(cfg["paths"]["runs"], cfg["run_name"] + ".failed_once")
     t0, step = time.time(), 0
     for epoch in range(start_epoch, int(tcfg["epochs"])):
@@ -160,7 +178,15 @@ def train_loop(cfg: dict) -> None:
         batches = list(task.train_batches(data, epoch, seed * 1000 + rank, int(tcfg["batch_size"])))
         # DDP needs the same number of steps on every worker (their shards differ in size): take the minimum.
         n_steps = _min_over_workers(len(batches)) if world > 1 else len(batches)
-        for batch in batches[:n_steps]:
+        budget = tcfg.get("time_budget_s")
+        for i, batch in enumerate(batches[:n_steps]):
+            # a long epoch (one pass over a pretraining corpus) must not overrun the budget: look every
+            # BUDGET_CHECK_STEPS steps (the same steps on every worker) and end the epoch early when it is spent
+            if budget and i and i % BUDGET_CHECK_STEPS == 0 and \
+                    _any_worker(time.time() - t0 >= float(budget), world):
+                print(f"[train] time budget train.time_budget_s={budget} spent at step {i:,} of {n_steps:,} "
+                      f"of epoch {epoch}", flush=True)
+                break
             step += 1
             fail_at = tcfg.get("fail_at_step")
             if fail_at and step == int(fail_at) and not os.path.exists(fail_marker):
@@ -192,11 +218,12 @@ def train_loop(cfg: dict) -> None:
             bad_epochs += 1
             decay_on_plateau(optimizer, tcfg.get("lr_plateau"))
         stop = bad_epochs >= int(tcfg.get("patience", 10**9))
-        budget = tcfg.get("time_budget_s")
         out_of_time = bool(budget) and _any_worker(time.time() - t0 >= float(budget), world)
         stop = stop or out_of_time
         metrics.update({"best/" + monitor: best, "stopped_early": float(stop)})
         history.append({k: v for k, v in metrics.items()})
+        if tracker is not None:
+            tracker.log(metrics, epoch)
         if rank == 0:
             print(f"[train] epoch {epoch:3d}  loss {metrics['train/loss']:.4f}  {monitor} {metrics[monitor]:.4f}"
                   f"  best {best:.4f}  {metrics['samples_per_s']:,.0f} samples/s  {metrics['elapsed_s']:.1f}s", flush=True)
@@ -217,3 +244,5 @@ def train_loop(cfg: dict) -> None:
                        else f"no {monitor} improvement for {bad_epochs} epochs")
                 print(f"[train] early stop: {why}", flush=True)
             break
+    if tracker is not None:
+        tracker.close()

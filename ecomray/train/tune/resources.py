@@ -3,12 +3,15 @@ Train workers (a workaround for Ray Train leaving their placement group reserved
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from typing import Any
 
 from ray.tune import Callback
+
+logger = logging.getLogger("ray.tune")
 
 from ecomray.runtime import UserError
 
@@ -106,6 +109,41 @@ class ReleaseStoppedWorkers(Callback):
                 pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id)))
                 if placement_group_table(pg).get("state") in ("CREATED", "PENDING", "RESCHEDULING", "PREPARED"):
                     remove_placement_group(pg)
-                    print(f"[tune] released the workers' placement group of stopped trial {trial_id}", flush=True)
+                    logger.info("released the workers' placement group of stopped trial %s", trial_id)
                 self.released.add(pg_id)
             del self.ended[trial_id]
+
+
+class TrialLines(Callback):
+    """One line per finished trial (Tune's own progress table is off): its id, values, best metric, epochs, how it
+    ended."""
+
+    def __init__(self, metric: str, mode: str, keys: list[str]) -> None:
+        self.metric, self.sign, self.keys = metric, (1 if mode == "max" else -1), keys
+        self.best: dict[str, float] = {}
+        self.epochs: dict[str, int] = {}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        v = result.get(self.metric)
+        if isinstance(v, (int, float)):
+            tid = trial.trial_id
+            self.epochs[tid] = self.epochs.get(tid, 0) + 1
+            if tid not in self.best or self.sign * v > self.sign * self.best[tid]:
+                self.best[tid] = float(v)
+
+    def _line(self, trial: Any, how: str) -> None:
+        values = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(trial.config.get(k))}" for k in self.keys)
+        best = self.best.get(trial.trial_id)
+        print(f"[tune] trial {trial.trial_id} {how}: {values}; best {self.metric} "
+              f"{'-' if best is None else f'{best:.4f}'} after {self.epochs.get(trial.trial_id, 0)} epoch(s)",
+              flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "done")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "failed")
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

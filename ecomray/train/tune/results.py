@@ -89,11 +89,11 @@ def write_results(rows: list[dict], curves: dict, spec: dict, sweep_dir: str) ->
     widths = [max(len(row[i]) for row in fmt) for i in range(len(header))]
     print("\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in fmt), flush=True)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from ecomray.plots import pyplot
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in rows:

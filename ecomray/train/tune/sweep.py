@@ -12,7 +12,7 @@ from ecomray import registry
 from ecomray.data import shards
 from ecomray.runtime import UserError
 from ecomray.train.tune.export import EXPORT_KEYS, export_experiment
-from ecomray.train.tune.resources import ReleaseStoppedWorkers, max_concurrent_trials, trial_resources
+from ecomray.train.tune.resources import ReleaseStoppedWorkers, TrialLines, max_concurrent_trials, trial_resources
 from ecomray.train.tune.results import trial_table, write_results
 from ecomray.train.tune.spec import apply_overrides, param_space, sweep_spec
 from ecomray.train.tune.trial import trial, trial_cfg
@@ -64,7 +64,8 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
         json.dump({"fingerprint": fingerprint, "sweep": spec}, fh, indent=2, default=str)
 
     shards.require(base)         # fail here, not in every trial (or prepare the built-in synthetic shop)
-    init_ray(num_cpus=(cfg.get("ray") or {}).get("num_cpus"))  # once, here; trials run inside this Ray
+    # once, here; trials run inside this Ray
+    init_ray(num_cpus=(cfg.get("ray") or {}).get("num_cpus"), verbose=bool(cfg.get("verbose")))
     import ray
 
     reserve, per_trial = trial_resources(base, float(tcfg["driver_cpus"]))
@@ -93,8 +94,13 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
         # A search generator is not wrapped: Tune ignores max_concurrent_trials unless the generator gets it itself.
         search_alg = BasicVariantGenerator(random_state=spec.get("seed"), max_concurrent=concurrent,
                                            points_to_evaluate=spec["points_to_evaluate"] or None)
-    run_config = tune.RunConfig(storage_path=cfg["paths"]["runs"], name=spec["name"], verbose=1,
-                                callbacks=[ReleaseStoppedWorkers(sweep_dir)])
+    run_config = tune.RunConfig(storage_path=cfg["paths"]["runs"], name=spec["name"],
+                                verbose=2 if cfg.get("verbose") else 0,   # 0: our one line per finished trial
+                                callbacks=[ReleaseStoppedWorkers(sweep_dir),
+                                           TrialLines(spec["metric"], spec["mode"], list(spec["space"]))])
+    if not cfg.get("verbose"):
+        # Tune's newer console output prints its experiment table even at verbose=0; the classic one stays silent
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     t0 = time.time()
     if tcfg["resume"] and tune.Tuner.can_restore(sweep_dir):
         print(f"[tune] resuming the sweep in {sweep_dir}", flush=True)
@@ -104,7 +110,9 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
             trainable, param_space=param_space(spec["space"]),
             tune_config=tune.TuneConfig(metric=spec["metric"], mode=spec["mode"], num_samples=spec["num_samples"],
                                         scheduler=scheduler, search_alg=search_alg,
-                                        max_concurrent_trials=concurrent,
+                                        # a generator limits itself (above); Tune warns if told again
+                                        max_concurrent_trials=None if isinstance(search_alg, BasicVariantGenerator)
+                                        else concurrent,
                                         time_budget_s=spec.get("time_budget_s")),
             run_config=run_config)
     grid = tuner.fit()

@@ -13,6 +13,7 @@ def trial_cfg(base: dict, values: dict[str, Any], trial_id: str, sweep_dir: str)
     cfg = apply_overrides(base, values)
     cfg["paths"] = {**cfg["paths"], "runs": os.path.join(sweep_dir, "trials")}
     cfg["run_name"] = trial_id
+    cfg["_tune_trial"] = True       # Tune writes the trial's TensorBoard files itself
     return cfg
 
 
