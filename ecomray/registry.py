@@ -274,3 +274,54 @@ def rewrite_meta(root: str, name: str, version: str, meta: dict, info: dict) -> 
     path = _safe(root, name, version)
     _write_atomic(os.path.join(path, "meta.json"), json.dumps(meta, indent=2, default=str))
     _write_atomic(os.path.join(path, "version.json"), json.dumps(info, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------- serving leases, gc
+LEASE_S = 300.0          # a lease not refreshed for this long is gone (a replica refreshes it every health check)
+
+
+def lease(root: str, name: str, version: str, holder: str) -> None:
+    """Mark `version` as being served by `holder` (a replica): `gc` never deletes a leased version. A file in
+    `<name>/.leases/`, refreshed on every health check, so it works on any shared registry storage."""
+    folder = os.path.join(_safe(root, name), ".leases")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{version}.{re.sub(r'[^A-Za-z0-9_.-]', '_', holder)}")
+    with open(path, "a"):
+        os.utime(path, None)
+
+
+def release(root: str, name: str, version: str, holder: str) -> None:
+    path = os.path.join(_safe(root, name), ".leases", f"{version}.{re.sub(r'[^A-Za-z0-9_.-]', '_', holder)}")
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def leased(root: str, name: str, max_age_s: float = LEASE_S) -> set[str]:
+    """Versions with a fresh lease (served right now by some replica)."""
+    folder = os.path.join(_safe(root, name), ".leases")
+    if not os.path.isdir(folder):
+        return set()
+    now = time.time()
+    return {f.split(".", 1)[0] for f in os.listdir(folder)
+            if now - os.path.getmtime(os.path.join(folder, f)) <= max_age_s}
+
+
+def gc(root: str, name: str, keep_last: int = 5, dry_run: bool = False) -> dict[str, list[str]]:
+    """Delete the versions of `name` that no alias points at, no replica serves (leases) and that are not among
+    the newest `keep_last`; and half-written `.tmp-*` folders older than an hour. Returns {"deleted", "kept"}."""
+    import shutil
+
+    folder = _safe(root, name)
+    have = versions(root, name)
+    protected = set(aliases(root, name).values()) | leased(root, name) | set(have[-keep_last:] if keep_last else [])
+    doomed = [v for v in have if v not in protected]
+    stale_tmp = [t for t in os.listdir(folder) if t.startswith(".tmp-")
+                 and time.time() - os.path.getmtime(os.path.join(folder, t)) > 3600]
+    if not dry_run:
+        for v in doomed:
+            shutil.rmtree(_safe(root, name, v))
+        for t in stale_tmp:
+            shutil.rmtree(os.path.join(folder, t), ignore_errors=True)
+    return {"deleted": doomed, "kept": [v for v in have if v in protected], "tmp": stale_tmp}

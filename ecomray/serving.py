@@ -29,8 +29,10 @@ def _integral(v: Any) -> Any:
 
 
 # An integer field that also takes an integral JSON number such as 5.0 (JSON Schema's `integer` allows it, so the
-# OpenAPI contract does), still strict otherwise: "5" and 5.5 are refused.
-Int = Annotated[int, BeforeValidator(_integral)]
+# OpenAPI contract does), still strict otherwise: "5" and 5.5 are refused. Within +-2**53, in the schema too.
+Int = Annotated[int, BeforeValidator(_integral), Field(ge=-2**53, le=2**53)]
+# A number field: finite and within +-2**53, stated in the OpenAPI schema so that the contract is what the edge checks.
+Number = Annotated[float, Field(ge=-MAX_ABS_NUMBER, le=MAX_ABS_NUMBER, allow_inf_nan=False)]
 
 
 class ModelRef(BaseModel):

@@ -1,21 +1,28 @@
-"""python -m jobs.deploy experiment=<name>: serve the experiment's registry models with Ray Serve (serve/app.py).
+"""python -m jobs.deploy experiment=<name>: serve registry models with Ray Serve (serve/app.py).
 
     python -m jobs.deploy experiment=tiny                         # 127.0.0.1:8000, blocks; Ctrl-C shuts down
     python -m jobs.deploy experiment=tiny deploy.once=true        # deploy, answer one request, shut down
     python -m jobs.deploy experiment=tiny deploy.write_config=serve_config.yaml serve=cluster   # for serve deploy
+    python -m jobs.deploy experiment=tiny deploy.rollout=true     # re-resolve refs (a promotion) on the running app
+
+One Ctrl-C (or SIGTERM) stops everything this job started, in seconds: the app, the Ray it started, and any
+HAProxy that Ray started, with its temporary folder.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import signal
 import time
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from ecomray.runtime import to_plain, user_errors
+from ecomray.runtime import UserError, to_plain, user_errors
 
 
 def serve_config(plain: dict[str, Any]) -> dict[str, Any]:
@@ -48,25 +55,28 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
 
     from ecomray.runtime import init_ray
     from serve.app import build_app
-    from serve.settings import api_key, app_args, apply_env, check_bind, free_port, throughput_env
+    from serve.settings import api_key, app_args, apply_env, check_bind, free_port, is_loopback, throughput_env
 
     d, sc = plain["deploy"], plain.get("serve") or {}
     host = str(d["host"])
     key = api_key(d)
     check_bind(host, key)
     started_ray = not ray.is_initialized()
+    env: dict[str, str] = {}
     if started_ray and not os.environ.get("RAY_ADDRESS"):
-        env, mode = throughput_env(bool(sc.get("throughput_optimized", True)), bool(sc.get("ha_proxy", True)))
+        env, mode = throughput_env(sc, host)
         apply_env(env)                          # before Ray starts: its workers inherit the environment
     else:
         mode = "as the running Ray cluster was started"
-    init_ray(num_cpus=d.get("ray_num_cpus"))
+    init_ray(num_cpus=d.get("ray_num_cpus"), verbose=bool(plain.get("verbose")), **({"_node_ip_address": "127.0.0.1"} if started_ray and not
+                                                 os.environ.get("RAY_ADDRESS") and is_loopback(host) else {}))
     port = int(d["port"]) or free_port(host)
-    serve.start(http_options={"host": host, "port": port})
+    port = _start_serve(host, port, str((plain.get("serve") or {}).get("log_level") or "INFO").upper())
     args = app_args(plain)
     args["api_key"] = key
     t0 = time.perf_counter()
     serve.run(build_app({"app": args}), name=d.get("app_name", "ecomray"), route_prefix=d.get("route_prefix", "/"))
+    logging.getLogger("ray.serve").setLevel(str((plain.get("serve") or {}).get("log_level") or "INFO").upper())
     prefix = str(d.get("route_prefix", "/")).rstrip("/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{prefix}"
     headers = {"X-API-Key": key} if key else {}
@@ -78,13 +88,35 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
               flush=True)
     for route, why in models.get("unavailable", {}).items():
         print(f"[deploy]   POST /v1/{route:<18s} not deployed: {why}", flush=True)
-    return {"url": url, "models": models, "mode": mode, "started_ray": started_ray, "headers": headers}
+    return {"url": url, "models": models, "mode": mode, "started_ray": started_ray, "headers": headers,
+            "haproxy_dir": env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")}
 
 
-def stop(started_ray: bool, app_name: str = "ecomray") -> None:
+def _start_serve(host: str, port: int, log_level: str = "INFO") -> int:
+    """Start Serve's HTTP proxy on host:port, or, when Serve already runs in this Ray (another app), use its port
+    and say so: Serve applies http_options only when it starts."""
+    from ray import serve
+
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+    except Exception:  # noqa: BLE001 - no Serve running
+        client = None
+    if client is not None:
+        running = client.http_config
+        if (running.host, running.port) != (host, port):
+            print(f"[deploy] Serve already runs here on {running.host}:{running.port}; the app joins it "
+                  f"(deploy.host/port apply only when Serve starts)", flush=True)
+        return int(running.port)
+    serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": log_level})
+    return port
+
+
+def stop(started_ray: bool, app_name: str = "ecomray", haproxy_dir: str | None = None) -> None:
     """Take the app down. A Ray this job started goes down whole (Serve, HAProxy and replicas with it: measured
     2 s, where `serve.shutdown()` in throughput mode waits 30 s for its controller); on a cluster that was already
-    running only this app is deleted."""
+    running only this app is deleted. An HAProxy that Ray started from this job's folder never outlives it."""
     import ray
     from ray import serve
 
@@ -92,6 +124,57 @@ def stop(started_ray: bool, app_name: str = "ecomray") -> None:
         ray.shutdown()
     else:
         serve.delete(app_name)
+    if haproxy_dir:
+        _kill_haproxy(haproxy_dir)
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
+
+
+def _kill_haproxy(folder: str) -> None:
+    """SIGTERM, then SIGKILL, every HAProxy process whose command line names this job's config folder."""
+    victims = []
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        if "haproxy" in cmd and folder in cmd:
+            victims.append(int(pid))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in victims:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGTERM and victims:
+            time.sleep(0.5)
+
+
+def rollout(plain: dict[str, Any]) -> dict[str, Any]:
+    """Re-resolve every route's ref (a promotion moved `prod`, say) and roll the running app onto the versions:
+    Serve replaces the changed deployments' replicas one by one (requests keep being answered), and every new
+    replica loads exactly the resolved version. Connects to RAY_ADDRESS, else to the Ray running on this machine."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.settings import api_key, app_args
+
+    d = plain["deploy"]
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    args = app_args(plain)
+    args["api_key"] = api_key(d)
+    name = d.get("app_name", "ecomray")
+    if name not in serve.status().applications:
+        raise UserError(f"no running Serve app {name!r} to roll out to (deploy it first: python -m jobs.deploy ...)")
+    for route, e in args["endpoints"].items():
+        print(f"[deploy] rollout /v1/{route}: {e['model']} -> {e.get('version', 'unavailable')}", flush=True)
+    serve.run(build_app({"app": args}), name=name, route_prefix=d.get("route_prefix", "/"))
+    return {"app": name, "endpoints": {r: e.get("version") for r, e in args["endpoints"].items()}}
 
 
 def _one_request(plain: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
@@ -106,8 +189,9 @@ def _one_request(plain: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     req = {**examples[route][0], **(plain["deploy"].get("request") or {})}
     r = httpx.post(f"{info['url']}/v1/{route}", json=req, headers=info["headers"], timeout=30)
     out = r.json()
-    print(f"[deploy] POST /v1/{route} {json.dumps(req, ensure_ascii=False)} -> {r.status_code}\n"
-          f"{json.dumps(out, indent=2, ensure_ascii=False)}", flush=True)
+    print(f"[deploy] POST /v1/{route} {json.dumps(req, ensure_ascii=False)} -> {r.status_code}", flush=True)
+    for key, value in (out.items() if isinstance(out, dict) else [("body", out)]):   # one line per field
+        print(f"  {key}: {json.dumps(value, ensure_ascii=False)}", flush=True)
     return out
 
 
@@ -122,10 +206,16 @@ def run(cfg: DictConfig | dict) -> dict[str, Any]:
             yaml.safe_dump(serve_config(plain), fh, sort_keys=False)
         print(f"[deploy] wrote {path}: serve deploy {path} -a http://HEAD:8265", flush=True)
         return {"config": path}
+    if d.get("rollout"):
+        return rollout(plain)
     info = start(plain)
     try:
         if d.get("once"):
             return {"url": info["url"], "models": info["models"], "response": _one_request(plain, info)}
+        # Our own handlers: libraries that ran earlier in this process (Tune, in the pipeline) may have left theirs
+        # on SIGINT, and Ray's SIGTERM handler dumps a stack. One Ctrl-C or SIGTERM stops everything, cleanly.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
         print("[deploy] Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
@@ -133,7 +223,15 @@ def run(cfg: DictConfig | dict) -> dict[str, Any]:
         print("\n[deploy] shutting down", flush=True)
         return {"url": info["url"], "models": info["models"]}
     finally:
-        stop(info["started_ray"], d.get("app_name", "ecomray"))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)          # a second Ctrl-C must not cut the shutdown short
+        stop(info["started_ray"], d.get("app_name", "ecomray"), info.get("haproxy_dir"))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="deploy")

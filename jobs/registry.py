@@ -12,6 +12,8 @@ else `paths.registry` of conf/paths/default.yaml (`$ECOMRAY_HOME/registry`, else
   every alias move in aliases_history.jsonl).
 - `history <model>`: the alias moves.
 - `migrate [model]`: upgrade versions written in an older registry format in place (see ecomray/registry.py).
+- `gc [model] [--keep 5] [--dry-run] [--runs DIR]`: delete versions no alias points at, no replica serves and that
+  are not among the newest N; with `--runs`, also the sweep folders a re-run moved aside (`<sweep>.old-*`).
 Deploy serves `prod` when set, else `best`, else the newest version (`ecomray.registry.resolve`).
 """
 from __future__ import annotations
@@ -120,6 +122,27 @@ def migrate(root: str, only: str | None = None) -> list[str]:
     return done
 
 
+def collect(root: str, only: str | None, keep: int, dry_run: bool, runs: str | None) -> dict[str, Any]:
+    """`gc`: the registry's retention, and optionally old sweep folders."""
+    import shutil
+
+    out: dict[str, Any] = {}
+    for name in [only] if only else registry.models(root):
+        res = registry.gc(root, name, keep, dry_run)
+        out[name] = res
+        verb = "would delete" if dry_run else "deleted"
+        print(f"{name}: {verb} {len(res['deleted'])} version(s) {res['deleted'] or ''}; kept {res['kept']} "
+              f"(aliased, served, or among the newest {keep})", flush=True)
+    if runs:
+        old = sorted(os.path.join(runs, d) for d in os.listdir(runs) if ".old-" in d) if os.path.isdir(runs) else []
+        for d in old:
+            if not dry_run:
+                shutil.rmtree(d, ignore_errors=True)
+        print(f"{runs}: {'would delete' if dry_run else 'deleted'} {len(old)} old sweep folder(s)", flush=True)
+        out["_old_sweeps"] = old
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict | list | None:
     p = argparse.ArgumentParser(prog="python -m jobs.registry", description=__doc__.split("\n")[0])
     p.add_argument("--registry", default=None,
@@ -138,6 +161,11 @@ def main(argv: list[str] | None = None) -> dict | list | None:
     hi.add_argument("model")
     mi = sub.add_parser("migrate", help="upgrade versions of an older registry format in place")
     mi.add_argument("model", nargs="?")
+    gc = sub.add_parser("gc", help="delete old versions: keeps aliased, served and the newest --keep")
+    gc.add_argument("model", nargs="?")
+    gc.add_argument("--keep", type=int, default=5, help="newest versions kept per model (default 5)")
+    gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument("--runs", default=None, help="also delete the <sweep>.old-* folders in this runs folder")
     args = p.parse_args(argv)
     root = abspath(args.registry) if args.registry else default_root()
     if args.cmd == "list":
@@ -157,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict | list | None:
         return rollback(root, args.model, args.alias)
     if args.cmd == "migrate":
         return migrate(root, args.model)
+    if args.cmd == "gc":
+        return collect(root, args.model, args.keep, args.dry_run, args.runs)
     moves = registry.alias_history(root, args.model)
     for h in moves:
         print(f"{h['ts']}  {h['action']:8s}  {h['alias']:8s}  {h.get('previous') or '-':>6} -> {h['version']}")

@@ -16,11 +16,13 @@ gets GPUs on its own; an endpoint with `inline: true` is served inside the ingre
 import logging
 import os
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from ray import serve
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
@@ -28,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ecomray import registry, serving
 from serve import schemas
-from serve.endpoint import ModelDeployment, ModelServer
+from serve.endpoint import ModelDeployment, ModelServer, replica_versions
 from serve.middleware import MODEL_HEADER, Guard, GuardSettings
 from serve.settings import DEPLOYMENT_KEYS, api_key, app_args, check_bind
 
@@ -56,6 +58,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+PLAYGROUND = (Path(__file__).parent / "playground.html").read_text()
+
+
 class Unavailable(Exception):
     def __init__(self, route: str, why: str) -> None:
         super().__init__(why)
@@ -77,7 +82,10 @@ class Ingress:
         key = s.get("api_key") or os.environ.get("ECOMRAY_API_KEY") or None
         check_bind(host, key)          # never serve a non-loopback address without a key
         self.guard = GuardSettings(api_key=key, max_body_bytes=int(s.get("max_body_bytes", 1 << 20)),
-                                   log_requests=bool(s.get("log_requests", True)))
+                                   body_timeout_s=float(s.get("body_timeout_s", 10.0)),
+                                   log_requests=bool(s.get("log_requests", True)),
+                                   metrics=bool(s.get("metrics", True)),
+                                   routes=frozenset(f"/v1/{r}" for r in self.endpoints))
         self.backends: dict[str, Any] = dict(handles or {})
         for route, e in self.endpoints.items():
             if e.get("inline") and "version" in e:
@@ -139,14 +147,20 @@ def _unavailable_handler(route: str, why: str) -> Any:
 
 
 def build_fastapi(ingress: Ingress) -> FastAPI:
-    app = FastAPI(title="ecomray", version="1", description="Models from the ecomray registry: " + ", ".join(
-        f"POST /v1/{r} ({e.get('model')} {e.get('version', 'unavailable')})" for r, e in ingress.endpoints.items()))
+    # FastAPIOffline: /docs loads Swagger UI's assets from this server, not a CDN (it works without internet).
+    app = FastAPIOffline(title="ecomray", version="1", redoc_url=None,
+                         description="Models from the ecomray registry: " + ", ".join(
+                             f"POST /v1/{r} ({e.get('model')} {e.get('version', 'unavailable')})"
+                             for r, e in ingress.endpoints.items()))
     app.add_middleware(Guard, settings=ingress.guard)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
-        # FastAPI's default, minus the echoed input, with every location part clipped.
-        return JSONResponse({"detail": serving.clean_details(list(err.errors()))}, status_code=422)
+        # FastAPI's default, minus the echoed input, with every location part clipped. Values no model can take
+        # (a lone surrogate, a number out of range) are named by the edge checks first: pydantic would report
+        # them once per member of a union type, at locations that end in the member's name.
+        bad = serving.edge_errors(err.body) if isinstance(err.body, (dict, list)) else []
+        return JSONResponse({"detail": serving.clean_details(bad or list(err.errors()))}, status_code=422)
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_: Request, err: Unavailable) -> JSONResponse:
@@ -155,7 +169,7 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        # A JSON body; Starlette re-raises after this, and the Guard logs the traceback, once.
         return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
 
     for route, e in ingress.endpoints.items():
@@ -170,12 +184,21 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
 
     @app.get("/v1/models", response_model=schemas.ModelsResponse)
     async def models() -> dict[str, Any]:
+        """Each route's model (as one replica describes it) and every replica's loaded version."""
         loaded, unavailable = [], {}
-        for route in ingress.endpoints:
+        try:
+            app_name = serve.get_replica_context().app_name
+        except Exception:  # noqa: BLE001 - outside a replica
+            app_name = None
+        for route, e in ingress.endpoints.items():
             try:
-                loaded.append(await ingress.call(route, "describe"))
+                info = await ingress.call(route, "describe")
             except Unavailable as err:
                 unavailable[route] = err.why
+                continue
+            if app_name and not e.get("inline"):
+                info["replicas"] = replica_versions(app_name, route)
+            loaded.append(info)
         return {"loaded": loaded, "unavailable": unavailable}
 
     @app.get("/v1/examples", include_in_schema=False)
@@ -187,6 +210,15 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
             except Unavailable:
                 continue
         return out
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        """One panel per route: pick a sample request (stored in the model version), send it, see the answer."""
+        return HTMLResponse(PLAYGROUND)
+
+    @app.get("/", include_in_schema=False)
+    async def index(request: Request) -> RedirectResponse:
+        return RedirectResponse(f"{request.scope.get('root_path', '')}/playground")
 
     @app.get("/healthz", response_model=schemas.Health)
     async def healthz() -> JSONResponse:
@@ -207,9 +239,11 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
     return app
 
 
-def _deployment_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Serve options from a route's (or the ingress's) settings; a fixed `num_replicas` wins over autoscaling."""
+def _deployment_options(options: dict[str, Any], log_level: str = "INFO") -> dict[str, Any]:
+    """Serve options from a route's (or the ingress's) settings; a fixed `num_replicas` wins over autoscaling.
+    Serve's own access log is off: the ingress's Guard writes one line per request (with the model version)."""
     opts = {k: v for k, v in options.items() if k not in ("num_replicas", "autoscaling_config") and v is not None}
+    opts["logging_config"] = {"enable_access_log": False, "log_level": log_level}
     n = options.get("num_replicas")
     if n not in (None, "auto"):
         opts["num_replicas"] = int(n)
@@ -231,6 +265,7 @@ def build_app(args: dict[str, Any]) -> Application:
 
         a = app_args(compose("deploy", [f"{k}={v}" for k, v in args.items()]))
     serve_cfg = a.get("serve") or {}
+    log_level = str(serve_cfg.get("log_level") or "INFO").upper()
     key = a.get("api_key") or api_key({})
     check_bind(a.get("host", "127.0.0.1"), key)
     handles: dict[str, Any] = {}
@@ -247,15 +282,17 @@ def build_app(args: dict[str, Any]) -> Application:
         dep = ModelDeployment.options(name=f"model_{route.replace('/', '_')}",
                                       user_config={"version": e["version"], "ref": e.get("ref"),
                                                    "batching": (e["options"] or {}).get("batching") or {}},
-                                      **_deployment_options(e.get("deployment") or {}))
+                                      **_deployment_options(e.get("deployment") or {}, log_level))
         handles[route] = dep.bind(a["registry"], e["model"], e["version"], route, e["options"])
         logger.info("[%s] serving %s %s", route, e["model"], e["version"])
     ingress_cfg = serve_cfg.get("ingress") or {}
     settings = {"host": a.get("host", "127.0.0.1"), "api_key": a.get("api_key"), "registry": a["registry"],
                 "endpoints": a.get("endpoints") or {}, "retries": int(ingress_cfg.get("retries", 1)),
                 "max_body_bytes": int(serve_cfg.get("max_body_bytes", 1 << 20)),
-                "log_requests": bool(serve_cfg.get("log_requests", True))}
+                "body_timeout_s": float(serve_cfg.get("body_timeout_s", 10.0)),
+                "log_requests": bool(serve_cfg.get("log_requests", True)),
+                "metrics": bool(serve_cfg.get("metrics", True))}
     ingress_opts = {k: v for k, v in {**(serve_cfg.get("common") or {}), **ingress_cfg}.items()
                     if k in DEPLOYMENT_KEYS}
-    return Ingress.options(**_deployment_options(ingress_opts)).bind(handles, settings)
+    return Ingress.options(**_deployment_options(ingress_opts, log_level)).bind(handles, settings)
 

@@ -17,6 +17,7 @@ the family's code hits on it) fails alone: the batch is retried request by reque
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -29,6 +30,7 @@ from ecomray.runtime import UserError
 from ecomray.tasks import RequestError, supports, SERVING
 
 logger = logging.getLogger("ray.serve")
+BOARD = "ecomray-serving"      # Ray KV prefix: <BOARD>/<app>/<route>/<replica> -> {"version", "ts"}
 
 
 def error(status: int, detail: Any) -> dict[str, Any]:
@@ -50,6 +52,44 @@ class ModelServer:
         # One batch queue per instance (a decorated method would share one queue between instances).
         self._batch = serve.batch(max_batch_size=int(batching.get("max_batch_size", 16)),
                                   batch_wait_timeout_s=float(batching.get("batch_wait_timeout_s", 0.0)))(self._run)
+        self._report()
+
+    # -- which replica serves which version (GET /v1/models) -----------------------------------------------------
+    def _board_key(self) -> str | None:
+        try:
+            ctx = serve.get_replica_context()
+        except Exception:  # noqa: BLE001 - not in a replica (inline in the ingress, or a unit test)
+            return None
+        return f"{BOARD}/{ctx.app_name}/{self.route}/{ctx.replica_id.unique_id}"
+
+    def _report(self) -> None:
+        """Note this replica's version in Ray's KV store (under the app and route), where the ingress lists every
+        replica's version. Refreshed on every health check, dropped when the replica stops."""
+        key = self._board_key()
+        if key is None or self.loaded is None:
+            return
+        try:                       # `jobs.registry gc` never deletes a version a replica serves
+            registry.lease(self.root, self.name, self.loaded.version, key.rsplit("/", 1)[-1])
+        except OSError:
+            logger.warning("[%s] could not lease %s %s in the registry", self.route, self.name, self.loaded.version)
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        try:
+            _internal_kv_put(key, json.dumps({"version": self.loaded.version, "ts": time.time()}))
+        except Exception:  # noqa: BLE001 - informative only
+            logger.warning("[%s] could not report the loaded version", self.route)
+
+    def __del__(self) -> None:
+        key = self._board_key() if hasattr(self, "route") else None
+        if key:
+            try:
+                from ray.experimental.internal_kv import _internal_kv_del
+
+                _internal_kv_del(key)
+                if self.loaded is not None:
+                    registry.release(self.root, self.name, self.loaded.version, key.rsplit("/", 1)[-1])
+            except Exception:  # noqa: BLE001 - shutting down
+                pass
 
     # -- loading and hot swap ------------------------------------------------------------------------------------
     def _load(self, version: str) -> LoadedModel:
@@ -93,10 +133,15 @@ class ModelServer:
                          current.version if current else "nothing", self.failed["error"])
             return
         self.loaded, self.ref, self.failed = fresh, ref, None      # one reference assignment: the swap
+        self._report()
+        key = self._board_key()
+        if key is not None and current is not None:
+            registry.release(self.root, self.name, current.version, key.rsplit("/", 1)[-1])
 
     def check_health(self) -> None:
         if self.loaded is None or self.loaded.model is None:
             raise RuntimeError(f"{self.route}: no model loaded")
+        self._report()
 
     def describe(self) -> dict[str, Any]:
         loaded = self.loaded
@@ -163,6 +208,27 @@ class ModelServer:
         if isinstance(result, BaseException):
             return error(500, "internal error; the server log has the details")
         return {"status": 200, "body": {**result, "model": ref}}
+
+
+def replica_versions(app: str, route: str) -> list[dict[str, Any]]:
+    """Every live replica of a route and the version it serves: the replicas' own reports in the KV board, kept
+    only for replicas Serve still runs (its named replica actors); the reports of dead replicas are removed."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list
+
+    prefix = f"SERVE_REPLICA::{app}#model_{route.replace('/', '_')}#"
+    live = {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(prefix)}
+    out, now = [], time.time()
+    for key in _internal_kv_list(f"{BOARD}/{app}/{route}/"):
+        replica = key.decode().rsplit("/", 1)[-1]
+        raw = _internal_kv_get(key)
+        if replica not in live or raw is None:
+            _internal_kv_del(key)
+            continue
+        entry = json.loads(raw)
+        out.append({"replica": replica, "version": entry["version"], "seen_s_ago": round(now - float(entry["ts"]), 1)})
+    return sorted(out, key=lambda e: e["replica"])
 
 
 ModelDeployment = serve.deployment(name="model")(ModelServer)

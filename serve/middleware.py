@@ -1,17 +1,20 @@
-"""One pure-ASGI middleware in front of the FastAPI app: API key, body size cap, a catch-all for errors, and one
-request log line (route, status, latency, model version) per request.
+"""One pure-ASGI middleware in front of the FastAPI app: API key, body size cap, a deadline on reading the body, a
+catch-all for errors, one request log line and the Prometheus metrics of every request.
 
-Pure ASGI rather than Starlette's BaseHTTPMiddleware so that the body cap sees the streamed body (a chunked
-request has no Content-Length) and nothing is buffered twice.
+Pure ASGI rather than Starlette's BaseHTTPMiddleware so that the body cap and the deadline see the streamed body
+(a chunked request has no Content-Length) and nothing is buffered twice. The whole body is read here, before the
+app sees it: a client that sends its headers and then stalls holds one ingress slot for at most
+`body_timeout_s`, then gets a 408 (Ray Serve's proxy bounds only whole requests and keep-alive, not the body).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 # Serve routes the "ray.serve" logger of a replica to its log file (and the driver console); ours rides along.
@@ -22,8 +25,9 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-# Routes that never need the key: a load balancer's health probe carries none and learns nothing from it.
-OPEN_PATHS = frozenset({"/healthz"})
+# Routes that never need the key: a load balancer's health probe carries none and learns nothing from it; the
+# playground page is static HTML (its API calls carry the key the user types in).
+OPEN_PATHS = frozenset({"/healthz", "/playground"})
 MODEL_HEADER = b"x-model-version"
 
 
@@ -31,7 +35,29 @@ MODEL_HEADER = b"x-model-version"
 class GuardSettings:
     api_key: str | None = None        # None: no key required (loopback bind)
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 10.0      # the whole body must arrive within this long after the headers
     log_requests: bool = True
+    metrics: bool = True              # per-route, per-model-version Prometheus metrics (ray.serve.metrics)
+    routes: frozenset[str] = field(default_factory=frozenset)   # paths with their own metric label
+
+
+class _Metrics:
+    """Request count and latency per route, model version and status, through Ray Serve's custom metrics: every
+    replica exports them on its node's metrics port and Prometheus sums the replicas. Created lazily, inside the
+    replica (the metrics need a running Ray worker)."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter("ecomray_requests", "HTTP requests answered by the ecomray app",
+                                        tag_keys=("route", "status", "model_version"))
+        self.latency = metrics.Histogram("ecomray_request_latency_ms", "request latency in the ingress (ms)",
+                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+                                         tag_keys=("route", "model_version"))
+
+    def record(self, route: str, status: int, version: str, ms: float) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status), "model_version": version})
+        self.latency.observe(ms, tags={"route": route, "model_version": version})
 
 
 async def _json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -43,10 +69,21 @@ async def _json(send: Send, status: int, body: dict[str, Any], headers: list[tup
 
 
 class Guard:
-    """ASGI middleware; `settings` is read on every request, so the ingress can fill it in after construction."""
+    """ASGI middleware; `settings` is read on every request."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], settings: GuardSettings) -> None:
         self.app, self.settings = app, settings
+        self._metrics: _Metrics | None | bool = None
+
+    def _record(self, route: str, status: int, version: str, ms: float) -> None:
+        if not self.settings.metrics or self._metrics is False:
+            return
+        try:
+            if self._metrics is None:
+                self._metrics = _Metrics()
+            self._metrics.record(route, status, version, ms)          # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - outside a replica (unit tests) there is no metrics agent
+            self._metrics = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,19 +102,26 @@ class Guard:
 
         try:
             await self._handle(scope, receive, send_logged)
-        except Exception:  # noqa: BLE001 - the last line of defence: log it, answer a proper error, never a bare 500
+        except Exception:  # noqa: BLE001 - the last line of defence: one traceback, then a proper JSON 500
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not state["started"]:
                 await _json(send_logged, 500, {"detail": "internal error; the server log has the details"})
         finally:
+            ms = (time.perf_counter() - t0) * 1e3
+            path, root = str(scope.get("path", "")), str(scope.get("root_path", "") or "")
+            path = path[len(root):] if root and path.startswith(root) else path
+            route = path if path in self.settings.routes else "other"
+            self._record(route, int(state["status"]), str(state["version"]), ms)
             if self.settings.log_requests:
                 logger.info("request route=%s %s status=%s latency_ms=%.2f model_version=%s", scope.get("method"),
-                            scope.get("path"), state["status"], (time.perf_counter() - t0) * 1e3, state["version"])
+                            route if route != "other" else path[:80], state["status"], ms, state["version"])
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         s = self.settings
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        if s.api_key and scope.get("path") not in OPEN_PATHS:
+        path, root = str(scope.get("path", "")), str(scope.get("root_path", "") or "")
+        relative = path[len(root):] if root and path.startswith(root) else path
+        if s.api_key and relative not in OPEN_PATHS:
             given = headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(given, s.api_key.encode()):
                 await _json(send, 401, {"detail": "missing or wrong API key: send it in the X-API-Key header"},
@@ -97,10 +141,16 @@ class Guard:
         if scope.get("method") in ("GET", "HEAD", "OPTIONS") and length is None:
             await self.app(scope, receive, send)
             return
-        # Read the whole body (bounded by the cap) before the app sees it: a chunked body has no length to check.
+        # Read the whole body (bounded by the cap and the deadline) before the app sees it.
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + float(s.body_timeout_s)
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                await _json(send, 408, {"detail": f"the request body did not arrive within {s.body_timeout_s:g}s"},
+                            [(b"connection", b"close")])
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

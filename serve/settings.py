@@ -139,17 +139,27 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy")
 
 
-def throughput_env(enabled: bool, ha_proxy: bool = True) -> tuple[dict[str, str], str]:
-    """Environment for Serve's throughput mode, and a one-line description of the mode chosen.
+def throughput_env(sc: dict[str, Any], host: str = "127.0.0.1") -> tuple[dict[str, str], str]:
+    """Environment for Serve's throughput mode (`serve.throughput_optimized`, `serve.ha_proxy`), and a one-line
+    description of the mode chosen. Must be applied before Ray starts.
 
-    Must be applied before Ray starts. With HAProxy, Serve's defaults use fixed ports (8404 stats, 9101 metrics,
-    8500 fallback proxy) and /tmp/haproxy-serve: two Serve instances on one machine would collide, so each gets
-    free ports and its own folder. Falls back to the plain mode when no HAProxy binary is found.
+    Request logs are flushed line by line (`serve.log_buffer`; the throughput mode's default buffers 1,000 lines,
+    minutes on a quiet server). With HAProxy, Serve's defaults use fixed ports (8404 stats, 9101 metrics, 8500
+    fallback proxy) and /tmp/haproxy-serve: two Serve instances on one machine would collide, so each gets free
+    ports and its own folder (removed by `jobs.deploy`'s stop), and a client that stops sending is dropped after
+    `serve.client_timeout_s` (HAProxy's `timeout client`; Serve's default is an hour). Ray 2.60 binds HAProxy's
+    stats and Prometheus listeners on every interface, so on a loopback deploy HAProxy is used only when
+    `serve.ha_proxy` is `true` (not `auto`): those ports would otherwise answer on the machine's other addresses.
+    Falls back to the plain proxy when no HAProxy binary is found.
     """
-    if not enabled:
+    if not sc.get("throughput_optimized", True):
         return {}, "default (throughput mode off)"
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-    if ha_proxy and haproxy_binary():
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+           "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": str(int(sc.get("log_buffer", 1)))}
+    want = sc.get("ha_proxy", "auto")
+    if want is True or (want == "auto" and not is_loopback(host)):
+        if not haproxy_binary():
+            return env, "throughput-optimized (no HAProxy binary found: plain proxy)"
         folder = tempfile.mkdtemp(prefix="ecomray-haproxy-")
         env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1",
                     "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
@@ -158,12 +168,13 @@ def throughput_env(enabled: bool, ha_proxy: bool = True) -> tuple[dict[str, str]
                     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(folder, "server-state"),
                     "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
                     "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port())})
-        return env, (f"throughput-optimized + HAProxy ingress; HAProxy Prometheus metrics on port "
-                     f"{env['RAY_SERVE_HAPROXY_METRICS_PORT']}")
-    if ha_proxy:
-        return env, "throughput-optimized (no HAProxy binary found: plain proxy)"
-    return env, "throughput-optimized"
+                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+                    "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(int(sc.get("client_timeout_s", 60)))})
+        return env, (f"throughput-optimized + HAProxy ingress; HAProxy stats on port "
+                     f"{env['RAY_SERVE_HAPROXY_STATS_PORT']} and Prometheus metrics on port "
+                     f"{env['RAY_SERVE_HAPROXY_METRICS_PORT']}, on every interface")
+    return env, "throughput-optimized (plain proxy" + (": HAProxy off on a loopback deploy, serve.ha_proxy=true "
+                                                         "turns it on)" if want == "auto" else ")")
 
 
 def apply_env(env: dict[str, str]) -> None:

@@ -172,3 +172,27 @@ def test_format_1_versions_fail_with_the_migrate_command_then_migrate(tmp_path: 
     assert found["meta"]["model_kwargs"] == {"num_items": 7} and found["info"]["format"] == registry.FORMAT
     assert found["meta"]["item_categories"] is None               # the shards it was trained on are gone
     assert main(["--registry", root, "migrate"]) == []            # nothing left to do
+
+
+def test_gc_keeps_aliased_served_and_newest_versions(tmp_path: Path) -> None:
+    from jobs.registry import main
+
+    root = str(tmp_path / "registry")
+    for k in range(6):
+        _register(root, float(k))
+    registry.set_alias(root, "m", "prod", "v0001")
+    registry.lease(root, "m", "v0002", "replica-a")                 # served right now
+    registry.lease(root, "m", "v0003", "replica-b")
+    old = Path(root) / "m" / ".leases" / "v0003.replica-b"
+    os.utime(old, (old.stat().st_atime - 3600, old.stat().st_mtime - 3600))   # a lease nobody refreshed
+    runs = tmp_path / "train"
+    (runs / "tiny.old-20260101-000000").mkdir(parents=True)
+    (runs / "tiny").mkdir()
+    dry = main(["--registry", root, "gc", "--keep", "2", "--dry-run"])
+    assert dry["m"]["deleted"] == ["v0003", "v0004"] and registry.versions(root, "m") == [f"v000{k}" for k in range(1, 7)]
+    out = main(["--registry", root, "gc", "--keep", "2", "--runs", str(runs)])
+    assert out["m"]["deleted"] == ["v0003", "v0004"]
+    assert registry.versions(root, "m") == ["v0001", "v0002", "v0005", "v0006"]
+    assert sorted(p.name for p in runs.iterdir()) == ["tiny"]
+    registry.release(root, "m", "v0002", "replica-a")
+    assert main(["--registry", root, "gc", "--keep", "2"])["m"]["deleted"] == ["v0002"]

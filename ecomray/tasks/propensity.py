@@ -161,7 +161,7 @@ def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) ->
 
 
 # ----------------------------------------------------------------------------------------------- serving
-Categorical = Union[Annotated[str, StringConstraints(max_length=1024)], serving.Int, float, bool, None]
+Categorical = Union[Annotated[str, StringConstraints(max_length=1024)], serving.Int, serving.Number, bool, None]
 
 
 class PropensityResponse(serving.Response):
@@ -175,7 +175,7 @@ def api(meta: dict, limits: dict) -> tuple[type[BaseModel], type[BaseModel]]:
     from pydantic import create_model
 
     # Fields named f0, f1, ... with the feature names as aliases: a feature name need not be a Python identifier.
-    features = [(f, Union[float, None]) for f in meta["stats"]["numeric"]]
+    features = [(f, Union[serving.Number, None]) for f in meta["stats"]["numeric"]]
     features += [(f, Categorical) for f in meta["stats"]["categorical"]]
     fields = {f"f{n}": (kind, Field(..., alias=f)) for n, (f, kind) in enumerate(features)}
     Row = create_model("PropensityRow", __base__=serving.Strict, **fields)  # type: ignore[call-overload]
