@@ -20,6 +20,15 @@ from ecomray import registry
 from ecomray.tasks import load_task
 
 
+# Model-config keys that steer training (where to start from), never constructor arguments.
+TRAINING_ONLY_MODEL_KEYS = ("init_from", "pretrained_dir")
+
+
+def constructor_config(model_cfg: dict) -> dict:
+    """The `model` config group minus its training-only keys: what `instantiate` gets."""
+    return {k: v for k, v in model_cfg.items() if k not in TRAINING_ONLY_MODEL_KEYS}
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -51,7 +60,7 @@ def build_from_version(found: dict) -> Any:
     else:
         from hydra.utils import instantiate
 
-        model = instantiate(found["config"]["model"], **found["meta"]["model_kwargs"])
+        model = instantiate(constructor_config(found["config"]["model"]), **found["meta"]["model_kwargs"])
         model.load_state_dict(found["state_dict"])
     if hasattr(model, "eval"):
         model.eval()
