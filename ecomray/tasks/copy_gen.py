@@ -1,0 +1,459 @@
+"""Attribute-conditioned copy generation (ad copy, product descriptions): merchant attributes (`类型#上衣*颜色#白色`)
+or a product title, optional aspect and audience tags (KOBE style), in; Chinese marketing copy out.
+
+Two objectives on the one training loop (`task.objective`):
+- `lm`: language-model pretraining on unlabelled text: the train split of the review datasets in `task.corpora`
+  (every text equal to one of their val/test texts excluded, as the MLM task does) and the copy datasets' training
+  targets. The character tokenizer (Hugging Face `tokenizers`) is fitted here, on that text only.
+- `copy`: fine-tuning on (prompt, copy) pairs of the copy dataset and `task.extra_train` (e.g. kobe), the loss on the
+  copy alone; initialized from a pretraining version by registry ref (`model.init_from`), whose tokenizer it keeps.
+
+The model (`ecomray/models/copy_lm.py`) is decoder-only: the prompt is `[CLS] <conditions> input [SEP]`, the copy
+follows and ends with `[EOS]`. Decoding (`ecomray/decoding.py`): greedy, beam, nucleus sampling, n variants, a KV
+cache, a repetition penalty; banned terms (`task.compliance`, the PRC Advertising Law's absolute claims) are masked
+at every step and checked after (a variant that still has one is dropped and counted); with `task.cover_values`
+a copy that would end before stating an attribute value writes it next and carries on (`must_include`).
+
+Metrics: val/test `loss` (CE per copy token) and, on `task.eval_generate` rows decoded greedily, `bleu4` and
+`rouge_l` (the AdvertiseGen protocol, ecomray/generation_metrics.py) and `coverage` (share of input values stated).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Iterator
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from pydantic import BaseModel, Field, StringConstraints
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex
+from torch import nn
+
+from ecomray import serving
+from ecomray.compliance import BannedTerms
+from ecomray.data import shards
+from ecomray.decoding import Prompt, Settings, Special, generate
+from ecomray.features import attributes as A
+from ecomray.runtime import UserError
+from ecomray.tasks import RequestError
+
+KEY_METRICS = ("bleu4", "rouge_l", "coverage", "loss")
+ROUTE = "copy"
+PAD, UNK, CLS, SEP, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"
+SPECIALS = [PAD, UNK, CLS, SEP, EOS]
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, EOS_ID = range(5)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def fit_tokenizer(texts: list[str], conditions: list[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    """One token per character, characters kept exactly as written (no normalization: full-width punctuation is part
+    of the copy); the condition tags (<asp:4>, <aud:a>) are special tokens."""
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=[*SPECIALS, *sorted(set(conditions))], show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    assert tok.token_to_id(EOS) == EOS_ID
+    return tok
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer(tok_json: str) -> Tokenizer:
+    return Tokenizer.from_str(tok_json)
+
+
+@functools.lru_cache(maxsize=8)
+def token_texts(tok_json: str) -> tuple[str, ...]:
+    """id -> the characters the token writes ("" for special tokens)."""
+    tok = tokenizer(tok_json)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    out = [""] * tok.get_vocab_size(with_added_tokens=True)
+    for text, i in vocab.items():
+        out[i] = "" if (text in SPECIALS or (text.startswith("<") and text.endswith(">") and len(text) > 1)) else text
+    return tuple(out)
+
+
+def conditions(aspect: str | None, audience: str | None) -> list[str]:
+    """The condition tokens of a row: `<asp:4>` for aspect `<4>`, `<aud:a>` for audience `<a>`."""
+    out = []
+    if aspect:
+        out.append(f"<asp:{aspect.strip('<>')}>")
+    if audience:
+        out.append(f"<aud:{audience.strip('<>')}>")
+    return out
+
+
+def encode_text(tok_json: str, text: str) -> list[int]:
+    return tokenizer(tok_json).encode(text, add_special_tokens=False).ids
+
+
+def prompt_ids(tok_json: str, row: dict[str, Any], max_prompt: int) -> list[int]:
+    """[CLS] <conditions> input [SEP], the input cut to fit `max_prompt` tokens."""
+    tok = tokenizer(tok_json)
+    cond = [i for c in conditions(row.get("aspect"), row.get("audience")) if (i := tok.token_to_id(c)) is not None]
+    text = row.get("attributes") or row.get("title") or ""
+    body = encode_text(tok_json, text)[: max(1, max_prompt - 2 - len(cond))]
+    return [CLS_ID, *cond, *body, SEP_ID]
+
+
+def decode(tok_json: str, ids: list[int]) -> str:
+    texts = token_texts(tok_json)
+    return "".join(texts[i] for i in ids if 0 <= i < len(texts))
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class CopyData:
+    objective: str
+    tok_json: str
+    max_prompt: int
+    max_target: int
+    rows: dict[str, list[dict]]                          # split -> rows (attributes/title/aspect/audience/target)
+    seqs: dict[str, list[tuple[list[int], list[int]]]]   # split -> (prompt ids, target ids + EOS)
+    terms: list[str]
+    lexicon: dict[str, list[str]]
+    counts: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    world: int = 1
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    cfg: dict = field(repr=False, default_factory=dict)
+
+
+def _copy_rows(cfg: dict, name: str) -> pl.DataFrame:
+    df = shards.read_frame(cfg, name)
+    if "target" not in df.columns:
+        raise UserError(f"{shards.dataset_dir(cfg, name)}: not a copy dataset (prepare it with schema=copy)")
+    return df
+
+
+def _init_version(cfg: dict) -> dict | None:
+    ref = cfg["model"].get("init_from")
+    if not ref:
+        return None
+    from ecomray import registry
+
+    name, version = registry.parse_ref(str(ref))
+    return registry.load(cfg["paths"]["registry"], name, version)
+
+
+def _corpus(cfg: dict) -> tuple[list[str], dict[str, int]]:
+    """objective lm: review train texts (val/test texts of any review dataset excluded) + copy training targets."""
+    from ecomray.features.text import text_key_expr
+    from ecomray.tasks.sentiment import read_reviews
+
+    t = cfg["task"]
+    frames = [read_reviews(cfg, n) for n in t.get("corpora") or []]
+    texts: list[str] = []
+    counts: dict[str, int] = {}
+    if frames:
+        all_rows = pl.concat([f.select("text", "split") for f in frames])
+        eval_keys = all_rows.filter(pl.col("split") != "train").select(text_key_expr("text").alias("k"))["k"]
+        train = all_rows.filter(pl.col("split") == "train")
+        leak = text_key_expr("text").is_in(eval_keys.implode())
+        counts["review_texts_equal_to_eval_text_dropped"] = int(train.select(leak.sum()).item())
+        texts += train.filter(~leak)["text"].to_list()
+    for name in [cfg["dataset"]["name"], *(t.get("extra_train") or [])]:
+        df = _copy_rows(cfg, name).filter(pl.col("split") == "train")
+        texts += df["target"].to_list()
+    counts["corpus_texts"] = len(texts)
+    return texts, counts
+
+
+def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> CopyData:
+    t = cfg["task"]
+    objective = str(t.get("objective", "copy"))
+    if objective not in ("copy", "lm"):
+        raise UserError(f"task.objective={objective!r}: use copy or lm")
+    max_prompt, max_target = int(t.get("max_prompt", 96)), int(t.get("max_target", 160))
+    main = _copy_rows(cfg, cfg["dataset"]["name"])
+    extra = [_copy_rows(cfg, n).filter(pl.col("split") == "train") for n in t.get("extra_train") or []]
+    cols = ["attributes", "title", "aspect", "audience", "target"]
+    train = pl.concat([f.select(cols) for f in [main.filter(pl.col("split") == "train"), *extra]])
+    rows = {"train": train.to_dicts(), "val": main.filter(pl.col("split") == "val").select(cols).to_dicts(),
+            "test": main.filter(pl.col("split") == "test").select(cols).to_dicts()}
+    counts: dict[str, Any] = {"rows": {s: len(r) for s, r in rows.items()}}
+    corpus: list[str] = []
+    if objective == "lm":
+        corpus, c = _corpus(cfg)
+        counts.update(c)
+    init = _init_version(cfg)
+    if init is not None:
+        tok_json = init["meta"]["tokenizer"]
+        counts["tokenizer_from"] = f"{cfg['model']['init_from']} ({init['version']})"
+    else:
+        texts = corpus + [r["target"] for r in rows["train"]] + [r["attributes"] or r["title"] or "" for r in rows["train"]]
+        conds = [c for r in rows["train"] for c in conditions(r["aspect"], r["audience"])]
+        conds += [f"<asp:{k}>" for k in range(26)] + [f"<aud:{k}>" for k in "abc"]
+        tk = t.get("tokenizer") or {}
+        tok_json = fit_tokenizer(texts, conds, int(tk.get("vocab_size", 8000)), int(tk.get("min_frequency", 1))).to_str()
+    seqs: dict[str, list[tuple[list[int], list[int]]]] = {}
+    if objective == "lm":
+        g = np.random.default_rng(int(cfg.get("seed", 0)))
+        held = set(g.choice(len(corpus), size=min(len(corpus) // 50, 2000), replace=False).tolist())
+        enc = [encode_text(tok_json, x)[: max_prompt + max_target - 2] for x in corpus]
+        seqs["train"] = [([CLS_ID], [*e, EOS_ID]) for k, e in enumerate(enc) if k not in held and e]
+        seqs["val"] = seqs["test"] = [([CLS_ID], [*enc[k], EOS_ID]) for k in sorted(held) if enc[k]]
+    else:
+        for s, rs in rows.items():
+            seqs[s] = [(prompt_ids(tok_json, r, max_prompt), [*encode_text(tok_json, r["target"])[:max_target], EOS_ID])
+                       for r in rs]
+    lex = A.lexicon(A.parse(r["attributes"]) for r in rows["train"] if r["attributes"])
+    comp = t.get("compliance") or {}
+    return CopyData(objective, tok_json, max_prompt, max_target, rows, seqs, list(comp.get("terms") or []),
+                    {k: sorted(v) for k, v in lex.items()}, counts, rank, world_size, cfg=cfg)
+
+
+# ----------------------------------------------------------------------------------------------- model
+def build_model(cfg: dict, data: CopyData) -> nn.Module:
+    data.model_kwargs = {"vocab_size": tokenizer(data.tok_json).get_vocab_size(with_added_tokens=True),
+                         "max_len": data.max_prompt + data.max_target + 8}
+    model = instantiate({k: v for k, v in cfg["model"].items() if k != "init_from"}, **data.model_kwargs)
+    init = _init_version(cfg)
+    if init is not None:
+        mine = model.state_dict()
+        bad = [k for k, v in init["state_dict"].items() if k in mine and tuple(v.shape) != tuple(mine[k].shape)]
+        if bad:
+            raise UserError(f"model.init_from={cfg['model']['init_from']}: shapes differ for {bad[:3]} "
+                            "(use the pretraining run's model settings)")
+        model.load_state_dict({k: v for k, v in init["state_dict"].items() if k in mine}, strict=False)
+        print(f"[copy] initialized from {cfg['model']['init_from']} ({init['version']})", flush=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _batch(pairs: list[tuple[list[int], list[int]]], loss_on_prompt: bool) -> dict[str, torch.Tensor]:
+    """(B, L) ids right-padded and labels: the next token where it counts (the copy, or everything for lm), -100
+    elsewhere."""
+    L = max(len(p) + len(t) for p, t in pairs)
+    ids = torch.full((len(pairs), L), PAD_ID, dtype=torch.long)
+    labels = torch.full((len(pairs), L), -100, dtype=torch.long)
+    for r, (p, t) in enumerate(pairs):
+        seq = p + t
+        ids[r, :len(seq)] = torch.tensor(seq)
+        start = 1 if loss_on_prompt else len(p)
+        labels[r, start:len(seq)] = torch.tensor(seq[start:])
+    return {"ids": ids, "labels": labels}
+
+
+def train_batches(data: CopyData, epoch: int, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Length-sorted chunks (less padding), shuffled; pure in (epoch, seed)."""
+    pairs = data.seqs["train"]
+    g = np.random.default_rng(seed * 100_003 + epoch)
+    idx = np.arange(data.rank, len(pairs), data.world)
+    idx = idx[g.permutation(len(idx))]
+    lengths = np.array([len(pairs[i][0]) + len(pairs[i][1]) for i in idx])
+    batches = []
+    chunk = batch_size * 20
+    for lo in range(0, len(idx), chunk):
+        part = idx[lo:lo + chunk][np.argsort(lengths[lo:lo + chunk], kind="stable")]
+        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    for b in (batches[i] for i in g.permutation(len(batches))):
+        yield _batch([pairs[i] for i in b], data.objective == "lm")
+
+
+def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits, _ = model(batch["ids"][:, :-1])                                          # (B, L-1, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, data: CopyData, split: str, batch_size: int = 64) -> float:
+    pairs = data.seqs[split]
+    total, count = 0.0, 0
+    for lo in range(0, len(pairs), batch_size):
+        b = _batch(pairs[lo:lo + batch_size], data.objective == "lm")
+        logits, _ = model(b["ids"][:, :-1])
+        labels = b["labels"][:, 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                       ignore_index=-100, reduction="sum"))
+        count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+def evaluate(model: nn.Module, data: CopyData, split: str) -> dict[str, float]:
+    """`loss`; for the copy objective also BLEU-4 / ROUGE-L / coverage of greedy copies for the first
+    `task.eval_generate` rows of the split (0: loss only)."""
+    was = model.training
+    model.eval()
+    out = {"loss": _loss(model, data, split)}
+    n = int(data.cfg["task"].get("eval_generate", 0) or 0)
+    if data.objective == "copy" and n:
+        rows = data.rows[split][:n]
+        copies = predict(model, metadata(data), rows)
+        texts = [c["variants"][0]["text"] if c["variants"] else "" for c in copies]
+        from ecomray.generation_metrics import corpus_scores
+
+        scores = corpus_scores(texts, [r["target"] for r in rows])
+        stated = total = 0
+        for r, text in zip(rows, texts):
+            if r["attributes"]:
+                s, t = A.coverage(text, A.parse(r["attributes"]))
+                stated, total = stated + s, total + t
+        out.update(bleu4=scores["bleu-4"], rouge_l=scores["rouge-l"], coverage=stated / max(total, 1))
+    model.train(was)
+    return out
+
+
+def metadata(data: CopyData) -> dict:
+    examples = [{"attributes": r["attributes"], "n": 2, "strategy": "sample", "seed": 1}
+                for r in data.rows["train"][:3] if r["attributes"]]
+    examples += [{"title": r["title"], "aspect": r["aspect"], "audience": r["audience"]}
+                 for r in data.rows["train"] if r["title"] and r["aspect"]][:1]
+    decoding = dict(data.cfg["task"].get("decoding") or {})
+    return {"tokenizer": data.tok_json, "objective": data.objective, "max_prompt": data.max_prompt,
+            "max_target": data.max_target, "model_kwargs": data.model_kwargs, "terms": data.terms,
+            "lexicon": data.lexicon, "counts": data.counts, "decoding": decoding,
+            "cover_values": bool(data.cfg["task"].get("cover_values", True)), "examples": examples}
+
+
+# ----------------------------------------------------------------------------------------------- generating
+def _step(model: nn.Module) -> Any:
+    def step(ids: torch.Tensor, cache: Any, pos: torch.Tensor, mask: torch.Tensor) -> Any:
+        return model(ids, positions=pos, key_mask=mask, cache=cache)
+    return step
+
+
+_BANNED: dict[tuple[int, tuple[str, ...]], BannedTerms] = {}
+
+
+def banned_terms(meta: dict) -> BannedTerms:
+    """The version's banned terms bound to its vocabulary (built once per tokenizer and term list)."""
+    key = (hash(meta["tokenizer"]), tuple(meta.get("terms") or ()))
+    if key not in _BANNED:
+        _BANNED[key] = BannedTerms(meta.get("terms") or ()).bind(list(token_texts(meta["tokenizer"])))
+    return _BANNED[key]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, meta: dict, inputs: list[dict[str, Any]], **decoding: Any) -> list[dict[str, Any]]:
+    """For each input row ({attributes | title, aspect, audience}): {"variants": [{"text", "stated", "values",
+    "missing"}], "dropped": variants removed for a banned term}. Decoding settings: the version's defaults
+    (`task.decoding`), then `decoding`."""
+    settings = Settings.from_dict({**(meta.get("decoding") or {}), **decoding})
+    settings.max_new_tokens = min(settings.max_new_tokens, int(meta["max_target"]) + 1)
+    tok_json = meta["tokenizer"]
+    comma = encode_text(tok_json, "，")
+    prompts = []
+    for row in inputs:
+        pairs = A.parse(row["attributes"]) if row.get("attributes") else []
+        must = [encode_text(tok_json, v) for v in A.values(pairs)] if meta.get("cover_values", True) else []
+        prompts.append(Prompt(prompt_ids(tok_json, row, int(meta["max_prompt"])), must))
+    banned = banned_terms(meta)
+    texts = token_texts(tok_json)
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = generate(_step(model), prompts, settings, Special(EOS_ID, PAD_ID, comma), banned,
+                   lambda i: texts[i] if 0 <= i < len(texts) else "", device)
+    model.train(was)
+    out = []
+    for row, variants in zip(inputs, ids):
+        pairs = A.parse(row["attributes"]) if row.get("attributes") else []
+        kept, dropped = [], 0
+        for v in variants:
+            text = decode(tok_json, v)
+            if banned.find(text):
+                dropped += 1
+                continue
+            vals = A.values(pairs)
+            kept.append({"text": text, "stated": sum(x in text for x in vals), "values": len(vals),
+                         "missing": [x for x in vals if x not in text]})
+        out.append({"variants": kept, "dropped": dropped})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- batch prediction
+def batch_inputs(cfg: dict, split: str) -> shards.ShardScan:
+    return shards.scan(cfg, split)
+
+
+def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:
+    """One copy per row (the version's decoding defaults, or `options`), its coverage, and the dropped count."""
+    rows = batch.select([c for c in ("attributes", "title", "aspect", "audience") if c in batch.column_names]).to_pylist()
+    res = predict(model, meta, rows, **{k: v for k, v in options.items() if k in Settings.__dataclass_fields__})
+    return pa.table({"copy": pa.array([r["variants"][0]["text"] if r["variants"] else None for r in res], pa.string()),
+                     "values_stated": pa.array([r["variants"][0]["stated"] if r["variants"] else 0 for r in res],
+                                               pa.int32()),
+                     "dropped": pa.array([r["dropped"] for r in res], pa.int32())})
+
+
+# ----------------------------------------------------------------------------------------------- serving
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=16, pattern=r"^<?[0-9a-z]+>?$")]
+
+
+class Variant(BaseModel):
+    text: str
+    stated: int = Field(description="input attribute values the copy states")
+    values: int = Field(description="distinct input attribute values")
+    missing: list[str] = Field(default_factory=list)
+
+
+class CopyResponse(serving.Response):
+    variants: list[Variant]
+    dropped: int = Field(description="variants removed because they contained a banned term")
+    all_dropped: bool = Field(description="true when every variant was removed: nothing compliant to return")
+
+
+def api(meta: dict, limits: dict) -> tuple[type[BaseModel], type[BaseModel]]:
+    """POST /v1/copy: attributes (key#value*...) or a title, optional aspect/audience tags, decoding settings within
+    the caps in `limits` (n, max_new_tokens, beam_width, input characters)."""
+    chars = int(limits.get("max_input_chars", 400))
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=chars, pattern=r"\S")]
+
+    class CopyRequest(serving.Strict):
+        attributes: Text | None = Field(None, description="merchant attributes, key#value pairs joined by *")
+        title: Text | None = Field(None, description="a product title, when there are no attributes")
+        aspect: Tag | None = None
+        audience: Tag | None = None
+        n: serving.Int = Field(1, ge=1, le=int(limits.get("max_n", 4)))
+        strategy: str = Field("greedy", pattern="^(greedy|beam|sample)$")
+        max_new_tokens: serving.Int = Field(int(meta["max_target"]), ge=8, le=int(limits.get("max_new_tokens", 200)))
+        beam_width: serving.Int = Field(4, ge=1, le=int(limits.get("max_beam_width", 8)))
+        top_p: float = Field(0.9, gt=0.0, le=1.0)
+        temperature: float = Field(1.0, gt=0.0, le=2.0)
+        repetition_penalty: float = Field(1.2, ge=1.0, le=2.0)
+        seed: serving.Int = Field(0, ge=0, le=2**31 - 1)
+
+    return CopyRequest, CopyResponse
+
+
+def serve_batch(model: nn.Module, meta: dict, requests: list[dict], options: dict) -> list[dict | RequestError]:
+    """Each request is checked (input present, attribute string well formed, settings coherent), then generated on
+    its own settings; requests with the same settings share one `generate` call."""
+    out: list[Any] = [None] * len(requests)
+    groups: dict[str, list[int]] = {}
+    for n, req in enumerate(requests):
+        if not req.get("attributes") and not req.get("title"):
+            out[n] = RequestError(["body", "attributes"], "give attributes (key#value*...) or a title")
+            continue
+        if req.get("attributes"):
+            try:
+                A.parse(req["attributes"])
+            except ValueError as err:
+                out[n] = RequestError(["body", "attributes"], str(err))
+                continue
+        settings = {k: req[k] for k in ("n", "strategy", "max_new_tokens", "beam_width", "top_p", "temperature",
+                                        "repetition_penalty", "seed")}
+        try:
+            Settings.from_dict(settings)
+        except ValueError as err:
+            out[n] = RequestError(["body", "n" if "n=" in str(err) or "variant" in str(err) else "strategy"], str(err))
+            continue
+        groups.setdefault(repr(sorted(settings.items())), []).append(n)
+    for members in groups.values():
+        settings = {k: requests[members[0]][k] for k in ("n", "strategy", "max_new_tokens", "beam_width", "top_p",
+                                                         "temperature", "repetition_penalty", "seed")}
+        res = predict(model, meta, [requests[n] for n in members], **settings)
+        for n, r in zip(members, res):
+            out[n] = {**r, "all_dropped": not r["variants"],
+                      "warnings": ["every variant contained a banned term and was dropped"] if not r["variants"] else []}
+    return out

@@ -1,0 +1,166 @@
+"""The copy-generation family on the generated copy table (no research-only data): attribute parsing, coverage and
+hallucination, the banned-term automaton (also for tokens that merge characters), the decoders (greedy, beam,
+sampling, the KV cache, must-include phrases, banned terms never written), a tiny train -> registry -> generate, and
+the serving schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from ecomray.compliance import BannedTerms
+from ecomray.decoding import Prompt, Settings, Special, generate
+from ecomray.features import attributes as A
+from ecomray.tasks import RequestError
+from tests.test_train_next_item import compose_cfg
+
+
+def test_attribute_strings_coverage_and_hallucination() -> None:
+    pairs = A.parse("类型#上衣*颜色#粉红色*图案#刺绣*图案#刺绣")
+    assert pairs[0] == ("类型", "上衣") and A.values(pairs) == ["上衣", "粉红色", "刺绣"]
+    for bad in ("", "类型", "类型#上衣*颜色", "类型#上衣*#白色", "a#b#c"):
+        with pytest.raises(ValueError):
+            A.parse(bad)
+    assert A.coverage("这件粉红色上衣很好看", pairs) == (2, 3)
+    lex = {"颜色": {"粉红色", "红色", "白色"}, "图案": {"刺绣", "条纹"}, "材质": {"棉"}}
+    # 红色 is inside the given 粉红色: not invented; 白色 and 条纹 are; 棉 is a key the input does not have
+    assert A.hallucinations("粉红色上衣，白色条纹，纯棉", pairs, lex) == ["条纹", "白色"]
+
+
+def test_banned_terms_automaton_masks_merged_tokens() -> None:
+    terms = BannedTerms(["最", "第一", "100%", "国家级"])
+    assert terms.find("销量第一，100%纯棉") == ["100%", "第一"]
+    vocab = ["", "第", "一", "第一名", "1", "0", "%", "国家", "级", "好"]
+    terms.bind(vocab)
+    s = terms.walk(0, "第")[0]
+    assert set(terms.banned_tokens(s)) == {2, 3}                   # "一" completes 第一; "第一名" contains it
+    s = terms.walk(0, "国家")[0]
+    assert 8 in terms.banned_tokens(s) and 9 not in terms.banned_tokens(s)
+    s = terms.walk(0, "100")[0]
+    assert sorted(terms.banned_tokens(s)) == [3, 6]                # "%" completes 100%; 第一名 is banned everywhere
+    assert 3 in terms.banned_tokens(0)                               # a token that holds a whole banned term
+
+
+class _Toy(torch.nn.Module):
+    """A fixed "language model": the next token is a function of the previous one (a table of logits)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids: torch.Tensor, positions: Any = None, key_mask: Any = None, cache: Any = None) -> Any:
+        k = torch.zeros(ids.shape[0], 1, ids.shape[1], 1) if cache is None else \
+            torch.cat([cache[0][0], torch.zeros(ids.shape[0], 1, ids.shape[1], 1)], 2)
+        return self.table[ids], [(k, k)]
+
+
+def _step(model: torch.nn.Module) -> Any:
+    return lambda ids, cache, pos, mask: model(ids, pos, mask, cache)
+
+
+def test_decoders_follow_the_model_and_the_constraints() -> None:
+    V, eos, pad = 8, 1, 0
+    table = torch.full((V, V), -5.0)
+    for a, b in [(2, 3), (3, 4), (4, 5), (5, 1), (6, 7), (7, 1)]:
+        table[a, b] = 5.0                                            # 2 -> 3 -> 4 -> 5 -> EOS
+    table[3, 6] = 4.0                                                # second choice after 3
+    toy = _Toy(table)
+    special = Special(eos, pad, joiner=[])
+    greedy = generate(_step(toy), [Prompt([2])], Settings(max_new_tokens=10), special)
+    assert greedy == [[[3, 4, 5]]]
+    beams = generate(_step(toy), [Prompt([2])], Settings(strategy="beam", n=2, beam_width=3, max_new_tokens=10), special)
+    assert beams[0][0] == [3, 4, 5] and len(beams[0]) == 2
+    # banned: token 4 is what the text "d" writes; the automaton forbids it, so greedy takes the second choice
+    text = ["", "", "a", "b", "d", "e", "f", "g"]
+    banned = BannedTerms(["bd"]).bind(text)
+    got = generate(_step(toy), [Prompt([2])], Settings(max_new_tokens=10), special, banned, lambda i: text[i])
+    assert got == [[[3, 6, 7]]] and not banned.find("".join(text[i] for i in got[0][0]))
+    # must-include: the model would stop after 3 4 5; phrase [6] is written, then the model goes on from it
+    forced = generate(_step(toy), [Prompt([2], must_include=[[6]])], Settings(max_new_tokens=10), special)
+    assert forced == [[[3, 4, 5, 6, 7]]]
+    # ... and when the budget is short, the phrase is written before it runs out
+    short = generate(_step(toy), [Prompt([2], must_include=[[6]])], Settings(max_new_tokens=3), special)
+    assert 6 in short[0][0] and len(short[0][0]) <= 4
+    # sampling: seeded, n variants, reproducible
+    s1 = generate(_step(toy), [Prompt([2])], Settings(strategy="sample", n=3, seed=5, max_new_tokens=6), special)
+    s2 = generate(_step(toy), [Prompt([2])], Settings(strategy="sample", n=3, seed=5, max_new_tokens=6), special)
+    assert s1 == s2 and len(s1[0]) == 3
+    with pytest.raises(ValueError, match="greedy"):
+        Settings.from_dict({"strategy": "greedy", "n": 2})
+
+
+def test_the_real_model_decodes_the_same_with_and_without_its_cache() -> None:
+    from ecomray.models.copy_lm import CopyLM
+
+    torch.manual_seed(0)
+    model = CopyLM(vocab_size=40, max_len=64, dim=16, layers=2, heads=2, ff=32, dropout=0.0).eval()
+    prompts = [Prompt([2, 7, 9, 3]), Prompt([2, 11, 3])]
+    cached = generate(lambda ids, cache, pos, mask: model(ids, positions=pos, key_mask=mask, cache=cache), prompts,
+                      Settings(max_new_tokens=12), Special(1, 0))
+    for p, (out,) in zip(prompts, cached):                        # recompute every step on the whole sequence
+        seq = list(p.ids)
+        for tok in out:
+            logits, _ = model(torch.tensor([seq]))
+            masked = logits[0, -1].clone()
+            masked[0] = float("-inf")
+            assert int(masked.argmax()) == tok
+            seq.append(tok)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from ecomray.data.prepare import run as prepare
+    from ecomray.train.driver import fit
+
+    root = tmp_path_factory.mktemp("copy")
+    cfg = compose_cfg("train", root, "experiment=tiny_copy", "train.epochs=2")
+    manifest = prepare(cfg)
+    return {"cfg": cfg, "manifest": manifest, "out": fit(cfg)}
+
+
+def test_prepare_quarantines_bad_rows_and_splits_by_attribute_set(tiny: dict) -> None:
+    import polars as pl
+
+    m = tiny["manifest"]
+    assert m["rows_in"] == m["rows_out"] + m["rows_quarantined"] and m["reasons"] == {"bad attribute string": 1,
+                                                                                      "empty target": 1}
+    df = pl.read_parquet(Path(tiny["cfg"]["paths"]["data"]) / "synthetic_copy" / "shards" / "*.parquet")
+    per_set = df.group_by("attributes").agg(pl.col("split").n_unique())
+    assert (per_set["split"] == 1).all() and set(df["split"]) == {"train", "val", "test"}
+
+
+def test_tiny_copy_trains_generates_compliant_covering_copy_and_serves(tiny: dict) -> None:
+    from ecomray.inference import load_model
+    from ecomray.tasks import copy_gen
+
+    cfg, out = tiny["cfg"], tiny["out"]
+    assert out["name"] == "copy_gen_synthetic_copy" and out["history"][-1]["val/loss"] < out["history"][0]["val/loss"]
+    loaded = load_model(cfg["paths"]["registry"], out["name"])
+    assert loaded.meta["terms"] and "最" in loaded.meta["terms"]
+    rows = [{"attributes": "类型#裙*颜色#红色*材质#雪纺*图案#条纹"}, {"title": "夏季新款连衣裙", "aspect": "<1>"}]
+    res = loaded.task.predict(loaded.model, loaded.meta, rows, strategy="sample", n=3, seed=3)
+    assert [len(r["variants"]) + r["dropped"] for r in res] == [3, 3]
+    for v in res[0]["variants"]:
+        assert v["missing"] == [] and v["stated"] == v["values"] == 4        # cover_values: every value stated
+        assert not copy_gen.banned_terms(loaded.meta).find(v["text"])
+    again = loaded.task.predict(loaded.model, loaded.meta, rows, strategy="sample", n=3, seed=3)
+    assert again == res                                                     # seeded
+    request_model, _ = copy_gen.api(loaded.meta, {"max_n": 4, "max_new_tokens": 100})
+    body = request_model.model_validate({"attributes": rows[0]["attributes"], "n": 2, "strategy": "sample"})
+    bad_attrs = request_model.model_validate({"attributes": "类型#裙*颜色"}).model_dump()
+    nothing = request_model.model_validate({"aspect": "<1>"}).model_dump()
+    greedy_many = request_model.model_validate({"attributes": "类型#裙", "n": 2}).model_dump()
+    answers = loaded.task.serve_batch(loaded.model, loaded.meta,
+                                      [body.model_dump(), bad_attrs, nothing, greedy_many], {})
+    assert len(answers[0]["variants"]) + answers[0]["dropped"] == 2 and answers[0]["all_dropped"] is False
+    assert [a.loc for a in answers[1:]] == [["body", "attributes"], ["body", "attributes"], ["body", "n"]]
+    assert all(isinstance(a, RequestError) for a in answers[1:])
+    for too_much in ({"attributes": "类型#裙", "n": 5}, {"attributes": "类型#裙", "max_new_tokens": 1000},
+                     {"attributes": "x" * 401}, {"attributes": "  "}, {"attributes": "类型#裙", "aspect": "<<x"}):
+        with pytest.raises(ValidationError):
+            request_model.model_validate(too_much)
