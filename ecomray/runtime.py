@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -120,3 +121,27 @@ def user_errors(fn: F) -> F:
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+class Progress:
+    """Progress of a long loop as a line every `every_s` seconds ("[train] epoch 0: 500/938 steps (53%), 1.3 s/step,
+    ~9 min left"), not a redrawn bar: log files and `ray job logs` keep every line. A loop shorter than `every_s`
+    prints nothing."""
+
+    def __init__(self, label: str, total: int, unit: str = "steps", every_s: float = 60.0, enabled: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.label, self.total, self.unit, self.every_s, self.enabled, self.clock = label, total, unit, every_s, enabled, clock
+        self.done = 0
+        self.t0 = self.last = clock()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if not self.enabled or self.done >= self.total or now - self.last < self.every_s:
+            return
+        self.last = now
+        per = (now - self.t0) / self.done
+        left = per * (self.total - self.done)
+        left_text = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+        print(f"{self.label}: {self.done:,}/{self.total:,} {self.unit} ({self.done / self.total:.0%}), "
+              f"{per:.2f} s each, ~{left_text} left", flush=True)

@@ -15,6 +15,8 @@ import pytest
 
 from ecomray import registry
 
+pytestmark = pytest.mark.slow      # the whole pipeline in its own process (~90 s on 2 cores)
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 80
 

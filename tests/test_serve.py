@@ -490,6 +490,7 @@ def _replicas(deployment: str) -> list[str]:
                   if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"])
 
 
+@pytest.mark.slow
 def test_replica_killed_under_load(app: dict[str, Any], trained: dict[str, Any]) -> None:
     """5,000 requests at concurrency 8 against 2 recommend replicas; one replica is killed after 1,000. >= 99.9%
     succeed as the client sees them, and Serve starts a replacement."""

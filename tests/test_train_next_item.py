@@ -319,3 +319,20 @@ def test_runs_are_tracked_in_tensorboard_and_mlflow(tmp_path: Path, monkeypatch:
     assert run.info.run_name == "tracked" and run.data.tags["registry_version"] == f"{out['name']}:{out['version']}"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val.ndcg_10")
     assert [m.step for m in history] == [0, 1] and run.data.params["model.dim"] == "8"
+
+
+def test_progress_lines_only_for_long_loops(capsys: pytest.CaptureFixture) -> None:
+    from ecomray.runtime import Progress
+
+    now = [0.0]
+    p = Progress("[train] epoch 0", 4, every_s=10, clock=lambda: now[0])
+    for _ in range(3):
+        now[0] += 6.0
+        p.update()
+    p.update()                                                        # the last step prints nothing
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["[train] epoch 0: 2/4 steps (50%), 6.00 s each, ~12 s left"]
+    quick = Progress("x", 100, every_s=60, clock=lambda: 0.0)
+    for _ in range(100):
+        quick.update()
+    assert capsys.readouterr().out == ""

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from ecomray.runtime import Progress
 from ecomray.tasks import load_task
 
 
@@ -179,6 +180,8 @@ def train_loop(cfg: dict) -> None:
         # DDP needs the same number of steps on every worker (their shards differ in size): take the minimum.
         n_steps = _min_over_workers(len(batches)) if world > 1 else len(batches)
         budget = tcfg.get("time_budget_s")
+        progress = Progress(f"[train] epoch {epoch}", n_steps, every_s=float(tcfg.get("progress_s") or 60),
+                            enabled=rank == 0)
         for i, batch in enumerate(batches[:n_steps]):
             # a long epoch (one pass over a pretraining corpus) must not overrun the budget: look every
             # BUDGET_CHECK_STEPS steps (the same steps on every worker) and end the epoch early when it is spent
@@ -205,6 +208,7 @@ def train_loop(cfg: dict) -> None:
             loss_sum += float(loss.detach())
             n_batches += 1
             seen += len(next(iter(batch.values())))
+            progress.update()
         train_s = time.time() - t_epoch
         scored = ema if ema is not None else _unwrap(model)           # the weights that are evaluated and kept
         metrics = {f"val/{k}": v for k, v in task.evaluate(scored, data, "val").items()}
