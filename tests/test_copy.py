@@ -164,3 +164,20 @@ def test_tiny_copy_trains_generates_compliant_covering_copy_and_serves(tiny: dic
                      {"attributes": "x" * 401}, {"attributes": "  "}, {"attributes": "类型#裙", "aspect": "<<x"}):
         with pytest.raises(ValidationError):
             request_model.model_validate(too_much)
+
+
+def test_fine_tuning_from_a_version_with_a_shorter_window_keeps_its_positions(tiny: dict) -> None:
+    """The pretraining run's window (prompt + copy) may be shorter than the fine-tuning run's: its learned positions
+    are kept where both have them, the rest start fresh; every other tensor is the pretrained one."""
+    from ecomray import registry
+    from ecomray.tasks import copy_gen
+
+    cfg, out = tiny["cfg"], tiny["out"]
+    found = registry.load(cfg["paths"]["registry"], out["name"], out["version"])
+    longer = {**cfg, "task": {**cfg["task"], "max_prompt": int(cfg["task"]["max_prompt"]) + 40},
+              "model": {**cfg["model"], "init_from": f"{out['name']}:{out['version']}"}}
+    data = copy_gen.build_data(longer)
+    model = copy_gen.build_model(longer, data)
+    pos, old = model.state_dict()["pos.weight"], found["state_dict"]["pos.weight"]
+    assert pos.shape[0] == old.shape[0] + 40 and torch.equal(pos[: old.shape[0]], old)
+    assert torch.equal(model.state_dict()["tok.weight"], found["state_dict"]["tok.weight"])

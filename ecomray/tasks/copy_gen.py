@@ -219,11 +219,22 @@ def build_model(cfg: dict, data: CopyData) -> nn.Module:
     init = _init_version(cfg)
     if init is not None:
         mine = model.state_dict()
-        bad = [k for k, v in init["state_dict"].items() if k in mine and tuple(v.shape) != tuple(mine[k].shape)]
+        state = {k: v for k, v in init["state_dict"].items() if k in mine}
+        pos = state.get("pos.weight")
+        if pos is not None and pos.shape[1:] == mine["pos.weight"].shape[1:] and pos.shape[0] != mine["pos.weight"].shape[0]:
+            # a longer (or shorter) window than the pretraining run's: its learned positions where both have them,
+            # this model's fresh initialization beyond (fine-tuning learns them)
+            n = min(pos.shape[0], mine["pos.weight"].shape[0])
+            grown = mine["pos.weight"].clone()
+            grown[:n] = pos[:n]
+            state["pos.weight"] = grown
+            print(f"[copy] positions: {n} from {cfg['model']['init_from']}, "
+                  f"{mine['pos.weight'].shape[0] - n} new", flush=True)
+        bad = [k for k, v in state.items() if tuple(v.shape) != tuple(mine[k].shape)]
         if bad:
             raise UserError(f"model.init_from={cfg['model']['init_from']}: shapes differ for {bad[:3]} "
                             "(use the pretraining run's model settings)")
-        model.load_state_dict({k: v for k, v in init["state_dict"].items() if k in mine}, strict=False)
+        model.load_state_dict(state, strict=False)
         print(f"[copy] initialized from {cfg['model']['init_from']} ({init['version']})", flush=True)
     return model
 
