@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
+from annotated_types import Ge, Le
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_ABS_NUMBER = float(2**53)     # beyond this a float can't hold every integer; nothing we serve needs more
@@ -29,8 +30,11 @@ def _integral(v: Any) -> Any:
 
 
 # An integer field that also takes an integral JSON number such as 5.0 (JSON Schema's `integer` allows it, so the
-# OpenAPI contract does), still strict otherwise: "5" and 5.5 are refused. Within +-2**53, in the schema too.
-Int = Annotated[int, BeforeValidator(_integral), Field(ge=-2**53, le=2**53)]
+# OpenAPI contract does), still strict otherwise: "5" and 5.5 are refused.
+Int = Annotated[int, BeforeValidator(_integral)]                   # give it bounds with Field(ge=..., le=...)
+# A free integer value (a member of a union type, a categorical code): within +-2**53, stated in the schema (the
+# bounds must come before the validator to reach it, and Field(ge, le) on such a type would be dropped: use Int there).
+Integer = Annotated[int, Ge(-2**53), Le(2**53), BeforeValidator(_integral)]
 # A number field: finite and within +-2**53, stated in the OpenAPI schema so that the contract is what the edge checks.
 Number = Annotated[float, Field(ge=-MAX_ABS_NUMBER, le=MAX_ABS_NUMBER, allow_inf_nan=False)]
 

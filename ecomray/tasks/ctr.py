@@ -160,7 +160,7 @@ def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) ->
 
 
 # ----------------------------------------------------------------------------------------------- serving
-FieldValue = Union[Annotated[str, StringConstraints(max_length=256)], serving.Int]
+FieldValue = Union[Annotated[str, StringConstraints(max_length=256)], serving.Integer]
 
 
 class CTRResponse(serving.Response):

@@ -161,7 +161,7 @@ def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) ->
 
 
 # ----------------------------------------------------------------------------------------------- serving
-Categorical = Union[Annotated[str, StringConstraints(max_length=1024)], serving.Int, serving.Number, bool, None]
+Categorical = Union[Annotated[str, StringConstraints(max_length=1024)], serving.Integer, serving.Number, bool, None]
 
 
 class PropensityResponse(serving.Response):

@@ -89,7 +89,9 @@ def record_registration(cfg: dict, name: str, version: str) -> None:
         try:
             from tensorboardX import SummaryWriter
 
-            with SummaryWriter(folder) as w:
+            # its own file: event files are named by second and host, so a writer opened in the same second as
+            # the run's would replace the run's file
+            with SummaryWriter(folder, filename_suffix=".registry") as w:
                 w.add_text("registry", f"{name} {version}")
         except Exception:  # noqa: BLE001 - best effort
             pass
