@@ -206,3 +206,30 @@ def test_console_script_runs_the_same_job(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert "quarantined        7" in p.stdout
     assert "prepare" in cli.JOBS
+
+
+@pytest.mark.parametrize("fmt", ["iso", "iso_space"])
+def test_timestamp_fast_path_parses_exactly_like_the_general_format(fmt: str) -> None:
+    """The fixed-width fast path is taken only by values that fit it as they are; every value (padded, other fraction
+    lengths, leap day, out of range, garbage, empty) parses to the same instant or null as under the general format."""
+    import random
+
+    sep = "T" if fmt == "iso" else " "
+    rng = random.Random(7)
+    values = [f"2024-05-0{d}{sep}10:00:00.12345{d}" for d in range(1, 4)]     # fit the 6-digit fraction layout
+    for _ in range(400):
+        base = f"20{rng.randint(10, 30):02d}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}{sep}" \
+               f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}"
+        frac = rng.choice(["", f".{rng.randint(0, 999999):06d}", f".{rng.randint(0, 999):03d}", f".{rng.randint(0, 9)}"])
+        pad = rng.choice(["", "", " ", "\t"])
+        values.append(pad + base + frac + rng.choice(["", "", pad]))
+    values += ["2024-02-29" + sep + "12:00:00.000001", "2023-02-29" + sep + "12:00:00", "2024-13-01" + sep + "00:00:00",
+               "garbage", "", None, "2024-01-01" + sep + "24:00:00", "2024-01-01" + sep + "00:00:00.1234567"]
+    col = pl.Series("ts", values, dtype=pl.Utf8)
+    layout = S.detect_fast_layout(col.head(3), fmt)
+    assert layout is not None                                   # the first values fit one, so the fast path is on
+    df = col.to_frame()
+    fast = df.select(S._parse_datetime(pl.col("ts"), pl.Utf8, fmt, layout)).to_series()
+    general = df.select(S._parse_datetime(pl.col("ts"), pl.Utf8, fmt, None)).to_series()
+    assert fast.to_list() == general.to_list()
+    assert fast.null_count() >= 4                               # garbage, empty, None, impossible dates stay null

@@ -63,13 +63,13 @@ def _first_bad_utf8_line(path: str) -> int | None:
 
 
 def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, stage: str, ts_format: str = "auto") -> dict:
-    """Pass 1 for one source: validate and bucket its rows into `stage/src-i/_bucket=b/`."""
+    """Pass 1 for one source: validate and bucket its rows into `stage/src-i/_bucket=b/` (b = -1: quarantine)."""
     out = os.path.join(stage, f"src-{i:05d}")
     try:
         checked = S.validate(_with_position(lf, i), schema, source=src, ts_format=ts_format)
         bucket = pl.when(pl.col("reason").is_null()).then(S.shard_of(schema, shards)).otherwise(QUARANTINE_BUCKET)
-        checked.with_columns(bucket.cast(pl.Int32).alias("_bucket")).sink_parquet(
-            pl.PartitionBy(out, key="_bucket", include_key=False), compression="lz4", mkdir=True)  # staging: fast codec
+        checked.with_columns(bucket.cast(pl.Int32).alias("_bucket")).sink_parquet(  # staging, read once: fast codec
+            pl.PartitionBy(out, key="_bucket", include_key=False), compression="lz4", statistics=False, mkdir=True)
     except pl.exceptions.PolarsError as err:
         text = str(err)
         if "utf-8" in text.lower() or "utf8" in text.lower():
@@ -187,11 +187,16 @@ def _as_text(df: pl.DataFrame, schema: dict) -> pl.DataFrame:
     return df.select("_file", "_row", *cols, pl.col("reason"))
 
 
-def _first_distinct(df: pl.DataFrame, cols: list[str]) -> pl.Series:
-    """Exact first-occurrence mask. A 64-bit row hash finds candidates fast; only they are compared exactly."""
+def _first_distinct(df: pl.DataFrame, cols: list[str], prefix: list[str]) -> pl.Series:
+    """Exact first-occurrence mask over `cols` of a frame sorted by `prefix` (a subset of `cols`), then position.
+
+    Exact duplicates agree on the prefix, so in this order they sit in one run of equal prefixes: only rows whose
+    prefix equals a neighbour's can repeat an earlier row, and only they are compared exactly."""
     if df.height == 0:
         return pl.Series([], dtype=pl.Boolean)
-    candidate = df.select(pl.struct(cols).hash().is_duplicated()).to_series()
+    same_as_previous = pl.all_horizontal([pl.col(c).eq_missing(pl.col(c).shift(1)) for c in prefix])
+    in_run = (same_as_previous | same_as_previous.shift(-1)).fill_null(False)
+    candidate = df.select(in_run).to_series()
     mask = pl.Series([True] * df.height)
     if candidate.any():
         idx = candidate.arg_true()
@@ -220,7 +225,7 @@ def finalize_shard(s: int, stage: str, out: str, schema: dict, split: dict, deci
             quarantined = df.join(dup_keys, on=["_file", "_row"], how="semi")
             df = df.join(dup_keys, on=["_file", "_row"], how="anti")
     else:
-        first = _first_distinct(df, data_cols)
+        first = _first_distinct(df, data_cols, [c for c in S.sort_columns(schema) if c in data_cols])
         duplicates = int((~first).sum())
         if dedup == "quarantine" and duplicates:
             quarantined = df.filter(~first)
@@ -255,7 +260,7 @@ def _write_quarantine(stage: str, out: str, schema: dict, sources: list[str]) ->
     else:
         q = pl.DataFrame(schema={"_file": pl.Int32, "_row": pl.Int64, **{c: pl.Utf8 for c in schema["columns"]},
                                  "reason": pl.Utf8})
-    q = q.with_columns(source=pl.col("_file").map_elements(lambda i: sources[i], return_dtype=pl.Utf8)
+    q = q.with_columns(source=pl.col("_file").replace_strict(dict(enumerate(sources)), return_dtype=pl.Utf8)
                        if q.height else pl.lit(None, dtype=pl.Utf8))
     q.write_parquet(path, compression="zstd")
     reasons = {k: int(v) for k, v in q.group_by("reason").len().sort("len", descending=True).iter_rows()}
@@ -345,6 +350,8 @@ def run(cfg: dict) -> dict:
             "quarantine": "quarantine.parquet",
             "sources": [{"path": s["source"], "rows": s["rows_in"]} for s in staged],
             "licence": dataset.get("licence", "unknown"), "research_only": bool(dataset.get("research_only", False)),
+            # class names of a labelled dataset, so later jobs (opinion, training) need not be told them again
+            "label_names": {str(k): str(v) for k, v in (dataset.get("label_names") or {}).items()} or None,
             "ecomray_version": ecomray.__version__,
         }
         if hasattr(adapter, "extra_manifest"):
