@@ -114,17 +114,25 @@ def _prefill(step: Callable[..., Any], seqs: list[_Seq], device: Any) -> tuple[t
     return logits[:, -1].float(), (cache, mask.to(device)), lengths
 
 
-def _choose(logits: torch.Tensor, seqs: list[_Seq], settings: Settings, special: Special,
-            banned: BannedTerms | None, g: torch.Generator) -> list[int]:
-    logits = _penalize(logits.clone(), [s.out for s in seqs], settings.repetition_penalty)
+def _mask(scores: torch.Tensor, seqs: list[_Seq], settings: Settings, special: Special,
+          banned: BannedTerms | None) -> torch.Tensor:
+    """Rule out, in place, per sequence: tokens that would complete a banned term, EOS before `min_new_tokens`,
+    and padding everywhere. Returns `scores`."""
     for r, s in enumerate(seqs):
         if banned is not None:
             bad = banned.banned_tokens(s.state)
             if bad:
-                logits[r, bad] = float("-inf")
+                scores[r, bad] = float("-inf")
         if len(s.out) < settings.min_new_tokens:
-            logits[r, special.eos] = float("-inf")
-    logits[:, special.pad] = float("-inf")
+            scores[r, special.eos] = float("-inf")
+    scores[:, special.pad] = float("-inf")
+    return scores
+
+
+def _choose(logits: torch.Tensor, seqs: list[_Seq], settings: Settings, special: Special,
+            banned: BannedTerms | None, g: torch.Generator) -> list[int]:
+    logits = _mask(_penalize(logits.clone(), [s.out for s in seqs], settings.repetition_penalty),
+                   seqs, settings, special, banned)
     if settings.strategy == "greedy":
         return logits.argmax(-1).tolist()
     probs = torch.softmax(logits / max(settings.temperature, 1e-5), -1).cpu()
@@ -190,15 +198,8 @@ def _beam(step: Callable[..., Any], prompt: Prompt, settings: Settings, special:
     beams = [_Seq(prompt)]
     finished: list[_Seq] = []
     for t in range(settings.max_new_tokens):
-        logp = torch.log_softmax(_penalize(logits.clone(), [b.out for b in beams], settings.repetition_penalty), -1)
-        for r, b in enumerate(beams):
-            if banned is not None:
-                bad = banned.banned_tokens(b.state)
-                if bad:
-                    logp[r, bad] = float("-inf")
-            if len(b.out) < settings.min_new_tokens:
-                logp[r, special.eos] = float("-inf")
-        logp[:, special.pad] = float("-inf")
+        logp = _mask(torch.log_softmax(_penalize(logits.clone(), [b.out for b in beams], settings.repetition_penalty), -1),
+                     beams, settings, special, banned)
         total = logp + torch.tensor([b.score for b in beams], device=logp.device)[:, None]
         top = total.flatten().topk(min(2 * width, total.numel()))
         new, keep = [], []

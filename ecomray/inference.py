@@ -29,6 +29,15 @@ def constructor_config(model_cfg: dict) -> dict:
     return {k: v for k, v in model_cfg.items() if k not in TRAINING_ONLY_MODEL_KEYS}
 
 
+def init_version(cfg: dict) -> dict | None:
+    """The registry version a run starts from (`model.init_from: <name>[:<version|alias>]`), loaded; None without one."""
+    ref = cfg["model"].get("init_from")
+    if not ref:
+        return None
+    name, version = registry.parse_ref(str(ref))
+    return registry.load(cfg["paths"]["registry"], name, version)
+
+
 @dataclass
 class LoadedModel:
     name: str

@@ -41,6 +41,7 @@ from ecomray.compliance import BannedTerms
 from ecomray.data import shards
 from ecomray.decoding import Prompt, Settings, Special, generate
 from ecomray.features import attributes as A
+from ecomray.inference import init_version
 from ecomray.runtime import UserError
 from ecomray.tasks import RequestError
 
@@ -134,16 +135,6 @@ def _copy_rows(cfg: dict, name: str) -> pl.DataFrame:
     return df
 
 
-def _init_version(cfg: dict) -> dict | None:
-    ref = cfg["model"].get("init_from")
-    if not ref:
-        return None
-    from ecomray import registry
-
-    name, version = registry.parse_ref(str(ref))
-    return registry.load(cfg["paths"]["registry"], name, version)
-
-
 def _corpus(cfg: dict) -> tuple[list[str], dict[str, int]]:
     """objective lm: review train texts (val/test texts of any review dataset excluded) + copy training targets."""
     from ecomray.features.text import text_key_expr
@@ -184,7 +175,7 @@ def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> CopyData:
     if objective == "lm":
         corpus, c = _corpus(cfg)
         counts.update(c)
-    init = _init_version(cfg)
+    init = init_version(cfg)
     if init is not None:
         tok_json = init["meta"]["tokenizer"]
         counts["tokenizer_from"] = f"{cfg['model']['init_from']} ({init['version']})"
@@ -216,7 +207,7 @@ def build_model(cfg: dict, data: CopyData) -> nn.Module:
     data.model_kwargs = {"vocab_size": tokenizer(data.tok_json).get_vocab_size(with_added_tokens=True),
                          "max_len": data.max_prompt + data.max_target + 8}
     model = instantiate({k: v for k, v in cfg["model"].items() if k != "init_from"}, **data.model_kwargs)
-    init = _init_version(cfg)
+    init = init_version(cfg)
     if init is not None:
         mine = model.state_dict()
         state = {k: v for k, v in init["state_dict"].items() if k in mine}

@@ -45,6 +45,7 @@ from ecomray import serving
 from ecomray.data import shards
 from ecomray.features.text import encode as encode_chars
 from ecomray.features.text import fit_tokenizer, load_tokenizer, text_key_expr, tfidf_matrix, tfidf_vectorizer
+from ecomray.inference import init_version
 from ecomray.runtime import UserError
 from ecomray.tasks import RequestError
 
@@ -122,16 +123,6 @@ def model_kind(cfg: dict) -> str:
     return "tfidf" if target.endswith("TfidfLR") else "hf" if target.endswith("HFClassifier") else "transformer"
 
 
-def _init_version(cfg: dict) -> dict | None:
-    ref = cfg["model"].get("init_from")
-    if not ref:
-        return None
-    from ecomray import registry
-
-    name, version = registry.parse_ref(str(ref))
-    return registry.load(cfg["paths"]["registry"], name, version)
-
-
 def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> TextData:
     t = cfg["task"]
     set_threads(cfg)
@@ -162,7 +153,7 @@ def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> TextData:
         hf_tok = AutoTokenizer.from_pretrained(d, local_files_only=True, use_fast=True)
         tok_json, tok_kind, max_len = hf_tok.backend_tokenizer.to_str(), "hf", max_chars + 2
     elif kind == "transformer":
-        init = _init_version(cfg)
+        init = init_version(cfg)
         if init is not None:
             tok_json = init["meta"]["tokenizer"]
             counts["tokenizer_from"] = f"{init['meta'].get('registry_name', cfg['model']['init_from'])}:{init['version']}"
@@ -227,7 +218,7 @@ def build_model(cfg: dict, data: TextData) -> nn.Module:
     vocab = _tokenizer("char", data.tok_json, data.max_len).get_vocab_size()
     data.model_kwargs = {"vocab_size": vocab, "num_classes": len(data.labels), "max_len": data.max_len}
     model = instantiate(mcfg, **data.model_kwargs)
-    init = _init_version(cfg)
+    init = init_version(cfg)
     if init is not None:
         state = init["state_dict"]
         mine = model.state_dict()
