@@ -13,9 +13,11 @@ one harness, with the published protocol.
   file order); retrieval with the input's values listed in front (joined by "，", then "。"; and concatenated);
   a template filler.
 - The model: the registry version, greedy decoding (the version's defaults: repetition penalty, banned terms
-  masked, every attribute value stated), batches of 32; copies/s is measured over the whole dev set.
+  masked, every attribute value stated), batches of 32; copies/s is measured over the whole dev set. Twice: with
+  the input's ungiven values masked (`avoid_ungiven_values`, the default of new versions) and without.
 - Conditions: on 100 KOBE titles, distinct-2 between two aspect conditions on the same product (same sampling seed)
-  against distinct-2 between two seeds under the same condition.
+  against distinct-2 between two seeds under the same condition; and, seed-free, between the greedy copies of the
+  two aspects (0.5 would mean the condition changes nothing).
 Writes benchmarks/results/copy_gen.json.
 """
 
@@ -93,7 +95,7 @@ def pair_distinct2(a: str, b: str) -> float:
     return len(set(ga) | set(gb)) / max(len(ga) + len(gb), 1)
 
 
-def model_side(ref: str, root: Path, dev: list[dict[str, str]]) -> tuple[list[str], dict[str, Any], Any]:
+def model_side(ref: str, root: Path, dev: list[dict[str, str]], avoid: bool) -> tuple[list[str], dict[str, Any], Any]:
     import torch
 
     from ecomray import registry
@@ -104,10 +106,10 @@ def model_side(ref: str, root: Path, dev: list[dict[str, str]]) -> tuple[list[st
     loaded = load_model(str(root / "registry"), name, version)
     rows = [{"attributes": r["content"]} for r in dev]
     texts, dropped = [], 0
-    loaded.task.predict(loaded.model, loaded.meta, rows[:32])                        # warm-up
+    loaded.task.predict(loaded.model, loaded.meta, rows[:32], avoid_ungiven_values=avoid)       # warm-up
     t0 = time.perf_counter()
     for lo in range(0, len(rows), 32):
-        for r in loaded.task.predict(loaded.model, loaded.meta, rows[lo:lo + 32]):
+        for r in loaded.task.predict(loaded.model, loaded.meta, rows[lo:lo + 32], avoid_ungiven_values=avoid):
             texts.append(r["variants"][0]["text"] if r["variants"] else "")
             dropped += r["dropped"]
     seconds = time.perf_counter() - t0
@@ -119,6 +121,7 @@ def model_side(ref: str, root: Path, dev: list[dict[str, str]]) -> tuple[list[st
         versions["pretrain"] = f"{pre['name']}:{pre['version']}"
         train_s += float(pre["metrics"].get("train_seconds", 0.0))
     extra = {"copies_per_s_batch32_greedy": len(rows) / seconds, "dropped_for_compliance": dropped,
+             "avoid_ungiven_values": avoid,
              "train_seconds_pretrain_plus_finetune": train_s, "versions": versions,
              "val": {k: v for k, v in loaded.metrics.items() if k.startswith("val/")}}
     return texts, extra, loaded
@@ -129,19 +132,21 @@ def conditions(loaded: Any, n: int = 100) -> dict[str, float]:
     kobe = read(datasets() / "kobe_taodescribe" / "kobe_test.jsonl")
     titles = list(dict.fromkeys(r["title"] for r in kobe))[:n]
 
-    def gen(aspect: str, seed: int) -> list[str]:
+    def gen(aspect: str, seed: int | None) -> list[str]:
         rows = [{"title": t, "aspect": aspect, "audience": "<a>"} for t in titles]
+        how = {"strategy": "greedy"} if seed is None else {"strategy": "sample", "seed": seed, "top_p": 0.9}
         out = []
         for lo in range(0, len(rows), 32):
-            res = loaded.task.predict(loaded.model, loaded.meta, rows[lo:lo + 32], strategy="sample", seed=seed,
-                                      top_p=0.9)
+            res = loaded.task.predict(loaded.model, loaded.meta, rows[lo:lo + 32], **how)
             out += [r["variants"][0]["text"] if r["variants"] else "" for r in res]
         return out
 
-    a0s1, a1s1, a0s2 = gen("<0>", 1), gen("<1>", 1), gen("<0>", 2)
+    a0s1, a1s1, a0s2, a0g, a1g = gen("<0>", 1), gen("<1>", 1), gen("<0>", 2), gen("<0>", None), gen("<1>", None)
     return {"titles": len(titles),
             "distinct2_between_conditions": statistics.mean(pair_distinct2(x, y) for x, y in zip(a0s1, a1s1)),
-            "distinct2_between_seeds": statistics.mean(pair_distinct2(x, y) for x, y in zip(a0s1, a0s2))}
+            "distinct2_between_seeds": statistics.mean(pair_distinct2(x, y) for x, y in zip(a0s1, a0s2)),
+            "distinct2_between_conditions_greedy": statistics.mean(pair_distinct2(x, y) for x, y in zip(a0g, a1g)),
+            "greedy_copies_that_differ_between_conditions": sum(x != y for x, y in zip(a0g, a1g)) / len(titles)}
 
 
 def main() -> None:
@@ -168,18 +173,22 @@ def main() -> None:
     rows.append(side("template", [template(r) for r in dev], dev, lex, banned))
     cond = None
     if args.model != "none":
-        texts, extra, loaded = model_side(args.model, Path(args.root), dev)
-        rows.append(side(f"ecomray {args.model}", texts, dev, lex, banned, extra))
+        for avoid in (False, True):
+            texts, extra, loaded = model_side(args.model, Path(args.root), dev, avoid)
+            label = "ecomray" + (" (ungiven values masked)" if avoid else "")
+            rows.append(side(label, texts, dev, lex, banned, {"model": args.model, **extra}))
         cond = conditions(loaded)
     print(f"{'side':<32}{'BLEU-4':>8}{'R-1':>7}{'R-2':>7}{'R-L':>7}{'cover':>7}{'all':>6}{'halluc':>8}{'d-1':>6}"
           f"{'d-2':>6}{'viol':>6}")
     for r in rows:
-        print(f"{r['side']:<32}{r['bleu4']:>8.2f}{r['rouge1']:>7.2f}{r['rouge2']:>7.2f}{r['rougeL']:>7.2f}"
+        print(f"{r['side'][:32]:<32}{r['bleu4']:>8.2f}{r['rouge1']:>7.2f}{r['rouge2']:>7.2f}{r['rougeL']:>7.2f}"
               f"{r['coverage']:>7.1%}{r['rows_all_values']:>6.0%}{r['hallucinations_per_row']:>8.2f}"
               f"{r['distinct1']:>6.3f}{r['distinct2']:>6.3f}{r['violations']:>6}")
     if cond:
         print(f"conditions: distinct-2 between aspects {cond['distinct2_between_conditions']:.3f}, between seeds "
-              f"{cond['distinct2_between_seeds']:.3f} ({cond['titles']} KOBE titles)")
+              f"{cond['distinct2_between_seeds']:.3f}; greedy, between aspects "
+              f"{cond['distinct2_between_conditions_greedy']:.3f} ({cond['greedy_copies_that_differ_between_conditions']:.0%}"
+              f" differ) ({cond['titles']} KOBE titles)")
     out = {"benchmark": "copy_gen_advertisegen_dev", "rows": len(dev), "train_rows_for_baselines": len(train),
            "published": {"ChatGLM-6B P-tuning v2 (6B params, 114k train rows)": {"bleu4": 8.10, "rougeL": 24.97}},
            "sides": rows, "conditions": cond, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

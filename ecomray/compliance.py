@@ -48,7 +48,7 @@ class BannedTerms:
                 self.fail[t] = self.goto[f].get(ch, 0) if self.goto[f].get(ch, 0) != t else 0
                 self.out[t] = self.out[t] or self.out[self.fail[t]]
         self._banned_cache: dict[int, list[int]] = {}
-        self._token_text: list[str] | None = None
+        self._vocab: TokenIndex | None = None
 
     def step(self, state: int, ch: str) -> int:
         while state and ch not in self.goto[state]:
@@ -67,16 +67,44 @@ class BannedTerms:
         """The banned terms that occur in `text`."""
         return [t for t in self.terms if t in text]
 
-    def bind(self, token_text: list[str]) -> "BannedTerms":
-        """Attach a vocabulary (id -> the characters the token writes; "" for special tokens)."""
-        self._token_text, self._banned_cache = list(token_text), {}
+    def bind(self, vocab: "TokenIndex | list[str]") -> "BannedTerms":
+        """Attach a vocabulary (a `TokenIndex`, or id -> the characters the token writes, "" for special tokens)."""
+        self._vocab = vocab if isinstance(vocab, TokenIndex) else TokenIndex(vocab)
+        self._banned_cache = {}
         return self
 
     def banned_tokens(self, state: int) -> list[int]:
-        """Token ids that would complete a banned term from `state` (cached per state)."""
-        if self._token_text is None:
+        """Token ids that would complete a banned term from `state` (cached per state).
+
+        A one-character token completes a term only if its character has a transition somewhere on the failure
+        chain of `state` (otherwise the automaton falls back to the root and completes nothing), so only those
+        characters are tried; tokens of several characters are walked in full."""
+        if self._vocab is None:
             raise RuntimeError("BannedTerms.bind(vocabulary) first")
         if state not in self._banned_cache:
-            self._banned_cache[state] = [i for i, text in enumerate(self._token_text)
-                                         if text and self.walk(state, text)[1]]
+            chars: set[str] = set()
+            f = state
+            while True:
+                chars.update(self.goto[f])
+                if not f:
+                    break
+                f = self.fail[f]
+            bad = [i for ch in chars if self.out[self.step(state, ch)] for i in self._vocab.single.get(ch, ())]
+            bad += [i for i, text in self._vocab.multi if self.walk(state, text)[1]]
+            self._banned_cache[state] = sorted(bad)
         return self._banned_cache[state]
+
+
+class TokenIndex:
+    """A vocabulary as the automata need it: one-character tokens by character, longer tokens listed. Built once per
+    tokenizer and shared by every `BannedTerms` bound to it."""
+
+    def __init__(self, token_text: list[str]) -> None:
+        self.size = len(token_text)
+        self.single: dict[str, list[int]] = {}
+        self.multi: list[tuple[int, str]] = []
+        for i, text in enumerate(token_text):
+            if len(text) == 1:
+                self.single.setdefault(text, []).append(i)
+            elif text:
+                self.multi.append((i, text))

@@ -1,8 +1,14 @@
 """Decoding for any causal language model that follows `step(ids (B, T), cache, positions) -> logits (B, T, V),
 cache`: greedy, beam search and nucleus sampling, with a key/value cache (each step feeds one token per sequence),
 a repetition penalty, length limits, `n` variants per prompt, banned terms (`ecomray.compliance.BannedTerms`, masked
-at every step) and must-include phrases (when a sequence would end without one, the phrase is written next and the
-model carries on from it). Shared by every text-generating family; settings are plain dicts (`Settings`).
+at every step: one automaton for every prompt, e.g. the advertising law, and optionally one per prompt, e.g. attribute
+values the input did not give) and must-include phrases (when a sequence would end without one, the phrase is
+written next and the model carries on from it). Shared by every text-generating family; settings are plain dicts
+(`Settings`).
+
+Sequences that have finished leave the batch (their rows of the cache are dropped), so a batch costs what its
+sequences need rather than `max_new_tokens` steps for every row. The cache is the model's: decoding only reorders
+it, through `cache.select(index)` when it has one, else as nested lists/tuples of batch-first tensors.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class Settings:
 class Prompt:
     ids: list[int]                                   # the model's input before the first generated token
     must_include: list[list[int]] = field(default_factory=list)   # token ids of phrases the output must contain
+    avoid: BannedTerms | None = None                 # this prompt's own banned terms (bound to the vocabulary)
 
 
 @dataclass
@@ -56,30 +63,59 @@ class Special:
     joiner: list[int] = field(default_factory=list)  # written before a forced phrase (e.g. a comma)
 
 
-def _penalize(logits: torch.Tensor, generated: list[list[int]], penalty: float) -> torch.Tensor:
-    """CTRL-style: positive logits of tokens already generated divided by `penalty`, negative ones multiplied."""
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style: positive logits of tokens already generated (`seen`, (B, V) bool) divided by `penalty`, negative
+    ones multiplied."""
     if penalty == 1.0:
         return logits
-    for r, toks in enumerate(generated):
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def _seen(outs: list[list[int]], vocab: int, device: Any) -> torch.Tensor:
+    seen = torch.zeros((len(outs), vocab), dtype=torch.bool, device=device)
+    for r, toks in enumerate(outs):
         if toks:
-            idx = torch.tensor(sorted(set(toks)), device=logits.device)
-            row = logits[r, idx]
-            logits[r, idx] = torch.where(row > 0, row / penalty, row * penalty)
-    return logits
+            seen[r, toks] = True
+    return seen
 
 
-def _contains(seq: list[int], phrase: list[int]) -> bool:
-    n = len(phrase)
-    return any(seq[i:i + n] == phrase for i in range(len(seq) - n + 1)) if n else True
+def _select(cache: Any, idx: torch.Tensor) -> Any:
+    """The cache's rows `idx` (batch-first), in that order."""
+    if isinstance(cache, torch.Tensor):
+        return cache.index_select(0, idx)
+    if isinstance(cache, (list, tuple)):
+        return type(cache)(_select(x, idx) for x in cache)
+    return cache.select(idx)
 
 
 class _Seq:
-    """One sequence being generated: its tokens, compliance state, pending forced tokens, score, done flag."""
+    """One sequence being generated: its tokens, automaton states (shared terms, the prompt's own), must-include
+    phrases already written, pending forced tokens, score, done flag."""
 
-    def __init__(self, prompt: Prompt, state: int = 0) -> None:
-        self.prompt, self.out, self.state = prompt, [], state
+    def __init__(self, prompt: Prompt, state: int = 0, astate: int = 0) -> None:
+        self.prompt, self.out, self.state, self.astate = prompt, [], state, astate
+        self.written = [not p for p in prompt.must_include]
         self.forced: list[int] = []
         self.score, self.done = 0.0, False
+
+    def append(self, tok: int, banned: BannedTerms | None, token_text: Callable[[int], str] | None) -> None:
+        self.out.append(tok)
+        for k, p in enumerate(self.prompt.must_include):
+            if not self.written[k] and self.out[-len(p):] == p:
+                self.written[k] = True
+        self.feed(tok, banned, token_text)
+
+    def feed(self, tok: int, banned: BannedTerms | None, token_text: Callable[[int], str] | None) -> None:
+        """Move the automata over the token's text."""
+        if token_text is not None:
+            text = token_text(tok)
+            if banned is not None:
+                self.state = banned.walk(self.state, text)[0]
+            if self.prompt.avoid is not None:
+                self.astate = self.prompt.avoid.walk(self.astate, text)[0]
+
+    def missing(self) -> list[list[int]]:
+        return [p for p, w in zip(self.prompt.must_include, self.written) if not w]
 
 
 def generate(step: Callable[..., Any], prompts: list[Prompt], settings: Settings, special: Special,
@@ -119,20 +155,20 @@ def _mask(scores: torch.Tensor, seqs: list[_Seq], settings: Settings, special: S
     """Rule out, in place, per sequence: tokens that would complete a banned term, EOS before `min_new_tokens`,
     and padding everywhere. Returns `scores`."""
     for r, s in enumerate(seqs):
-        if banned is not None:
-            bad = banned.banned_tokens(s.state)
-            if bad:
-                scores[r, bad] = float("-inf")
+        for terms, state in ((banned, s.state), (s.prompt.avoid, s.astate)):
+            if terms is not None:
+                bad = terms.banned_tokens(state)
+                if bad:
+                    scores[r, bad] = float("-inf")
         if len(s.out) < settings.min_new_tokens:
             scores[r, special.eos] = float("-inf")
     scores[:, special.pad] = float("-inf")
     return scores
 
 
-def _choose(logits: torch.Tensor, seqs: list[_Seq], settings: Settings, special: Special,
+def _choose(logits: torch.Tensor, seen: torch.Tensor, seqs: list[_Seq], settings: Settings, special: Special,
             banned: BannedTerms | None, g: torch.Generator) -> list[int]:
-    logits = _mask(_penalize(logits.clone(), [s.out for s in seqs], settings.repetition_penalty),
-                   seqs, settings, special, banned)
+    logits = _mask(_penalize(logits, seen, settings.repetition_penalty), seqs, settings, special, banned)
     if settings.strategy == "greedy":
         return logits.argmax(-1).tolist()
     probs = torch.softmax(logits / max(settings.temperature, 1e-5), -1).cpu()
@@ -152,7 +188,7 @@ def _advance(s: _Seq, tok: int, settings: Settings, special: Special, banned: Ba
     if s.forced:
         tok = s.forced.pop(0)
     else:
-        missing = [p for p in s.prompt.must_include if not _contains(s.out, p)]
+        missing = s.missing()
         room = settings.max_new_tokens - len(s.out)
         need = sum(len(special.joiner) + len(p) for p in missing)
         if missing and (tok == special.eos or room <= need):
@@ -161,9 +197,7 @@ def _advance(s: _Seq, tok: int, settings: Settings, special: Special, banned: Ba
         elif tok == special.eos or room <= 0:
             s.done = True
             return special.eos
-    s.out.append(tok)
-    if banned is not None and token_text is not None:
-        s.state = banned.walk(s.state, token_text(tok))[0]
+    s.append(tok, banned, token_text)
     return tok
 
 
@@ -173,19 +207,24 @@ def _run(step: Callable[..., Any], seqs: list[_Seq], settings: Settings, special
     logits, (cache, mask), lengths = _prefill(step, seqs, device)
     limit = settings.max_new_tokens + max((sum(len(special.joiner) + len(p) for p in s.prompt.must_include)
                                            for s in seqs), default=0)
+    active = list(seqs)                                            # the batch's rows, in order
+    seen = _seen([s.out for s in active], logits.shape[-1], logits.device)
     for t in range(limit + 1):
-        alive = [r for r, s in enumerate(seqs) if not s.done]
-        if not alive:
+        choice = _choose(logits, seen, active, settings, special, banned, g)
+        fed = [special.pad if s.done else _advance(s, c, settings, special, banned, token_text)
+               for s, c in zip(active, choice)]
+        keep = [r for r, s in enumerate(active) if not s.done]
+        if not keep:
             break
-        choice = _choose(logits, seqs, settings, special, banned, g)
-        fed = [special.pad] * len(seqs)
-        for r in alive:
-            fed[r] = _advance(seqs[r], choice[r], settings, special, banned, token_text)
-        if all(s.done for s in seqs):
-            break
+        if len(active) - len(keep) >= max(1, len(active) // 8):  # finished rows leave the batch (a few at a time)
+            idx = torch.tensor(keep, device=device)
+            cache, mask, seen = _select(cache, idx), mask.index_select(0, idx), seen.index_select(0, idx)
+            lengths = lengths[keep]
+            active, fed = [active[r] for r in keep], [fed[r] for r in keep]
         ids = torch.tensor(fed, device=device)[:, None]
+        seen[torch.arange(len(fed), device=seen.device), ids[:, 0].to(seen.device)] = True
         pos = (lengths + t).to(device)[:, None]
-        mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=torch.bool, device=device)], 1)
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.bool, device=device)], 1)
         logits, cache = step(ids, cache, pos, mask)
         logits = logits[:, -1].float()
 
@@ -198,7 +237,8 @@ def _beam(step: Callable[..., Any], prompt: Prompt, settings: Settings, special:
     beams = [_Seq(prompt)]
     finished: list[_Seq] = []
     for t in range(settings.max_new_tokens):
-        logp = _mask(torch.log_softmax(_penalize(logits.clone(), [b.out for b in beams], settings.repetition_penalty), -1),
+        seen = _seen([b.out for b in beams], logits.shape[-1], logits.device)
+        logp = _mask(torch.log_softmax(_penalize(logits, seen, settings.repetition_penalty), -1),
                      beams, settings, special, banned)
         total = logp + torch.tensor([b.score for b in beams], device=logp.device)[:, None]
         top = total.flatten().topk(min(2 * width, total.numel()))
@@ -208,14 +248,12 @@ def _beam(step: Callable[..., Any], prompt: Prompt, settings: Settings, special:
             if score == float("-inf"):
                 break
             b = beams[r]
-            child = _Seq(prompt, b.state)
-            child.out, child.score = [*b.out, tok], score
+            child = _Seq(prompt, b.state, b.astate)
+            child.out, child.written, child.score = list(b.out), list(b.written), score
             if tok == special.eos:
-                child.out = b.out
                 finished.append(child)
                 continue
-            if banned is not None and token_text is not None:
-                child.state = banned.walk(b.state, token_text(tok))[0]
+            child.append(tok, banned, token_text)
             new.append(child)
             keep.append(r)
             if len(new) == width:
@@ -224,7 +262,7 @@ def _beam(step: Callable[..., Any], prompt: Prompt, settings: Settings, special:
             break
         beams = new
         idx = torch.tensor(keep, device=device)
-        cache = [tuple(x.index_select(0, idx) for x in layer) for layer in cache]
+        cache = _select(cache, idx)
         mask = torch.cat([mask.index_select(0, idx), torch.ones((len(keep), 1), dtype=torch.bool, device=device)], 1)
         ids = torch.tensor([b.out[-1] for b in beams], device=device)[:, None]
         pos = (lengths[:1].expand(len(beams)) + t).to(device)[:, None]
@@ -234,9 +272,12 @@ def _beam(step: Callable[..., Any], prompt: Prompt, settings: Settings, special:
     best = sorted(finished, key=lambda b: b.score / max(len(b.out), 1) ** 0.7, reverse=True)[:settings.n]
     out = []
     for b in best:                          # must-include phrases missing from a beam: continued greedily
-        missing = [p for p in prompt.must_include if not _contains(b.out, p)]
+        missing = b.missing()
         if missing:
-            cont = _Seq(Prompt([*prompt.ids, *b.out, *special.joiner, *missing[0]], missing[1:]), b.state)
+            cont = _Seq(Prompt([*prompt.ids, *b.out, *special.joiner, *missing[0]], missing[1:], prompt.avoid),
+                        b.state, b.astate)
+            for tok in [*special.joiner, *missing[0]]:
+                cont.feed(tok, banned, token_text)
             rest = Settings(strategy="greedy", max_new_tokens=max(settings.max_new_tokens - len(b.out), 1),
                             repetition_penalty=settings.repetition_penalty)
             _run(step, [cont], rest, special, banned, token_text, device, torch.Generator().manual_seed(0))

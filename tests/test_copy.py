@@ -80,6 +80,15 @@ def test_decoders_follow_the_model_and_the_constraints() -> None:
     banned = BannedTerms(["bd"]).bind(text)
     got = generate(_step(toy), [Prompt([2])], Settings(max_new_tokens=10), special, banned, lambda i: text[i])
     assert got == [[[3, 6, 7]]] and not banned.find("".join(text[i] for i in got[0][0]))
+    # the same term as one prompt's own (Prompt.avoid): that prompt avoids it, its batch-mate does not; beams too
+    mine = BannedTerms(["bd"]).bind(text)
+    both = generate(_step(toy), [Prompt([2], avoid=mine), Prompt([2])], Settings(max_new_tokens=10), special,
+                    token_text=lambda i: text[i])
+    assert both == [[[3, 6, 7]], [[3, 4, 5]]]
+    beam = generate(_step(toy), [Prompt([2], avoid=mine)], Settings(strategy="beam", n=2, beam_width=3,
+                                                                       max_new_tokens=10), special,
+                    token_text=lambda i: text[i])
+    assert all("bd" not in "".join(text[i] for i in v) for v in beam[0])
     # must-include: the model would stop after 3 4 5; phrase [6] is written, then the model goes on from it
     forced = generate(_step(toy), [Prompt([2], must_include=[[6]])], Settings(max_new_tokens=10), special)
     assert forced == [[[3, 4, 5, 6, 7]]]
@@ -94,19 +103,28 @@ def test_decoders_follow_the_model_and_the_constraints() -> None:
         Settings.from_dict({"strategy": "greedy", "n": 2})
 
 
-def test_the_real_model_decodes_the_same_with_and_without_its_cache() -> None:
+@pytest.mark.parametrize("max_len", [64, 6])          # 6: the cache outgrows its first buffers mid-decoding
+def test_the_real_model_decodes_the_same_with_and_without_its_cache(max_len: int) -> None:
     from ecomray.models.copy_lm import CopyLM
 
     torch.manual_seed(0)
-    model = CopyLM(vocab_size=40, max_len=64, dim=16, layers=2, heads=2, ff=32, dropout=0.0).eval()
-    prompts = [Prompt([2, 7, 9, 3]), Prompt([2, 11, 3])]
+    model = CopyLM(vocab_size=40, max_len=max_len, dim=16, layers=2, heads=2, ff=32, dropout=0.0).eval()
+    prompts = [Prompt([2, 7, 9, 3]), Prompt([2, 11, 3]), Prompt([2, 5, 3])]
+    settings = Settings(max_new_tokens=12, repetition_penalty=1.3)
     cached = generate(lambda ids, cache, pos, mask: model(ids, positions=pos, key_mask=mask, cache=cache), prompts,
-                      Settings(max_new_tokens=12), Special(1, 0))
+                      settings, Special(1, 0))
+    # a sequence that ends early leaves the batch: the others decode as if alone
+    for p, (out,) in zip(prompts, cached):
+        alone = generate(lambda ids, cache, pos, mask: model(ids, positions=pos, key_mask=mask, cache=cache), [p],
+                         settings, Special(1, 0))
+        assert alone == [[out]]
     for p, (out,) in zip(prompts, cached):                        # recompute every step on the whole sequence
         seq = list(p.ids)
         for tok in out:
             logits, _ = model(torch.tensor([seq]))
             masked = logits[0, -1].clone()
+            done = torch.tensor(seq[len(p.ids):], dtype=torch.long)
+            masked[done] = torch.where(masked[done] > 0, masked[done] / 1.3, masked[done] * 1.3)
             masked[0] = float("-inf")
             assert int(masked.argmax()) == tok
             seq.append(tok)
@@ -150,6 +168,15 @@ def test_tiny_copy_trains_generates_compliant_covering_copy_and_serves(tiny: dic
         assert not copy_gen.banned_terms(loaded.meta).find(v["text"])
     again = loaded.task.predict(loaded.model, loaded.meta, rows, strategy="sample", n=3, seed=3)
     assert again == res                                                     # seeded
+    # the values of the input's keys that it does not give (a colour nobody asked for) are never written
+    assert loaded.meta["avoid_ungiven_values"] is True
+    lex = {k: set(v) for k, v in loaded.meta["lexicon"].items()}
+    given = [{"attributes": r["attributes"]} for r in tiny_rows(cfg)[:8]]
+    for seed in (1, 2):
+        for row, r in zip(given, loaded.task.predict(loaded.model, loaded.meta, given, strategy="sample", n=4,
+                                                     seed=seed, temperature=1.5)):
+            for v in r["variants"]:
+                assert A.hallucinations(v["text"], A.parse(row["attributes"]), lex) == []
     request_model, _ = copy_gen.api(loaded.meta, {"max_n": 4, "max_new_tokens": 100})
     body = request_model.model_validate({"attributes": rows[0]["attributes"], "n": 2, "strategy": "sample"})
     bad_attrs = request_model.model_validate({"attributes": "类型#裙*颜色"}).model_dump()
@@ -164,6 +191,13 @@ def test_tiny_copy_trains_generates_compliant_covering_copy_and_serves(tiny: dic
                      {"attributes": "x" * 401}, {"attributes": "  "}, {"attributes": "类型#裙", "aspect": "<<x"}):
         with pytest.raises(ValidationError):
             request_model.model_validate(too_much)
+
+
+def tiny_rows(cfg: dict) -> list[dict]:
+    import polars as pl
+
+    df = pl.read_parquet(Path(cfg["paths"]["data"]) / "synthetic_copy" / "shards" / "*.parquet")
+    return df.filter(pl.col("attributes").is_not_null()).select("attributes").unique(maintain_order=True).to_dicts()
 
 
 def test_fine_tuning_from_a_version_with_a_shorter_window_keeps_its_positions(tiny: dict) -> None:

@@ -3,7 +3,9 @@ output weights tied to the token embeddings), with a key/value cache for increme
 
 Shapes: B = batch, T = new tokens, P = cached (past) tokens, D = dim, H = heads, V = vocabulary.
 forward(ids (B, T), positions (B, T) | None, key_mask (B, P + T) | None, cache | None) -> (logits (B, T, V), cache)
-where cache is one (k, v) pair of (B, H, P + T, D / H) per layer, and key_mask marks real tokens (False: padding).
+where key_mask marks real tokens (False: padding). With a key_mask (decoding) the cache is a `KVCache`: one
+preallocated (B, H, capacity, D / H) key and value buffer per layer, written in place at positions P..P+T-1, so a
+decoding step copies one token's keys rather than the whole past; without one (training) there is no cache.
 """
 
 from __future__ import annotations
@@ -12,7 +14,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Cache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far: per layer, (B, H, capacity, d) buffers, the first `length` used."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0) -> None:
+        self.keys, self.values, self.length = keys, values, length
+
+    @classmethod
+    def empty(cls, layers: int, like: torch.Tensor, capacity: int) -> "KVCache":
+        B, H, _, d = like.shape
+        new = lambda: like.new_empty((B, H, capacity, d))  # noqa: E731     (only the first `length` are read)
+        return cls([new() for _ in range(layers)], [new() for _ in range(layers)])
+
+    def put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k, v (B, H, T, d) of `layer`; return all of the layer's (B, H, length + T, d)."""
+        end = self.length + k.shape[2]
+        if end > self.keys[layer].shape[2]:                 # out of room: at least double the buffers
+            cap = max(end, 2 * self.keys[layer].shape[2])
+            grow = lambda x: torch.cat([x, x.new_empty((*x.shape[:2], cap - x.shape[2], x.shape[3]))], 2)  # noqa: E731
+            self.keys[layer], self.values[layer] = grow(self.keys[layer]), grow(self.values[layer])
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def select(self, idx: torch.Tensor) -> "KVCache":
+        """The rows `idx` of the batch (finished sequences dropped, beams reordered)."""
+        return KVCache([k.index_select(0, idx) for k in self.keys], [v.index_select(0, idx) for v in self.values],
+                       self.length)
 
 
 class Block(nn.Module):
@@ -24,19 +54,18 @@ class Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, ff), nn.GELU(), nn.Linear(ff, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
-                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B,H,T,d)
-        if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)                               # (B,H,P+T,d)
+        if cache is not None:
+            k, v = cache.put(layer, k, v)                                                                # (B,H,P+T,d)
         drop = self.dropout if self.training else 0.0
         if mask is None:                                  # training: plain causal attention, no cache, no padding
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, D)))
-        return x + self.drop(self.ff(self.ln2(x))), (k, v)
+        return x + self.drop(self.ff(self.ln2(x)))
 
 
 class CopyLM(nn.Module):
@@ -53,9 +82,9 @@ class CopyLM(nn.Module):
         nn.init.normal_(self.pos.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                cache: Cache | None = None) -> tuple[torch.Tensor, Cache]:
+                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
         B, T = ids.shape
-        past = cache[0][0].shape[2] if cache else 0                                            # P
+        past = cache.length if cache is not None else 0                                        # P
         if positions is None:
             positions = torch.arange(past, past + T, device=ids.device).expand(B, T)
         x = self.drop(self.tok(ids) + self.pos(positions.clamp(max=self.max_len - 1)))       # (B, T, D)
@@ -66,10 +95,16 @@ class CopyLM(nn.Module):
             allowed = (kpos <= q)[None, None]                                                  # (1, 1, T, P+T)
             if key_mask is not None:
                 allowed = allowed & key_mask[:, None, None, :]                                 # (B, 1, T, P+T)
-            # every query may attend to itself, so a padding query never has an empty row (NaN)
-            mask = allowed | (kpos == q)[None, None]
-        new_cache: Cache = []
+            # every query may attend to itself, so a padding query never has an empty row (NaN); additive, built
+            # once for every layer
+            allowed = allowed | (kpos == q)[None, None]
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        if cache is None and key_mask is not None:       # decoding starts: room for the prompt and a full copy
+            d = self.tok.weight.shape[1] // self.blocks[0].heads
+            like = x.new_empty((B, self.blocks[0].heads, 0, d))
+            cache = KVCache.empty(len(self.blocks), like, max(self.max_len, T + 1))
         for n, block in enumerate(self.blocks):
-            x, kv = block(x, mask, cache[n] if cache else None)
-            new_cache.append(kv)
-        return self.ln(x) @ self.tok.weight.T, new_cache                                      # (B, T, V)
+            x = block(x, mask, cache, n)
+        if cache is not None:
+            cache.length += T
+        return F.linear(self.ln(x), self.tok.weight), cache                                   # (B, T, V)

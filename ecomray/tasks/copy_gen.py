@@ -12,7 +12,9 @@ The model (`ecomray/models/copy_lm.py`) is decoder-only: the prompt is `[CLS] <c
 follows and ends with `[EOS]`. Decoding (`ecomray/decoding.py`): greedy, beam, nucleus sampling, n variants, a KV
 cache, a repetition penalty; banned terms (`task.compliance`, the PRC Advertising Law's absolute claims) are masked
 at every step and checked after (a variant that still has one is dropped and counted); with `task.cover_values`
-a copy that would end before stating an attribute value writes it next and carries on (`must_include`).
+a copy that would end before stating an attribute value writes it next and carries on (`must_include`); with
+`task.avoid_ungiven_values` the values of the input's keys that the training lexicon knows and the input does not
+give (a colour nobody asked for) are masked like banned terms, per row (`Prompt.avoid`), so the copy cannot invent them.
 
 Metrics: val/test `loss` (CE per copy token) and, on `task.eval_generate` rows decoded greedily, `bleu4` and
 `rouge_l` (the AdvertiseGen protocol, ecomray/generation_metrics.py) and `coverage` (share of input values stated).
@@ -37,7 +39,7 @@ from tokenizers import Regex
 from torch import nn
 
 from ecomray import serving
-from ecomray.compliance import BannedTerms
+from ecomray.compliance import BannedTerms, TokenIndex
 from ecomray.data import shards
 from ecomray.decoding import Prompt, Settings, Special, generate
 from ecomray.features import attributes as A
@@ -314,7 +316,8 @@ def metadata(data: CopyData) -> dict:
     return {"tokenizer": data.tok_json, "objective": data.objective, "max_prompt": data.max_prompt,
             "max_target": data.max_target, "model_kwargs": data.model_kwargs, "terms": data.terms,
             "lexicon": data.lexicon, "counts": data.counts, "decoding": decoding,
-            "cover_values": bool(data.cfg["task"].get("cover_values", True)), "examples": examples}
+            "cover_values": bool(data.cfg["task"].get("cover_values", True)),
+            "avoid_ungiven_values": bool(data.cfg["task"].get("avoid_ungiven_values", True)), "examples": examples}
 
 
 # ----------------------------------------------------------------------------------------------- generating
@@ -327,19 +330,37 @@ def _step(model: nn.Module) -> Any:
 _BANNED: dict[tuple[int, tuple[str, ...]], BannedTerms] = {}
 
 
-def banned_terms(meta: dict) -> BannedTerms:
-    """The version's banned terms bound to its vocabulary (built once per tokenizer and term list)."""
-    key = (hash(meta["tokenizer"]), tuple(meta.get("terms") or ()))
+@functools.lru_cache(maxsize=8)
+def _token_index(tok_json: str) -> TokenIndex:
+    return TokenIndex(list(token_texts(tok_json)))
+
+
+def banned_terms(meta: dict, terms: tuple[str, ...] | None = None) -> BannedTerms:
+    """Banned terms (the version's, or `terms`) bound to the version's vocabulary; the most recent few thousand term
+    sets are kept, so a row's automaton is built once however often it is asked for."""
+    terms = tuple(meta.get("terms") or ()) if terms is None else terms
+    key = (hash(meta["tokenizer"]), terms)
     if key not in _BANNED:
-        _BANNED[key] = BannedTerms(meta.get("terms") or ()).bind(list(token_texts(meta["tokenizer"])))
+        if len(_BANNED) >= 4096:
+            del _BANNED[next(iter(_BANNED))]
+        _BANNED[key] = BannedTerms(terms).bind(_token_index(meta["tokenizer"]))
     return _BANNED[key]
 
 
-@torch.no_grad()
+def ungiven_values(pairs: list[tuple[str, str]], lexicon: dict[str, list[str]]) -> tuple[str, ...]:
+    """The values `attributes.hallucinations` would count: of the input's keys, in the lexicon, not part of a given
+    value."""
+    given = A.values(pairs)
+    return tuple(sorted({v for k in {k for k, _ in pairs} for v in lexicon.get(k, ())
+                         if "<" not in v and not any(v in g for g in given)}))
+
+
+@torch.inference_mode()
 def predict(model: nn.Module, meta: dict, inputs: list[dict[str, Any]], **decoding: Any) -> list[dict[str, Any]]:
     """For each input row ({attributes | title, aspect, audience}): {"variants": [{"text", "stated", "values",
     "missing"}], "dropped": variants removed for a banned term}. Decoding settings: the version's defaults
-    (`task.decoding`), then `decoding`."""
+    (`task.decoding`), then `decoding`; `avoid_ungiven_values` overrides the version's setting."""
+    avoid = bool(decoding.pop("avoid_ungiven_values", meta.get("avoid_ungiven_values", False)))
     settings = Settings.from_dict({**(meta.get("decoding") or {}), **decoding})
     settings.max_new_tokens = min(settings.max_new_tokens, int(meta["max_target"]) + 1)
     tok_json = meta["tokenizer"]
@@ -348,7 +369,8 @@ def predict(model: nn.Module, meta: dict, inputs: list[dict[str, Any]], **decodi
     for row in inputs:
         pairs = A.parse(row["attributes"]) if row.get("attributes") else []
         must = [encode_text(tok_json, v) for v in A.values(pairs)] if meta.get("cover_values", True) else []
-        prompts.append(Prompt(prompt_ids(tok_json, row, int(meta["max_prompt"])), must))
+        others = banned_terms(meta, ungiven_values(pairs, meta.get("lexicon") or {})) if avoid and pairs else None
+        prompts.append(Prompt(prompt_ids(tok_json, row, int(meta["max_prompt"])), must, others))
     banned = banned_terms(meta)
     texts = token_texts(tok_json)
     was = model.training
@@ -381,7 +403,8 @@ def batch_inputs(cfg: dict, split: str) -> shards.ShardScan:
 def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:
     """One copy per row (the version's decoding defaults, or `options`), its coverage, and the dropped count."""
     rows = batch.select([c for c in ("attributes", "title", "aspect", "audience") if c in batch.column_names]).to_pylist()
-    res = predict(model, meta, rows, **{k: v for k, v in options.items() if k in Settings.__dataclass_fields__})
+    res = predict(model, meta, rows, **{k: v for k, v in options.items()
+                                        if k in Settings.__dataclass_fields__ or k == "avoid_ungiven_values"})
     return pa.table({"copy": pa.array([r["variants"][0]["text"] if r["variants"] else None for r in res], pa.string()),
                      "values_stated": pa.array([r["variants"][0]["stated"] if r["variants"] else 0 for r in res],
                                                pa.int32()),
@@ -424,8 +447,15 @@ def api(meta: dict, limits: dict) -> tuple[type[BaseModel], type[BaseModel]]:
         temperature: float = Field(1.0, gt=0.0, le=2.0)
         repetition_penalty: float = Field(1.2, ge=1.0, le=2.0)
         seed: serving.Int = Field(0, ge=0, le=2**31 - 1)
+        avoid_ungiven_values: bool | None = Field(
+            None, description="mask values of the input's keys that the input does not give (a colour nobody asked "
+                              "for); default: the version's setting")
 
     return CopyRequest, CopyResponse
+
+
+_REQUEST_SETTINGS = ("n", "strategy", "max_new_tokens", "beam_width", "top_p", "temperature", "repetition_penalty",
+                     "seed")
 
 
 def serve_batch(model: nn.Module, meta: dict, requests: list[dict], options: dict) -> list[dict | RequestError]:
@@ -443,17 +473,18 @@ def serve_batch(model: nn.Module, meta: dict, requests: list[dict], options: dic
             except ValueError as err:
                 out[n] = RequestError(["body", "attributes"], str(err))
                 continue
-        settings = {k: req[k] for k in ("n", "strategy", "max_new_tokens", "beam_width", "top_p", "temperature",
-                                        "repetition_penalty", "seed")}
+        settings = {k: req[k] for k in _REQUEST_SETTINGS}
         try:
             Settings.from_dict(settings)
         except ValueError as err:
             out[n] = RequestError(["body", "n" if "n=" in str(err) or "variant" in str(err) else "strategy"], str(err))
             continue
-        groups.setdefault(repr(sorted(settings.items())), []).append(n)
+        groups.setdefault(repr((sorted(settings.items()), req.get("avoid_ungiven_values"))), []).append(n)
     for members in groups.values():
-        settings = {k: requests[members[0]][k] for k in ("n", "strategy", "max_new_tokens", "beam_width", "top_p",
-                                                         "temperature", "repetition_penalty", "seed")}
+        first = requests[members[0]]
+        settings = {k: first[k] for k in _REQUEST_SETTINGS}
+        if first.get("avoid_ungiven_values") is not None:
+            settings["avoid_ungiven_values"] = first["avoid_ungiven_values"]
         res = predict(model, meta, [requests[n] for n in members], **settings)
         for n, r in zip(members, res):
             out[n] = {**r, "all_dropped": not r["variants"],
