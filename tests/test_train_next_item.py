@@ -65,6 +65,36 @@ def test_sequences_keep_repeats_and_filter_events(tmp_path: Path) -> None:
     assert parts[0].item_ids == parts[1].item_ids
 
 
+def test_flat_sequences_match_the_frame_reference_and_per_row_padding(tmp_path: Path) -> None:
+    """build_data reads one shard at a time into a flat array: users, sequences and popularity are what
+    `read_sequences` over all files gives, and train_batches' windows are `_left_pad` of each training part."""
+    rng = np.random.default_rng(0)
+    rows = [(f"u{u:02d}", f"i{rng.integers(0, 9)}", str(rng.choice(["view", "click", "purchase"])))
+            for u in rng.permutation(30) for _ in range(int(rng.integers(1, 12)))]
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "model.max_len=4")
+    cfg["task"].update(dedupe="first_interaction", num_negatives=3)
+    write_fake_events_shards(tmp_path / "data" / "fake", rows, shards=3)
+    data = next_item.build_data(cfg, 0, 1)
+    ref = next_item.read_sequences(cfg["task"], data.files)
+    index = {item: k + 1 for k, item in enumerate(data.item_ids)}
+    assert data.users == ref["user_id"].to_list() == sorted(data.users) and len(data.users) == 30
+    assert [s.tolist() for s in data.seqs] == [[index[i] for i in items] for items in ref["items"].to_list()]
+    parts = [s[:-2] if len(s) >= 3 else s for s in data.seqs]
+    pop = np.zeros(data.num_items)
+    for p in parts:
+        np.add.at(pop, p - 1, 1.0)
+    assert np.array_equal(data.popularity, pop)
+    train = [p for p in parts if len(p) >= 2]
+    g = torch.Generator().manual_seed(5 * 100_003 + 2)
+    order = torch.randperm(len(train), generator=g).tolist()
+    assert next_item.num_batches(data, 2, 5, 8) == len(list(next_item.train_batches(data, 2, 5, 8))) == -(-len(train) // 8)
+    for lo, batch in zip(range(0, len(order), 8), next_item.train_batches(data, 2, 5, 8), strict=True):
+        picked = [train[k] for k in order[lo:lo + 8]]
+        assert torch.equal(batch["seq"], next_item._left_pad([r[:-1] for r in picked], 4))
+        assert torch.equal(batch["target"], next_item._left_pad([r[1:] for r in picked], 4))
+        assert torch.equal(batch["negatives"], torch.randint(1, data.num_items + 1, (3,), generator=g))
+
+
 def test_loss_counts_real_positions_only() -> None:
     torch.manual_seed(0)
     model = SASRec(num_items=20, max_len=6, dim=8, dropout=0.0).eval()

@@ -39,13 +39,49 @@ from ecomray.tasks import RequestError
 
 KEY_METRICS = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "ndcg@5", "hr@5")
 ROUTE = "recommend"
+REORDER_USERS = 1 << 20   # users moved at once when merging per-shard sequences into the global user order
+
+
+class Sequences:
+    """Every user's item sequence (1-based item ids) as one flat int32 array and offsets, not one Python object per
+    user: at 100M events (~5M users) that is the difference between a few hundred MB and many GB.
+
+    `seqs[k]` is user k's sequence as an int64 array; slices give lists of them; `lengths` is (U,)."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
+        self.flat, self.offsets = flat, offsets     # (N,) int32, (U + 1,) int64
+
+    @classmethod
+    def from_arrays(cls, rows: list[np.ndarray]) -> "Sequences":
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        flat = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, dtype=np.int32)
+        return cls(flat, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, k: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(f"user row {k} out of range for {len(self)} sequences")
+        return self.flat[self.offsets[k]:self.offsets[k + 1]].astype(np.int64)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[k] for k in range(len(self)))
 
 
 @dataclass
 class SeqData:
     item_ids: list[str]                  # vocabulary: item id k+1 <-> item_ids[k]
     users: list[str]
-    seqs: list[np.ndarray]               # per user, full sequence of item indices (1-based)
+    seqs: Sequences | list[np.ndarray]   # per user, full sequence of item indices (1-based)
     max_len: int
     popularity: np.ndarray               # (I,) training counts, for the cold-start fallback and baselines
     cfg: dict = field(repr=False, default_factory=dict)
@@ -57,38 +93,90 @@ class SeqData:
         return len(self.item_ids)
 
 
-def read_sequences(task: dict, files: list[str]) -> pl.DataFrame:
-    """user_id -> list of item ids, in sequence order, from the given shard files (absolute paths)."""
-    lf = pl.scan_parquet(files) if files else None
-    if lf is None:
-        return pl.DataFrame({"user_id": [], "items": []}, schema={"user_id": pl.Utf8, "items": pl.List(pl.Utf8)})
+def _sequence_rows(task: dict, lf: pl.LazyFrame) -> pl.LazyFrame:
+    """The rows that make the sequences, in sequence order (user_id, then position): the family's one definition."""
     events = task.get("sequence_events")
     if events:
         lf = lf.filter(pl.col("event").is_in(list(events)))
     # Shards are already in this order (the data plane's contract); sorting again is cheap and makes the sequence
     # independent of how the rows were laid out. (_file, _row) breaks timestamp ties by source position.
-    lf = lf.sort(["user_id", "ts", "_file", "_row"]).with_row_index("_pos")
+    lf = lf.sort(["user_id", "ts", "_file", "_row"])
     if task.get("dedupe") == "first_interaction":
-        lf = lf.unique(subset=["user_id", "item_id"], keep="first").sort("_pos")
-    return lf.group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items")).collect()
+        lf = lf.unique(subset=["user_id", "item_id"], keep="first", maintain_order=True)
+    return lf
+
+
+def read_sequences(task: dict, files: list[str]) -> pl.DataFrame:
+    """user_id -> list of item ids, in sequence order, from the given shard files (absolute paths)."""
+    if not files:
+        return pl.DataFrame({"user_id": [], "items": []}, schema={"user_id": pl.Utf8, "items": pl.List(pl.Utf8)})
+    rows = _sequence_rows(task, pl.scan_parquet(files))
+    return rows.group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items")).collect()
+
+
+def _vocabulary(task: dict, files: list[str]) -> list[str]:
+    """The sorted item ids of the kept events over `files`, one file at a time (memory: one shard's column)."""
+    found: list[pl.Series] = []
+    for f in files:
+        lf = pl.scan_parquet(f)
+        if task.get("sequence_events"):
+            lf = lf.filter(pl.col("event").is_in(list(task["sequence_events"])))
+        found.append(lf.select(pl.col("item_id").unique()).collect().to_series())
+    return pl.concat(found).unique().sort().to_list() if found else []
+
+
+def _encode_sequences(task: dict, files: list[str], vocab: list[str]) -> tuple[list[str], Sequences]:
+    """(users sorted by id, their sequences), one shard file at a time; item ids mapped to 1-based ints by Polars.
+
+    A user's rows are all in one shard (hash partitioning), so per-shard sequences are whole; sorting the users of
+    all files by id afterwards gives the order `read_sequences` gives over the files at once."""
+    users, lengths, codes = [], [], []
+    for f in files:
+        code = pl.col("item_id").replace_strict(vocab, list(range(1, len(vocab) + 1)), return_dtype=pl.Int32)
+        df = _sequence_rows(task, pl.scan_parquet(f)).select("user_id", code).collect()
+        if df.height == 0:
+            continue
+        per_user = df.group_by("user_id", maintain_order=True).len()
+        users.append(per_user["user_id"])
+        lengths.append(per_user["len"].to_numpy().astype(np.int64))
+        codes.append(df["item_id"].to_numpy())
+    if not users:
+        return [], Sequences(np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64))
+    user_col, length, flat = pl.concat(users), np.concatenate(lengths), np.concatenate(codes)
+    del users, lengths, codes
+    if len(files) > 1:  # move each user's run of `flat` to its place in the global user order
+        order = user_col.arg_sort().to_numpy()
+        start = (np.cumsum(length) - length)[order]
+        user_col, length = user_col.gather(order), length[order]
+        offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
+        moved = np.empty_like(flat)
+        for lo in range(0, len(order), REORDER_USERS):  # in blocks: the index arrays stay small
+            hi = min(lo + REORDER_USERS, len(order))
+            n = length[lo:hi]
+            moved[offsets[lo]:offsets[hi]] = flat[np.repeat(start[lo:hi] - offsets[lo:hi], n)
+                                                  + np.arange(offsets[lo], offsets[hi])]
+        flat = moved
+    return user_col.to_list(), Sequences(flat, np.concatenate([[0], np.cumsum(length)]).astype(np.int64))
+
+
+def _train_lengths(lengths: np.ndarray) -> np.ndarray:
+    """Length of each sequence's training part: all but the last two (val, test) items when it has >= 3."""
+    return np.where(lengths >= 3, lengths - 2, lengths)
 
 
 def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> SeqData:
     files = shards.shard_files(shards.dataset_dir(cfg))
     # The catalogue: every item of the kept events over all shards (not only this worker's), sorted, so every
     # worker and every later re-load numbers items identically.
-    lf = pl.scan_parquet(files)
-    if cfg["task"].get("sequence_events"):
-        lf = lf.filter(pl.col("event").is_in(list(cfg["task"]["sequence_events"])))
-    vocab = lf.select("item_id").unique().sort("item_id").collect()["item_id"].to_list()
-    index = {item: k + 1 for k, item in enumerate(vocab)}
-    mine = read_sequences(cfg["task"], files[rank::world_size])
-    seqs = [np.fromiter((index[i] for i in items), dtype=np.int64, count=len(items)) for items in mine["items"]]
-    pop = np.zeros(len(vocab), dtype=np.float64)
-    for s in seqs:
-        train_part = s[:-2] if len(s) >= 3 else s
-        np.add.at(pop, train_part - 1, 1.0)
-    return SeqData(vocab, mine["user_id"].to_list(), seqs, int(cfg["model"].get("max_len", 50)), pop, cfg, files)
+    vocab = _vocabulary(cfg["task"], files)
+    users, seqs = _encode_sequences(cfg["task"], files[rank::world_size], vocab)
+    # training counts: +1 where a user's training part starts, -1 where it ends; the running sum marks its items
+    edge = np.zeros(len(seqs.flat) + 1, dtype=np.int8)
+    edge[seqs.offsets[:-1]] += 1                                   # offsets are distinct, and so are the ends
+    edge[seqs.offsets[:-1] + _train_lengths(seqs.lengths)] -= 1
+    in_train = np.cumsum(edge[:-1], dtype=np.int8).astype(bool)
+    pop = np.bincount(seqs.flat[in_train] - 1, minlength=len(vocab)).astype(np.float64)
+    return SeqData(vocab, users, seqs, int(cfg["model"].get("max_len", 50)), pop, cfg, files)
 
 
 def build_model(cfg: dict, data: SeqData) -> nn.Module:
@@ -107,18 +195,36 @@ def _left_pad(rows: list[np.ndarray], length: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def _windows(flat: np.ndarray, start: np.ndarray, n: np.ndarray, length: int) -> torch.Tensor:
+    """`_left_pad` of the rows flat[start:start + n] without a Python loop: (B, L) int64, L = max(1, min(length,
+    longest row))."""
+    length = max(1, min(length, int(n.max(initial=1))))
+    cols = np.arange(length)
+    src = (start + n - length)[:, None] + cols[None, :]                 # (B, L) where column j reads from
+    real = cols[None, :] >= (length - np.minimum(n, length))[:, None]   # (B, L) False on the left padding
+    return torch.from_numpy(np.where(real, flat[np.where(real, src, 0)], 0).astype(np.int64))
+
+
+def num_batches(data: SeqData, epoch: int, seed: int, batch_size: int) -> int:
+    """How many batches `train_batches` yields (the loop then never holds an epoch of them)."""
+    seqs = data.seqs if isinstance(data.seqs, Sequences) else Sequences.from_arrays(list(data.seqs))
+    return -(-int((_train_lengths(seqs.lengths) >= 2).sum()) // batch_size)
+
+
 def train_batches(data: SeqData, epoch: int, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of (input, target) windows over each user's training part (the sequence minus its last two)."""
-    train = [s[:-2] if len(s) >= 3 else s for s in data.seqs]
-    train = [s for s in train if len(s) >= 2]
+    seqs = data.seqs if isinstance(data.seqs, Sequences) else Sequences.from_arrays(list(data.seqs))
+    train_len = _train_lengths(seqs.lengths)
+    users = np.nonzero(train_len >= 2)[0]
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(train), generator=g).tolist()
+    order = users[torch.randperm(len(users), generator=g).numpy()]
     negatives = int(data.cfg["task"].get("num_negatives", 0))
     smoothing = float(data.cfg["task"].get("label_smoothing") or 0.0)
     for lo in range(0, len(order), batch_size):
-        rows = [train[k] for k in order[lo:lo + batch_size]]
-        batch = {"seq": _left_pad([r[:-1] for r in rows], data.max_len),
-                 "target": _left_pad([r[1:] for r in rows], data.max_len)}
+        rows = order[lo:lo + batch_size]
+        start, n = seqs.offsets[rows], train_len[rows] - 1     # input r[:-1] and target r[1:] of each training part
+        batch = {"seq": _windows(seqs.flat, start, n, data.max_len),
+                 "target": _windows(seqs.flat, start + 1, n, data.max_len)}
         if negatives:
             batch["negatives"] = torch.randint(1, data.num_items + 1, (negatives,), generator=g)
         if smoothing:   # a setting of the loss, carried with the batch because loss_step sees only (model, batch)
