@@ -10,6 +10,7 @@ the same metrics as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import random
@@ -176,13 +177,19 @@ def train_loop(cfg: dict) -> None:
         # exactly what an uninterrupted one does, on every rank.
         seed_everything(seed * 1_000_003 + epoch * 1_009 + rank)
         t_epoch, seen, loss_sum, n_batches = time.time(), 0, 0.0, 0
-        batches = list(task.train_batches(data, epoch, seed * 1000 + rank, int(tcfg["batch_size"])))
+        batch_seed, batch_size = seed * 1000 + rank, int(tcfg["batch_size"])
+        batches = task.train_batches(data, epoch, batch_seed, batch_size)
+        if hasattr(task, "num_batches"):     # batches are made as they are used: an epoch never sits in memory
+            n_local = int(task.num_batches(data, epoch, batch_seed, batch_size))
+        else:
+            batches = list(batches)
+            n_local = len(batches)
         # DDP needs the same number of steps on every worker (their shards differ in size): take the minimum.
-        n_steps = _min_over_workers(len(batches)) if world > 1 else len(batches)
+        n_steps = _min_over_workers(n_local) if world > 1 else n_local
         budget = tcfg.get("time_budget_s")
         progress = Progress(f"[train] epoch {epoch}", n_steps, every_s=float(tcfg.get("progress_s") or 60),
                             enabled=rank == 0)
-        for i, batch in enumerate(batches[:n_steps]):
+        for i, batch in enumerate(itertools.islice(batches, n_steps)):
             # a long epoch (one pass over a pretraining corpus) must not overrun the budget: look every
             # BUDGET_CHECK_STEPS steps (the same steps on every worker) and end the epoch early when it is spent
             if budget and i and i % BUDGET_CHECK_STEPS == 0 and \
