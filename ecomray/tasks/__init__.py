@@ -22,7 +22,7 @@ Contracts the loop relies on:
 - `train_batches` is a pure function of (data, epoch, seed, batch_size): a resumed run replays it exactly.
 - A task may also define `num_batches(data, epoch, seed, batch_size) -> int`, the number `train_batches` yields;
   the loop then draws batches as it trains instead of building the whole epoch first (what a large dataset needs:
-  an epoch of next-item batches at 100M events is 2.5 GB).
+  an epoch of batches over 100M events can take gigabytes).
 - `evaluate` returns sums already divided by the global count; under DDP it all-reduces across workers itself,
   so every worker must call it (it is a collective) and gets the same numbers.
 
