@@ -18,7 +18,10 @@ Ray head processes and workers are its descendants; Ray processes that appear du
 reparented): the peak of the summed RSS, the peak of the summed PSS (shared pages split between the processes that
 map them, so shared libraries and the object store's /dev/shm pages are not counted twice), and the largest single
 process. wait4's ru_maxrss of the child cross-checks the sampler. The stream stage also reports `epoch_batches_mb`,
-what ecomray/train/loop.py would hold, as it keeps a whole epoch of batches in a list.
+what a whole epoch of batches would take if kept at once (ecomray/train/loop.py did, before tasks could say
+`num_batches`).
+`--ray-dashboard off` runs the ray stage with `ray.include_dashboard=false` (Ray starts ~12 dashboard processes by
+default); pair it with `--json` to keep the default run's results.
 Prepared shards hold ~2M rows each (`--rows-per-shard`, at least 8 shards). Generated and prepared files are
 deleted after each size unless `--keep`. Writes benchmarks/results/scale.json and scale.png.
 """
@@ -58,6 +61,8 @@ def config(size_dir: str, users: int, shards: int, engine: str = "polars") -> di
     overrides = ["dataset=synthetic", f"paths.root={size_dir}", f"paths.data={os.path.join(size_dir, 'data')}",
                  f"dataset.synthetic.users={users}", *[f"dataset.synthetic.{k}={v}" for k, v in SYNTH.items()],
                  f"prepare.shards={shards}", f"prepare.engine={engine}", "ray.num_cpus=2", "overwrite=true"]
+    if os.environ.get("SCALE_RAY_DASHBOARD") == "off":
+        overrides.append("ray.include_dashboard=false")
     return compose("prepare", overrides)
 
 
@@ -118,7 +123,7 @@ def stage_stream(size_dir: str, users: int, shards: int) -> dict:
             "users": len(data.users), "items": data.num_items, "sequence_items": int(sum(len(s) for s in data.seqs)),
             "batches": batches, "samples": samples, "target_positions": positions,
             "batch_size": int(cfg["train"]["batch_size"]), "max_len": data.max_len,
-            # what ecomray/train/loop.py holds at once: it materializes the epoch with list(train_batches(...))
+            # what a whole epoch of batches takes when kept at once (the loop did before `num_batches`)
             "epoch_batches_mb": round(nbytes / 2**20, 1)}
 
 
@@ -451,6 +456,8 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=2_000_000, help="prepared shards: max(8, events / this)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per stage; seconds are medians, memory the max")
     parser.add_argument("--keep", action="store_true", help="keep the generated and prepared files of each size")
+    parser.add_argument("--ray-dashboard", choices=["on", "off"], default="on",
+                        help="off: the ray stage runs with ray.include_dashboard=false")
     parser.add_argument("--work", default=os.path.join(HERE, "work", "scale"))
     parser.add_argument("--json", default=os.path.join(HERE, "results", "scale.json"))
     # internal: one stage in a child process
@@ -465,6 +472,7 @@ def main() -> None:
         child_main(args)
         return
 
+    os.environ["SCALE_RAY_DASHBOARD"] = args.ray_dashboard         # read by the stage children's config()
     work = os.path.abspath(args.work)
     results: dict[int, dict] = {}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -494,6 +502,7 @@ def main() -> None:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join([os.path.relpath(sys.executable, ROOT), os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
         "synthetic": SYNTH, "rows_per_shard": args.rows_per_shard, "stages": args.stages, "repeat": args.repeat,
+        "ray_dashboard": args.ray_dashboard,
         "memory_method": (
             f"sampled every {SAMPLE_S}s by the benchmark driver over the stage child's process tree (psutil children, "
             "recursive) plus any Ray process (raylet, gcs_server, ray::*, dashboard, ...) of this user that appeared "

@@ -92,9 +92,10 @@ def quiet_libraries(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
-def init_ray(num_cpus: int | None = None, verbose: bool = False, **kwargs: Any) -> None:
-    """Connect to RAY_ADDRESS when it is set (a cluster, or `ray job submit`), else start a local Ray. Ray's own
-    logging stays at WARNING unless `verbose`."""
+def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool | None = None, **kwargs: Any) -> None:
+    """Connect to RAY_ADDRESS when it is set (a cluster, or `ray job submit`), else start a local Ray, with its
+    dashboard unless `dashboard` is false (`ray.include_dashboard`; None: Ray's default, on when installed). Ray's
+    own logging stays at WARNING unless `verbose`."""
     import logging
 
     import ray
@@ -106,6 +107,8 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, **kwargs: Any) 
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
+        if dashboard is not None:
+            kwargs.setdefault("include_dashboard", bool(dashboard))
         ray.init(num_cpus=num_cpus, **kwargs)
 
 

@@ -75,7 +75,8 @@ def run(cfg: DictConfig | dict) -> dict[str, Any]:
         inputs = loaded.task.batch_inputs(vcfg, split)
     except ValueError as err:
         raise UserError(f"batch_predict.split={split!r}: {err}") from None
-    init_ray(num_cpus=plain.get("ray", {}).get("num_cpus"), verbose=bool(plain.get("verbose")))
+    init_ray(num_cpus=plain.get("ray", {}).get("num_cpus"), verbose=bool(plain.get("verbose")),
+             dashboard=plain.get("ray", {}).get("include_dashboard"))
     if isinstance(inputs, shards.ShardScan):
         ds = ray.data.read_parquet(inputs.files)
         if inputs.split:

@@ -68,7 +68,8 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
         apply_env(env)                          # before Ray starts: its workers inherit the environment
     else:
         mode = "as the running Ray cluster was started"
-    init_ray(num_cpus=d.get("ray_num_cpus"), verbose=bool(plain.get("verbose")), **({"_node_ip_address": "127.0.0.1"} if started_ray and not
+    init_ray(num_cpus=d.get("ray_num_cpus"), verbose=bool(plain.get("verbose")),
+             dashboard=(plain.get("ray") or {}).get("include_dashboard"), **({"_node_ip_address": "127.0.0.1"} if started_ray and not
                                                  os.environ.get("RAY_ADDRESS") and is_loopback(host) else {}))
     port = int(d["port"]) or free_port(host)
     port = _start_serve(host, port, str((plain.get("serve") or {}).get("log_level") or "INFO").upper())

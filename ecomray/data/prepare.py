@@ -267,7 +267,7 @@ def _write_quarantine(stage: str, out: str, schema: dict, sources: list[str]) ->
     return q.height, reasons
 
 
-def _run_engine(engine: str, fn, calls: list[tuple], num_cpus: int | None) -> list[dict]:
+def _run_engine(engine: str, fn, calls: list[tuple], num_cpus: int | None, dashboard: bool | None = None) -> list[dict]:
     if engine == "polars":
         return [fn(*c) for c in calls]
     if engine != "ray":
@@ -276,7 +276,7 @@ def _run_engine(engine: str, fn, calls: list[tuple], num_cpus: int | None) -> li
 
     from ecomray.runtime import init_ray
 
-    init_ray(num_cpus=num_cpus)
+    init_ray(num_cpus=num_cpus, dashboard=dashboard)
     remote = ray.remote(num_cpus=1)(fn)
     return ray.get([remote.remote(*c) for c in calls])
 
@@ -315,7 +315,8 @@ def run(cfg: dict) -> dict:
         log(f"{dataset['name']}: {len(srcs)} source file(s), schema {schema['name']}, {shards} shards, engine {engine}")
         if engine == "ray":
             staged = _run_engine(engine, _stage_task, [(i, dataset, paths, schema, shards, stage, ts_format)
-                                                      for i in range(len(srcs))], opts.get("ray_num_cpus"))
+                                                      for i in range(len(srcs))], opts.get("ray_num_cpus"),
+                                 opts.get("ray_include_dashboard"))
         else:
             staged = []
             for i, (src, lf) in enumerate(srcs):
@@ -327,7 +328,7 @@ def run(cfg: dict) -> dict:
         decided = plan(stage, schema, dataset.get("split") or {"strategy": "none"}, dataset.get("dedup", "quarantine"), shards)
         calls = [(s, stage, out, schema, dataset.get("split") or {}, decided, dataset.get("dedup", "quarantine"), compression)
                  for s in range(shards)]
-        finished = _run_engine(engine, finalize_shard, calls, opts.get("ray_num_cpus"))
+        finished = _run_engine(engine, finalize_shard, calls, opts.get("ray_num_cpus"), opts.get("ray_include_dashboard"))
         log(f"  sharded {shards} shards ({time.time() - t0:.1f}s)")
         n_quarantined, reasons = _write_quarantine(stage, out, schema, names)
         rows_out = sum(f["rows"] for f in finished)

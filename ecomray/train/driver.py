@@ -59,7 +59,8 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
     shards.require(cfg)            # so does a dataset that was never prepared (with the command to run)
     if int(cfg["scaling"].get("num_workers", 1)) > 0:
-        init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"), verbose=bool(cfg.get("verbose")))  # no-op inside a Tune trial: Ray is already up
+        init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"), verbose=bool(cfg.get("verbose")),
+                 dashboard=cfg.get("ray", {}).get("include_dashboard"))  # no-op inside a Tune trial: Ray is already up
     t0 = time.time()
     result = trainer(cfg, callbacks, train_fn).fit()
     if not evaluate:

@@ -65,7 +65,8 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
 
     shards.require(base)         # fail here, not in every trial (or prepare the built-in synthetic shop)
     # once, here; trials run inside this Ray
-    init_ray(num_cpus=(cfg.get("ray") or {}).get("num_cpus"), verbose=bool(cfg.get("verbose")))
+    init_ray(num_cpus=(cfg.get("ray") or {}).get("num_cpus"), verbose=bool(cfg.get("verbose")),
+             dashboard=(cfg.get("ray") or {}).get("include_dashboard"))
     import ray
 
     reserve, per_trial = trial_resources(base, float(tcfg["driver_cpus"]))
