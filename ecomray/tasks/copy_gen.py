@@ -336,12 +336,12 @@ def _token_index(tok_json: str) -> TokenIndex:
 
 
 def banned_terms(meta: dict, terms: tuple[str, ...] | None = None) -> BannedTerms:
-    """Banned terms (the version's, or `terms`) bound to the version's vocabulary; the most recent few thousand term
-    sets are kept, so a row's automaton is built once however often it is asked for."""
+    """Banned terms (the version's, or `terms`) bound to the version's vocabulary; the most recent 256 term
+    sets are kept (a row's automaton is ~0.1 MB), so a repeated input reuses its automaton."""
     terms = tuple(meta.get("terms") or ()) if terms is None else terms
     key = (hash(meta["tokenizer"]), terms)
     if key not in _BANNED:
-        if len(_BANNED) >= 4096:
+        if len(_BANNED) >= 256:
             del _BANNED[next(iter(_BANNED))]
         _BANNED[key] = BannedTerms(terms).bind(_token_index(meta["tokenizer"]))
     return _BANNED[key]
