@@ -205,15 +205,20 @@ def _windows(flat: np.ndarray, start: np.ndarray, n: np.ndarray, length: int) ->
     return torch.from_numpy(np.where(real, flat[np.where(real, src, 0)], 0).astype(np.int64))
 
 
+def _flat(data: SeqData) -> Sequences:
+    """The sequences as one flat array (SeqData built by hand may hold a list of arrays)."""
+    return data.seqs if isinstance(data.seqs, Sequences) else Sequences.from_arrays(list(data.seqs))
+
+
 def num_batches(data: SeqData, epoch: int, seed: int, batch_size: int) -> int:
     """How many batches `train_batches` yields (the loop then never holds an epoch of them)."""
-    seqs = data.seqs if isinstance(data.seqs, Sequences) else Sequences.from_arrays(list(data.seqs))
+    seqs = _flat(data)
     return -(-int((_train_lengths(seqs.lengths) >= 2).sum()) // batch_size)
 
 
 def train_batches(data: SeqData, epoch: int, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of (input, target) windows over each user's training part (the sequence minus its last two)."""
-    seqs = data.seqs if isinstance(data.seqs, Sequences) else Sequences.from_arrays(list(data.seqs))
+    seqs = _flat(data)
     train_len = _train_lengths(seqs.lengths)
     users = np.nonzero(train_len >= 2)[0]
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
