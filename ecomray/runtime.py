@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-__all__ = ["UserError", "is_uri", "abspath", "to_plain", "init_ray", "user_errors", "quiet_libraries"]
+__all__ = ["UserError", "is_uri", "abspath", "to_plain", "init_ray", "user_errors", "quiet_libraries",
+           "quiet_termination"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,6 +91,28 @@ def quiet_libraries(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(level)
     os.environ.setdefault("RAY_LOGGER_LEVEL", "info" if verbose else "warning")   # workers a local Ray starts
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def quiet_termination() -> None:
+    """In a Ray worker process (a Tune trial, a Train worker): stay silent when Ray ends the process.
+
+    When a trial is stopped (ASHA, the time budget), Ray sends its actor SIGTERM, and Ray's handler raises
+    SystemExit in whatever Python code is running. If that is a garbage-collector callback (a WeakSet's `_remove`),
+    Python cannot propagate it and prints "Exception ignored in ... Traceback ... SystemExit: 1" through
+    `sys.unraisablehook`, which the driver forwards to the user's console: a traceback from a trial that ended as
+    planned. This hook drops exactly that case (a SystemExit that could not be raised: the process is exiting
+    anyway) and hands every other unraisable exception to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ecomray_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, SystemExit):
+            return
+        previous(unraisable)
+
+    hook._ecomray_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool | None = None, **kwargs: Any) -> None:

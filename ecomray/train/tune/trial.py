@@ -22,8 +22,10 @@ def trial(config: dict, base_cfg: dict, sweep_dir: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from ecomray.runtime import quiet_termination
     from ecomray.train.driver import fit
 
+    quiet_termination()         # a stopped trial ends without a traceback on the console
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_cfg(base_cfg, config, trial_id, sweep_dir)
     # Ray is already up in a trial (fit's init_ray is a no-op); the Train run is named by the trial, so a resumed
@@ -37,8 +39,9 @@ def trial_loop(cfg: dict) -> None:
     import ray.train
     from ray.util import get_current_placement_group
 
-    from ecomray.runtime import is_uri
+    from ecomray.runtime import is_uri, quiet_termination
 
+    quiet_termination()         # this worker is ended with its trial
     pg = get_current_placement_group()
     # (on object-store run folders there is no file to append to: Ray Train's own cleaner is all there is)
     if pg is not None and ray.train.get_context().get_world_rank() == 0 and not is_uri(cfg["_pg_file"]):
