@@ -1,7 +1,7 @@
 """Serving latency and throughput: the ecomray app against Serve echoes of the same shape, in the same run.
 
     flock /tmp/ecomray-heavy.lock .venv/bin/python benchmarks/serve_load.py [--modes throughput,default]
-        [--requests 600] [--time-limit 15]
+        [--requests 600] [--time-limit 15] [--client raw|httpx] [--targets composed_echo,heavy_on,big_on,big_off]
 
 For each Serve mode (a fresh local Ray per mode, in a subprocess: the mode's env vars must be set before Ray
 starts), one Serve instance on a free loopback port (HTTP on 127.0.0.1 only; in HAProxy mode Ray 2.60 binds
@@ -19,14 +19,23 @@ driven, deleted):
     whose single-row forward takes >= 10 ms on one thread: the model that batching is for (for one row the
     catalogue projection and the block's weights are memory-bound reads; one read serves a whole batch),
     max_batch_size 32 vs 1. It is a load model: one epoch on near-uniform choices, its ranking quality is nil.
+  - `x_*` (only when named in --targets): tiny / heavy / big with the model on the replica's event loop
+    (`batching.in_thread: false`), for an A/B against the default (the model in the batcher's thread).
 Every model route has one replica; every replica reserves 0.1 CPU (a reservation only: all fit in `num_cpus=2`;
-Ray runs each with one torch thread). A bounded async httpx load (a fixed request count and a time limit per level,
+Ray runs each with one torch thread). A bounded async load (a fixed request count and a time limit per level,
 after 20 warm-up requests) drives each target at its concurrency levels and records p50/p95/p99 latency and
-requests/s (POST /v1/recommend, POST for the FastAPI echoes, GET for the bare echo). The models' own time is
+requests/s (POST /v1/recommend, POST for the FastAPI echoes, GET for the bare echo). The client (`--client`) is
+`raw`, a minimal asyncio HTTP/1.1 keep-alive client (~0.2-0.4 ms of CPU a request here), or `httpx` (~1.3-2 ms):
+it runs on the server's cores, so the cheaper one leaves more of them to the server. Per level the JSON also has
+`cpu_ms_per_request` (CPU time from /proc, split into client, the target's ingress and model replicas, HAProxy /
+proxy, and other: Ray's daemons and anything else running) and, for the model targets, `batches` (the model
+replica's own counters from GET /v1/models: batch count, mean size, {size: count}, model wall and CPU seconds). The models' own time is
 measured in-process, one torch thread: `task.predict` for one history and for a batch of 32 (the request's
 history: the 8 most popular items). The client shares the machine's 2 cores with the server.
 
-Checks (per mode, all in the JSON's "checks", each with "met"):
+Checks (per mode, all in the JSON's "checks", each with "met"; the bars are judged in the mode the app is
+configured for, `serve.throughput_optimized: true` in conf/serve/local.yaml, i.e. "throughput"; the default mode's
+checks are for comparison):
   - tiny recommend p50 at c=1 <= composed_echo p50 + tiny forward + 1 ms (two hops), and tiny_inline p50 at
     c=1 <= fastapi_echo p50 + tiny forward + 1 ms (one hop);
   - heavy with batching, req/s at c=32 >= 80% of composed_echo's req/s at c=32 (the ceiling of the topology);
@@ -81,6 +90,10 @@ TARGETS: list[tuple[str, Any, list[int]]] = [
     ("big_on", ("big", 32, False, {}), [1, 32]),
     ("big_on_wait", ("big", {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}, False, {}), [1, 32]),
     ("big_off", ("big", 1, False, {}), [1, 32]),
+    # Run only when named in --targets: the model on the replica's event loop (`in_thread: false`), for A/B.
+    ("x_tiny_loop", ("tiny", {"max_batch_size": 32, "in_thread": False}, False, {}), [1, 32]),
+    ("x_heavy_loop", ("heavy", {"max_batch_size": 32, "in_thread": False}, False, {}), [1, 32]),
+    ("x_big_loop", ("big", {"max_batch_size": 32, "in_thread": False}, False, {}), [32]),
 ]
 
 
@@ -140,40 +153,168 @@ def model_time(root: Path, name: str, n: int = 100) -> dict[str, Any]:
             "version": lm.version}
 
 
-async def drive(url: str, body: dict | None, concurrency: int, requests: int, limit_s: float) -> dict[str, Any]:
+class RawHTTP:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams, one connection per caller: one prebuilt request,
+    the status line, the headers, a Content-Length or chunked body. It costs the shared cores about a fifth of
+    what httpx does per request (the JSON's `cpu_ms_per_request.client`), so more of them serve."""
+
+    def __init__(self, url: str, body: dict | None) -> None:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        self.host, self.port = u.hostname or "127.0.0.1", int(u.port or 80)
+        head = f"{'GET' if body is None else 'POST'} {u.path or '/'} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        data = b"" if body is None else json.dumps(body).encode()
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        self.request = (head + "\r\n").encode() + data
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def send(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> tuple[int, bool]:
+        """(status, keep the connection)."""
+        reader, writer = conn
+        writer.write(self.request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = dict(line.split(b":", 1) for line in lines[1:] if b":" in line)
+        headers = {k.strip().lower(): v.strip().lower() for k, v in headers.items()}
+        if b"content-length" in headers:
+            await reader.readexactly(int(headers[b"content-length"]))
+        elif headers.get(b"transfer-encoding") == b"chunked":
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        return status, headers.get(b"connection") != b"close"
+
+
+async def drive(url: str, body: dict | None, concurrency: int, requests: int, limit_s: float,
+                snapshot: Any = None, client: str = "raw") -> dict[str, Any]:
+    """`concurrency` callers, each sending its next request when the last is answered, until `requests` are sent
+    or `limit_s` passed (after 20 warm-up requests). `client`: raw (RawHTTP) or httpx."""
     import httpx
 
     lat: list[float] = []
     errors = 0
     sent = 0
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as client:
+    raw = RawHTTP(url, body) if client == "raw" else None
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as hx:
+        async def one(conn: list) -> bool:
+            if raw is None:
+                r = await (hx.post(url, json=body) if body is not None else hx.get(url))
+                return r.status_code == 200
+            if not conn:
+                conn.append(await raw.connect())
+            try:
+                status, keep = await asyncio.wait_for(raw.send(conn[0]), 30)
+            except BaseException:
+                conn.pop()[1].close()
+                raise
+            if not keep:
+                conn.pop()[1].close()
+            return status == 200
+
+        warm: list = []
         for _ in range(min(20, requests)):                          # warm-up, not counted
-            await (client.post(url, json=body) if body is not None else client.get(url))
+            await one(warm)
+        if warm:
+            warm[0][1].close()
+        cpu0 = snapshot() if snapshot else None
         t0 = time.perf_counter()
         deadline = t0 + limit_s
 
         async def worker() -> None:
             nonlocal sent, errors
+            conn: list = []
             while sent < requests and time.perf_counter() < deadline:
                 sent += 1
                 t = time.perf_counter()
                 try:
-                    r = await (client.post(url, json=body) if body is not None else client.get(url))
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
+                    ok = await one(conn)
+                except (httpx.HTTPError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
                     ok = False
                 if ok:
                     lat.append(time.perf_counter() - t)
                 else:
                     errors += 1
+            if conn:
+                conn[0][1].close()
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        cpu1 = snapshot() if snapshot else None
     q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
     return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "seconds": round(wall, 3),
             "req_per_s": len(lat) / wall if wall else 0.0,
             "p50_ms": statistics.median(lat) * 1e3 if lat else float("nan"),
-            "p95_ms": q[94] * 1e3, "p99_ms": q[98] * 1e3}
+            "p95_ms": q[94] * 1e3, "p99_ms": q[98] * 1e3, "cpu0": cpu0, "cpu1": cpu1}
+
+
+def cpu_ticks() -> dict[int, tuple[str, int]]:
+    """{pid: (command line, user + system clock ticks)} of every process we can read (Linux /proc)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        out[int(d)] = (cmd, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def cpu_split(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], target: str,
+              requests: int) -> dict[str, float]:
+    """CPU milliseconds per answered request, by process group, between two `cpu_ticks()` snapshots: the client
+    (this process), the target app's ingress and model replicas, HAProxy / Serve's proxy, and the rest (Ray's own
+    daemons, other apps' replicas, other users)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    groups: dict[str, float] = {}
+    me = os.getpid()
+    for pid, (cmd, t) in after.items():
+        d = t - before.get(pid, (cmd, 0))[1] if pid in before else t
+        if d <= 0:
+            continue
+        if pid == me:
+            g = "client"
+        elif f":{target}:" in cmd or f":{target}#" in cmd:
+            g = "model" if ("model_" in cmd or "Inner" in cmd) else "ingress"
+        elif "haproxy" in cmd.lower() or "ProxyActor" in cmd:
+            g = "proxy"
+        else:
+            g = "other"
+        groups[g] = groups.get(g, 0.0) + d / hz
+    return {g: round(v * 1e3 / max(requests, 1), 3) for g, v in sorted(groups.items())}
+
+
+def batch_stats(url: str) -> dict[str, Any] | None:
+    """The model replica's batching counters (GET /v1/models; one replica per route here)."""
+    import httpx
+
+    try:
+        loaded = httpx.get(url, timeout=10).json()["loaded"]
+        return next(m["batching"] for m in loaded if m.get("batching"))
+    except Exception:  # noqa: BLE001 - informative only
+        return None
+
+
+def batch_diff(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not a or not b:
+        return None
+    sizes = {k: v - a["sizes"].get(k, 0) for k, v in b["sizes"].items() if v - a["sizes"].get(k, 0)}
+    n, r = b["batches"] - a["batches"], b["requests"] - a["requests"]
+    return {"batches": n, "requests": r, "mean_size": round(r / n, 2) if n else None,
+            "model_busy_s": round(b["busy_s"] - a["busy_s"], 3),
+            "model_cpu_s": round(b.get("cpu_s", 0.0) - a.get("cpu_s", 0.0), 3),
+            "sizes": dict(sorted(sizes.items(), key=lambda kv: int(kv[0])))}
 
 
 def echo_app(kind: str) -> Any:
@@ -219,7 +360,7 @@ def echo_app(kind: str) -> Any:
 
 
 def one_mode(mode: str, root: Path, names: dict[str, str], requests: int, limit_s: float,
-             only: set[str] | None) -> dict[str, Any]:
+             only: set[str] | None, client: str = "raw") -> dict[str, Any]:
     """Runs in a fresh process: set the mode's env, start Ray + Serve, then deploy, drive and delete each app."""
     import ray
     from ray import serve
@@ -243,7 +384,7 @@ def one_mode(mode: str, root: Path, names: dict[str, str], requests: int, limit_
     # 17 replicas, the two-hop echo's p50 at c=1 was 6.9 ms, against 4.2 ms with four apps up).
     rows = []
     for target, what, levels in TARGETS:
-        if only and target not in only:
+        if (only and target not in only) or (not only and target.startswith("x_")):
             continue
         t_deploy = time.perf_counter()
         if isinstance(what, str):
@@ -262,12 +403,19 @@ def one_mode(mode: str, root: Path, names: dict[str, str], requests: int, limit_
             u = f"{url}/{target}/v1/recommend"
             body = {"history": hists[tag], "k": 10}
         print(f"  deployed {target} in {time.perf_counter() - t_deploy:.1f}s", flush=True)
+        models_url = None if isinstance(what, str) else f"{url}/{target}/v1/models"
         for c in levels:
-            r = asyncio.run(drive(u, body, c, requests, limit_s))
-            r.update(target=target, mode=mode)
+            b0 = batch_stats(models_url) if models_url else None
+            r = asyncio.run(drive(u, body, c, requests, limit_s, cpu_ticks, client))
+            b1 = batch_stats(models_url) if models_url else None
+            r["cpu_ms_per_request"] = cpu_split(r.pop("cpu0"), r.pop("cpu1"), target, r["requests"])
+            r.update(target=target, mode=mode, batches=batch_diff(b0, b1))
             rows.append(r)
             print(f"  {mode:10s} {target:14s} c={c:<3d} {r['req_per_s']:8.1f} req/s  p50 {r['p50_ms']:7.2f}  "
                   f"p95 {r['p95_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  ({r['requests']} ok, {r['errors']} err)",
+                  flush=True)
+            print(f"      cpu ms/request {r['cpu_ms_per_request']}" + (
+                f"  batches: mean {r['batches']['mean_size']}, sizes {r['batches']['sizes']}" if r["batches"] else ""),
                   flush=True)
         serve.delete(target, _blocking=False)
         time.sleep(3)
@@ -306,7 +454,10 @@ def main() -> None:
     ap.add_argument("--modes", default="throughput,default")
     ap.add_argument("--requests", type=int, default=600, help="requests per (target, concurrency) level")
     ap.add_argument("--time-limit", type=float, default=15.0, help="seconds per level, at most")
-    ap.add_argument("--targets", default="", help="comma-separated subset of targets (smoke runs)")
+    ap.add_argument("--targets", default="", help="comma-separated subset of targets (quick runs), e.g. "
+                    "composed_echo,heavy_on,big_on,big_off")
+    ap.add_argument("--client", default="raw", choices=("raw", "httpx"),
+                    help="load generator: a minimal asyncio HTTP/1.1 client (raw) or httpx")
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "ecomray-serve-bench"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -315,7 +466,7 @@ def main() -> None:
     only = set(filter(None, args.targets.split(","))) or None
     if args._child:                                  # one mode, in its own process
         names = json.loads((root / "names.json").read_text())
-        res = one_mode(args._child, root, names, args.requests, args.time_limit, only)
+        res = one_mode(args._child, root, names, args.requests, args.time_limit, only, args.client)
         (root / f"mode-{args._child}.json").write_text(json.dumps(res))
         return
     t0 = time.time()
@@ -331,7 +482,8 @@ def main() -> None:
     modes = []
     for mode in args.modes.split(","):
         subprocess.run([sys.executable, __file__, "--_child", mode, "--root", str(root), "--requests",
-                        str(args.requests), "--time-limit", str(args.time_limit), "--targets", args.targets],
+                        str(args.requests), "--time-limit", str(args.time_limit), "--targets", args.targets,
+                        "--client", args.client],
                        check=True)
         modes.append(json.loads((root / f"mode-{mode}.json").read_text()))
     after = concurrent()
@@ -378,13 +530,14 @@ def main() -> None:
     if "big" in forward:
         checks["big model's single-row forward >= 10 ms (in-process, 1 thread)"] = {
             "forward_1_ms": forward["big"]["predict_1_ms"], "met": forward["big"]["predict_1_ms"] >= 10.0}
-    out = {"machine": machine(), "concurrent": {"before": before, "after": after,
-                                                 "client": "httpx, one Python process on the same 2 cores"},
+    client = f"{args.client}, one Python process (also the Ray driver) on the same {os.cpu_count()} cores"
+    out = {"machine": machine(), "concurrent": {"before": before, "after": after, "client": client},
            "models": {tag: {"registry_name": names[tag], "trained_with": MODEL_SPECS[tag], **forward[tag]}
                       for tag in names},
            "forward": forward, "modes": modes, "one_hop_saves": hops, "checks": checks,
-           "requests_per_level": args.requests, "time_limit_s": args.time_limit,
-           "note": "client (httpx, one Python process) and server share the machine's 2 cores; one replica per "
+           "requests_per_level": args.requests, "time_limit_s": args.time_limit, "client": args.client,
+           "bars_judged_on": "throughput (conf/serve/local.yaml serve.throughput_optimized: true, the app's mode)",
+           "note": f"client ({args.client}, one Python process) and server share the machine's cores; one replica per "
                    "deployment; one app at a time (deploy, drive, delete)",
            "command": " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT))
                                 else sys.executable, "benchmarks/serve_load.py", *sys.argv[1:]]),

@@ -1,9 +1,10 @@
 """The one model deployment: any family's registry version behind one route.
 
 `ModelServer` loads an exact registry version in `__init__` (the shared loader `ecomray.inference.load_model`),
-batches requests with `@serve.batch`, and calls the family's own `serve_batch` (ecomray/tasks/__init__.py), which
-calls the same `predict` offline evaluation and batch prediction use. It knows no family: the route, the schemas
-and the batching come from the task module and the config.
+batches requests (`serve/batcher.py`: a batch is formed when the model is free, and runs off the event loop), and
+calls the family's own `serve_batch` (ecomray/tasks/__init__.py), which calls the same `predict` offline evaluation
+and batch prediction use. It knows no family: the route, the schemas and the batching come from the task module and
+the config.
 
 It is a plain class: `ModelDeployment` runs it as its own Serve deployment (the default topology: ingress ->
 handle -> model replicas), and the ingress can also hold one in-process (`inline: true` for a light CPU family:
@@ -28,6 +29,7 @@ from ecomray import registry
 from ecomray.inference import LoadedModel, load_model
 from ecomray.runtime import UserError
 from ecomray.tasks import RequestError, supports, SERVING
+from serve.batcher import Batcher
 
 logger = logging.getLogger("ray.serve")
 BOARD = "ecomray-serving"      # Ray KV prefix: <BOARD>/<app>/<route>/<replica> -> {"version", "ts"}
@@ -49,9 +51,11 @@ class ModelServer:
         self.loaded: LoadedModel | None = None
         self.loaded = self._load(version)
         batching = self.options.get("batching") or {}
-        # One batch queue per instance (a decorated method would share one queue between instances).
-        self._batch = serve.batch(max_batch_size=int(batching.get("max_batch_size", 16)),
-                                  batch_wait_timeout_s=float(batching.get("batch_wait_timeout_s", 0.0)))(self._run)
+        # One batch queue per instance; a batch is formed when the model is free (serve/batcher.py).
+        self._batch = Batcher(self._run, int(batching.get("max_batch_size", 16)),
+                              float(batching.get("batch_wait_timeout_s", 0.0)),
+                              bool(batching.get("in_thread", True)), name=f"model-{route}", on_batch=self._observe)
+        self._metrics: Any = None
         self._report()
 
     # -- which replica serves which version (GET /v1/models) -----------------------------------------------------
@@ -80,6 +84,8 @@ class ModelServer:
             logger.warning("[%s] could not report the loaded version", self.route)
 
     def __del__(self) -> None:
+        if hasattr(self, "_batch"):
+            self._batch.close()
         key = self._board_key() if hasattr(self, "route") else None
         if key:
             try:
@@ -104,10 +110,27 @@ class ModelServer:
         return loaded
 
     def _apply_batching(self, batching: dict[str, Any]) -> None:
-        if "max_batch_size" in batching:
-            self._batch.set_max_batch_size(int(batching["max_batch_size"]))
-        if "batch_wait_timeout_s" in batching:
-            self._batch.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
+        self._batch.configure(**{k: batching[k] for k in ("max_batch_size", "batch_wait_timeout_s", "in_thread")
+                                 if k in batching})
+
+    def _observe(self, size: int, seconds: float) -> None:
+        """Prometheus (inside a replica): `ecomray_batch_size` and `ecomray_batch_ms` per route."""
+        if self._metrics is False:
+            return
+        try:
+            if self._metrics is None:
+                from ray.serve import metrics
+
+                self._metrics = (
+                    metrics.Histogram("ecomray_batch_size", "requests per model batch",
+                                      boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("route",)),
+                    metrics.Histogram("ecomray_batch_ms", "time the model took for one batch (ms)",
+                                      boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+                                      tag_keys=("route",)))
+            self._metrics[0].observe(size, tags={"route": self.route})
+            self._metrics[1].observe(seconds * 1e3, tags={"route": self.route})
+        except Exception:  # noqa: BLE001 - outside a replica there is no metrics agent
+            self._metrics = False
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """`user_config: {version: v0003, ref: <what it was resolved from>, batching: {...}}` (a `ref` alone is
@@ -145,7 +168,8 @@ class ModelServer:
 
     def describe(self) -> dict[str, Any]:
         loaded = self.loaded
-        info: dict[str, Any] = {"route": self.route, "name": self.name, "ref": self.ref, "failed_swap": self.failed}
+        info: dict[str, Any] = {"route": self.route, "name": self.name, "ref": self.ref, "failed_swap": self.failed,
+                                "batching": self.batch_stats()}
         try:
             info["replica"] = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (inline in tests)
@@ -157,6 +181,10 @@ class ModelServer:
         except Exception:  # noqa: BLE001 - aliases are informative only
             aliases = []
         return {**info, **loaded.describe(), "aliases": aliases}
+
+    def batch_stats(self) -> dict[str, Any]:
+        """This replica's batching settings and what its batches have been since it started."""
+        return {**self._batch.settings(), **self._batch.stats.snapshot()}
 
     def examples(self) -> list[dict[str, Any]]:
         """Valid request bodies stored in the version at registration (docs, playground, deploy.once)."""
@@ -170,7 +198,7 @@ class ModelServer:
             return error(503, f"{self.route}: no model loaded")
         return await self._batch((loaded, body))
 
-    async def _run(self, items: list[tuple[LoadedModel, dict[str, Any]]]) -> list[dict[str, Any]]:
+    def _run(self, items: list[tuple[LoadedModel, dict[str, Any]]]) -> list[dict[str, Any]]:
         """A batch: one `serve_batch` call per loaded version in it; if that call raises, each request is retried
         alone, so only the request that breaks the family's code fails."""
         out: list[Any] = [None] * len(items)

@@ -20,6 +20,8 @@ class LoadedModelInfo(BaseModel):
     licence: str | None = None
     replica: str | None = Field(None, description="the replica that answered")
     failed_swap: dict[str, str] | None = Field(None, description="the last hot swap that failed, and why")
+    batching: dict[str, Any] | None = Field(None, description="the answering replica's batching settings and batch "
+                                            "sizes so far: batches, requests, mean_size, sizes {size: count}, busy_s")
     replicas: list[dict[str, Any]] = Field(default_factory=list,
                                            description="every live replica of the route and the version it serves")
 

@@ -131,14 +131,9 @@ def _server(reg: str, name: str, version: str | None = None, **options: Any):
                        {"max_history": 50, **options})
 
 
-def test_model_server_health_bad_swaps_and_path_safety(trained: dict[str, Any],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_server_health_bad_swaps_and_path_safety(trained: dict[str, Any]) -> None:
     """A hot swap to a ref that is missing, outside the registry or broken never takes the route down: the
     loaded version keeps serving and describe() names the failed ref."""
-    from ray.serve import batching
-
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
-                        lambda self: None)
     cfg = trained["cfg"]
     reg, name = cfg["paths"]["registry"], trained["recommend"]["name"]
     rec = _server(reg, name)
@@ -166,16 +161,9 @@ def _second_version(reg: str, name: str) -> tuple[dict, str]:
     return old, registry.register(reg, name, state, old["config"], old["metrics"], old["meta"], old["lineage"])
 
 
-def test_reconfigure_swaps_in_place_without_failing_requests(trained: dict[str, Any],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reconfigure_swaps_in_place_without_failing_requests(trained: dict[str, Any]) -> None:
     """The family class itself (no Serve): requests keep flowing while reconfigure() loads another version; each
     request is answered whole by one version, and the swap happens once."""
-    from ray.serve import batching
-
-    # outside a replica @serve.batch can't read the replica context for one of its warnings; nothing else needs it
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
-                        lambda self: None)
-
     cfg = trained["cfg"]
     reg, name = cfg["paths"]["registry"], trained["recommend"]["name"]
     old, new_version = _second_version(reg, name)
@@ -197,13 +185,83 @@ def test_reconfigure_swaps_in_place_without_failing_requests(trained: dict[str, 
         await flow
         return (await rec({"history": hist, "k": 5}))["body"]
 
-    out = asyncio.run(main())      # one event loop: @serve.batch's queue lives on the loop that first used it
+    out = asyncio.run(main())      # one event loop: the batcher's queue lives on the loop that first used it
     assert len(seen) == 160 and seen[0] == old["version"] and seen[-1] == new_version
     first_new = seen.index(new_version)
     # after the swap only requests already in flight (at most one per client) finish on the old version
     assert seen[first_new:].count(old["version"]) <= 4 and seen[-20:] == [new_version] * 20
     _, (want,) = _offline(trained, new_version, [hist], k=5)
     assert [i["item_id"] for i in out["items"]] == [i for i, _ in want]
+    stats = rec.describe()["batching"]          # every request went through a batch, and the counts add up
+    assert stats["requests"] == 161 and sum(stats["sizes"].values()) == stats["batches"]
+    assert sum(int(k) * v for k, v in stats["sizes"].items()) == 161 and stats["max_batch_size"] == 16
+
+
+def test_batcher_forms_a_batch_when_the_model_is_free() -> None:
+    """Requests that arrive while a batch runs all wait for the next one (up to max_batch_size), not for a batch
+    formed the moment the previous one started; every caller gets its own result; sizes are counted."""
+    import threading
+
+    from serve.batcher import Batcher
+
+    seen: list[list[int]] = []
+    threads: set[str] = set()
+
+    def fn(items: list[int]) -> list[int]:
+        seen.append(list(items))
+        threads.add(threading.current_thread().name)
+        time.sleep(0.05)
+        return [i * 10 for i in items]
+
+    async def main(in_thread: bool) -> list[int]:
+        seen.clear()
+        b = Batcher(fn, max_batch_size=8, in_thread=in_thread, name="t")
+        first = asyncio.ensure_future(b(0))
+        await asyncio.sleep(0.01)                   # the first batch ([0]) is running
+        rest = [asyncio.ensure_future(b(i)) for i in range(1, 12)]
+        await asyncio.sleep(0)
+        rest[0].cancel()                            # a caller that went away takes no room in a batch
+        out = await asyncio.gather(first, *rest[1:])
+        assert b.stats.snapshot()["sizes"] == {"1": 1, "8": 1, "2": 1}
+        b.close()
+        return out
+
+    for in_thread in (True, False):
+        threads.clear()
+        assert asyncio.run(main(in_thread)) == [0] + [i * 10 for i in range(2, 12)]
+        assert seen == [[0], list(range(2, 10)), [10, 11]]
+        assert (threading.current_thread().name in threads) is not in_thread
+
+
+def test_batcher_wait_errors_and_reconfigure() -> None:
+    from serve.batcher import Batcher
+
+    def fn(items: list[Any]) -> list[Any]:
+        if "boom" in items:
+            raise RuntimeError("boom")
+        return [len(items)] * len(items)
+
+    async def main() -> None:
+        b = Batcher(fn, max_batch_size=4, batch_wait_timeout_s=0.2, name="t")
+        t = time.perf_counter()
+        first = asyncio.ensure_future(b("a"))
+        await asyncio.sleep(0.05)                   # within the wait: joins the first batch
+        assert await asyncio.gather(first, b("b")) == [2, 2]
+        assert time.perf_counter() - t >= 0.2 - 0.01
+        # a full batch does not wait
+        t = time.perf_counter()
+        assert await asyncio.gather(*(b(x) for x in "wxyz")) == [4] * 4
+        assert time.perf_counter() - t < 0.15
+        with pytest.raises(RuntimeError, match="boom"):       # the batch's callers get the error, the batcher lives
+            await asyncio.gather(b("boom"), b("c"))
+        b.configure(max_batch_size=1, batch_wait_timeout_s=0.0)
+        assert await asyncio.gather(*(b(x) for x in "pqr")) == [1, 1, 1]
+        assert b.settings() == {"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "in_thread": True}
+        with pytest.raises(ValueError):
+            b.configure(max_batch_size=0)
+        b.close()
+
+    asyncio.run(main())
 
 
 def test_endpoint_table_refuses_a_name_outside_the_registry(trained: dict[str, Any]) -> None:
@@ -290,6 +348,11 @@ def test_recommend_end_to_end_equals_offline_predict(app: dict[str, Any], traine
     out = httpx.post(f"{app['url']}/v1/recommend", json={"history": hist, "k": 5, "exclude_history": False}).json()
     _, (want,) = _offline(trained, out["model"]["version"], [hist], k=5, exclude=False)
     assert [i["item_id"] for i in out["items"]] == [i for i, _ in want]
+    # GET /v1/models shows the answering replica's batching: settings (the task's) and batch sizes so far
+    rec = next(m for m in httpx.get(f"{app['url']}/v1/models").json()["loaded"] if m["route"] == "recommend")
+    b = rec["batching"]
+    assert b["max_batch_size"] == 32 and b["in_thread"] is True
+    assert sum(int(k) * v for k, v in b["sizes"].items()) == b["requests"] and b["busy_s"] >= 0
 
 
 def test_fallback_unknown_ids_and_truncation(app: dict[str, Any], trained: dict[str, Any]) -> None:
@@ -423,7 +486,7 @@ def test_schema_contract_all_checks(app: dict[str, Any]) -> None:
 
 def test_poisoned_requests_fail_alone(app: dict[str, Any], trained: dict[str, Any]) -> None:
     """Valid requests interleaved with poisoned ones (a lone surrogate, a number beyond 2**53 or not finite), sent
-    concurrently so they share @serve.batch batches: every valid one 200, every poisoned one 422 naming its field."""
+    concurrently so they share model batches: every valid one 200, every poisoned one 422 naming its field."""
     url = app["url"]
     good_texts = [{"texts": ["质量很好，非常满意！", f"第{n}次购买"]} for n in range(60)]
     poisons = [(f"{url}/v1/sentiment", {"texts": ["ok", "bad \ud800 text"]}, ["body", "texts", 1]),
