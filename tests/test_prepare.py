@@ -233,3 +233,37 @@ def test_timestamp_fast_path_parses_exactly_like_the_general_format(fmt: str) ->
     general = df.select(S._parse_datetime(pl.col("ts"), pl.Utf8, fmt, None)).to_series()
     assert fast.to_list() == general.to_list()
     assert fast.null_count() >= 4                               # garbage, empty, None, impossible dates stay null
+
+
+def test_leave_one_out_by_neighbours_matches_the_window_definition() -> None:
+    """The shift-based split equals `pos == n-1 / n-2 with n >= min_rows` per key (window functions), nulls included."""
+    import random
+
+    from ecomray.data.prepare import _leave_one_out
+
+    rng = random.Random(3)
+    for _ in range(200):
+        keys = sorted((rng.choice([None, "a", "b", "c"]) for _ in range(rng.randint(0, 25))),
+                      key=lambda k: (k is not None, k or ""))
+        df = pl.DataFrame({"k": keys}, schema={"k": pl.Utf8})
+        for min_rows in range(5):
+            n, pos = pl.len().over("k"), pl.int_range(pl.len()).over("k")
+            enough = n >= min_rows
+            window = (pl.when(enough & (pos == n - 1)).then(pl.lit("test"))
+                        .when(enough & (pos == n - 2)).then(pl.lit("val")).otherwise(pl.lit("train")))
+            expected = df.select(window.alias("s"))["s"].to_list()
+            assert df.select(_leave_one_out("k", min_rows).alias("s"))["s"].to_list() == expected, (keys, min_rows)
+
+
+def test_sorted_takes_the_stable_path_only_in_source_order() -> None:
+    from ecomray.data.prepare import _sorted
+
+    schema = {"key": "u", "order_by": ["t"], "columns": {"u": {}, "t": {"type": "int"}}}
+    df = pl.DataFrame({"_file": [0, 0, 0, 1, 1, 1], "_row": [0, 1, 2, 0, 1, 2],
+                       "u": ["b", "a", "b", "a", "b", "a"], "t": [1, 1, 1, 0, 1, 1]})
+    full = ["u", "t", "_file", "_row"]
+    assert _sorted(df, schema).equals(df.sort(full))
+    shuffled = df[[4, 1, 5, 0, 3, 2]]                            # not in source order: every column is sorted on
+    assert _sorted(shuffled, schema).equals(df.sort(full))
+    assert _sorted(shuffled, schema).select("_file", "_row").rows() == [(1, 0), (0, 1), (1, 2), (0, 0), (0, 2), (1, 1)]
+

@@ -155,12 +155,7 @@ def _split_expr(schema: dict, split: dict, decided: dict) -> pl.Expr | None:
     if strategy in ("none", None):
         return pl.lit("train")
     if strategy == "leave_one_out":
-        key = schema["key"]
-        n = pl.len().over(key)
-        pos = pl.int_range(pl.len()).over(key)
-        enough = n >= int(split.get("min_rows", 3))
-        return (pl.when(enough & (pos == n - 1)).then(pl.lit("test"))
-                  .when(enough & (pos == n - 2)).then(pl.lit("val")).otherwise(pl.lit("train")))
+        return _leave_one_out(schema["key"], int(split.get("min_rows", 3)))
     if strategy == "temporal":
         col = pl.col(decided["column"])
         val_cut = pl.lit(decided["val_cut"]).str.to_datetime(time_unit="us", time_zone="UTC")
@@ -176,7 +171,42 @@ def _split_expr(schema: dict, split: dict, decided: dict) -> pl.Expr | None:
     raise UserError(f"unknown split strategy {strategy!r}: use leave_one_out, temporal, stratified, given or none")
 
 
+def _leave_one_out(key: str, min_rows: int) -> pl.Expr:
+    """Last row of a key -> test, second-last -> val, when the key has >= min_rows rows; the frame is sorted by key.
+
+    Neighbour comparisons on the sorted frame instead of window functions (`over`): a key's run of rows is
+    contiguous, so row i is its key's last when row i+1 has another key, and the key has >= m rows ending at the
+    last row when row i-(m-1) still has the same key."""
+    k = pl.col(key)
+
+    def same(offset: int) -> pl.Expr:  # does the row `offset` rows away (negative: ahead) belong to the same key?
+        if offset == 0:
+            return pl.lit(True)
+        i = pl.int_range(pl.len())
+        inside = i >= offset if offset > 0 else i < pl.len() + offset  # a null key must not match a missing row
+        return inside & k.eq_missing(k.shift(offset))
+
+    last = ~same(-1)
+    second_last = same(-1) & ~same(-2)
+    return (pl.when(last & same(max(min_rows - 1, 0))).then(pl.lit("test"))
+              .when(second_last & same(max(min_rows - 2, 0))).then(pl.lit("val")).otherwise(pl.lit("train")))
+
+
 # ----------------------------------------------------------------------------------------------- pass 2
+def _sorted(df: pl.DataFrame, schema: dict) -> pl.DataFrame:
+    """`df` sorted by `schema.sort_columns`. Rows read in source order (file, then row: how pass 1 stages them) need
+    only a stable sort on the leading columns, which is cheaper and gives the same order; anything else is sorted
+    on every column."""
+    keys = S.sort_columns(schema)
+    head = keys[:-2]  # [key, *order_by]; the tail is ["_file", "_row"]
+    if df.height > 1:
+        f, r = pl.col("_file"), pl.col("_row")
+        in_order = df.select(((f > f.shift(1)) | ((f == f.shift(1)) & (r > r.shift(1)))).slice(1).all()).item()
+        if in_order:
+            return df.sort(head, maintain_order=True) if head else df
+    return df.sort(keys)
+
+
 def _as_text(df: pl.DataFrame, schema: dict) -> pl.DataFrame:
     """Quarantine rows with every data column as text: the raw value where it failed to parse."""
     cols = []
@@ -212,7 +242,7 @@ def finalize_shard(s: int, stage: str, out: str, schema: dict, split: dict, deci
     data_cols = list(schema["columns"])
     shard_file = os.path.join("shards", f"part-{s:05d}.parquet")
     if files:
-        df = pl.read_parquet(files).select("_file", "_row", *data_cols).sort(S.sort_columns(schema))
+        df = _sorted(pl.read_parquet(files).select("_file", "_row", *data_cols), schema)
     else:  # an empty shard still has the schema, so readers see every column
         df = pl.DataFrame(schema={"_file": pl.Int32, "_row": pl.Int64,
                                   **{c: S.TYPES[spec.get("type", "str")] for c, spec in schema["columns"].items()}})
