@@ -10,8 +10,11 @@ after the previous one has finished, so a batch holds everything that arrived me
 The batch function is synchronous (a model forward: it holds the CPU or the GPU, not the event loop) and runs in
 the batcher's own one-thread executor (`in_thread: true`, the default): the replica's event loop keeps taking
 requests, health checks and `describe()` while the model computes (torch releases the GIL), and one batch runs at
-a time. `in_thread: false` runs it on the event loop (a thread hop less per batch, ~0.1 ms; the loop stalls while
-the model runs).
+a time. `in_thread: false` runs it on the event loop (a thread hop less per batch; the loop stalls while the model
+runs). Even with `in_thread: true`, a lone request (nothing else queued) runs on the loop when the last lone request
+took under `LONE_ON_LOOP_BELOW_S` (10 ms): with nothing to take in meanwhile, the hop to the thread only adds latency
+(measured at concurrency 1 by `benchmarks/serve_load.py`: `tiny` against `x_tiny_loop`), while a slower model (whose
+lone request took longer) always runs in the thread, so the loop is never held up by it for long.
 
 `batch_wait_timeout_s` > 0 holds a batch that is not full for up to that long after the model became free,
 waiting for more requests; 0 (the default) never waits: a lone request runs at once, and under load batches fill
@@ -57,6 +60,8 @@ class Batcher:
     order; if it raises, every request of the batch gets the exception. The queue lives on the event loop that
     first uses the batcher (a new loop, as in tests, starts a new queue)."""
 
+    LONE_ON_LOOP_BELOW_S = 0.010
+
     def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch_size: int = 16,
                  batch_wait_timeout_s: float = 0.0, in_thread: bool = True, name: str = "batch",
                  on_batch: Callable[[int, float], None] | None = None) -> None:
@@ -69,6 +74,8 @@ class Batcher:
         self._queue: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._lone_s: float | None = None            # wall time of the last batch of one request
+        self._ran_on_loop = False
 
     def configure(self, max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
                   in_thread: bool | None = None) -> None:
@@ -116,7 +123,7 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self.in_thread:
+            if self._ran_on_loop:
                 # The model ran on this loop: requests that arrived meanwhile are callbacks not yet run; let them
                 # reach the queue before the batch is formed.
                 for _ in range(2):
@@ -136,9 +143,13 @@ class Batcher:
             if not batch:
                 continue
             items = [item for item, _ in batch]
+            lone = len(items) == 1 and not self._queue
+            on_loop = not self.in_thread or (lone and self._lone_s is not None
+                                             and self._lone_s < self.LONE_ON_LOOP_BELOW_S)
+            self._ran_on_loop = on_loop
             t0 = time.perf_counter()
             try:
-                if self.in_thread:
+                if not on_loop:
                     if self._executor is None:
                         self._executor = ThreadPoolExecutor(1, thread_name_prefix=self.name)
                     results, cpu = await loop.run_in_executor(self._executor, self._timed, items)
@@ -153,6 +164,8 @@ class Batcher:
             else:
                 failed = False
             seconds = time.perf_counter() - t0
+            if len(items) == 1:
+                self._lone_s = seconds
             self.stats.add(len(items), seconds, cpu)
             if self.on_batch is not None:
                 try:

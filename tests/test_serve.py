@@ -233,6 +233,34 @@ def test_batcher_forms_a_batch_when_the_model_is_free() -> None:
         assert (threading.current_thread().name in threads) is not in_thread
 
 
+def test_batcher_runs_a_lone_fast_request_on_the_loop_and_a_slow_one_in_its_thread() -> None:
+    """With nothing else queued, the thread hop only adds latency: a lone request runs on the event loop once a lone
+    request has been seen to take under LONE_ON_LOOP_BELOW_S; a slow model's lone requests stay in the thread."""
+    import threading
+
+    from serve.batcher import Batcher
+
+    where: list[bool] = []
+    delay = {"s": 0.0}
+
+    def fn(items: list[int]) -> list[int]:
+        where.append(threading.current_thread() is threading.main_thread())
+        time.sleep(delay["s"])
+        return items
+
+    async def main() -> None:
+        b = Batcher(fn, max_batch_size=8, name="t")
+        b.LONE_ON_LOOP_BELOW_S = 0.05               # wide margins: a busy test machine must not decide the outcome
+        for i in range(3):
+            assert await b(i) == i                   # fast lone requests: the first in the thread, then the loop
+        delay["s"] = 0.2                            # the model got slow: this lone one still runs on the loop
+        assert await b(3) == 3
+        assert await b(4) == 4                      # ... and having measured it, the next goes to the thread
+        b.close()
+
+    asyncio.run(main())
+    assert where == [False, True, True, True, False]
+
 def test_batcher_wait_errors_and_reconfigure() -> None:
     from serve.batcher import Batcher
 
