@@ -68,13 +68,17 @@ def test_stalled_uploads_and_one_ctrl_c(registry_root: Path, mode: str) -> None:
     stalled: list[socket.socket] = []
     try:
         deadline = time.time() + 180
-        while time.time() < deadline:
+        while True:
             try:
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            if time.time() > deadline:              # say why, with the deploy job's own output, not a later refusal
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail(f"{mode}: no healthy /healthz on port {port} in 180 s; the deploy job printed:\n"
+                            + (proc.communicate(timeout=30)[0] or "")[-4000:])
             time.sleep(1)
         body = b'{"history": [], "k": 3}'
         for _ in range(100):                      # headers and a partial body, then nothing
