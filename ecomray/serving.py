@@ -19,6 +19,12 @@ MAX_ABS_NUMBER = float(2**53)     # beyond this a float can't hold every integer
 ECHO_CHARS = 64                   # at most this many characters of a client's input come back in an error
 
 
+# "Has a non-blank character", as a pattern every engine reads alike: the OpenAPI contract's regexes are ECMA-262,
+# the server's are Rust's (pydantic-core) and test generators' Python's, and their `\s` differ (U+0085 and
+# U+001C-001F are whitespace to some, U+FEFF to another). Excluding the union keeps the contract exactly true.
+NOT_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"
+
+
 class Strict(BaseModel):
     """Request bodies: no type coercion (a "5" is not 5), unknown fields refused."""
 

@@ -432,7 +432,7 @@ def api(meta: dict, limits: dict) -> tuple[type[BaseModel], type[BaseModel]]:
     """POST /v1/copy: attributes (key#value*...) or a title, optional aspect/audience tags, decoding settings within
     the caps in `limits` (n, max_new_tokens, beam_width, input characters)."""
     chars = int(limits.get("max_input_chars", 400))
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=chars, pattern=r"\S")]
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=chars, pattern=serving.NOT_BLANK)]
 
     class CopyRequest(serving.Strict):
         attributes: Text | None = Field(None, description="merchant attributes, key#value pairs joined by *")

@@ -419,7 +419,7 @@ class SentimentResponse(serving.Response):
 def api(meta: dict, limits: dict) -> tuple[type[BaseModel], type[BaseModel]]:
     """POST /v1/sentiment: at most `limits.max_texts` texts of 1 to `limits.max_chars` characters, not blank."""
     Text = Annotated[str, StringConstraints(min_length=1, max_length=int(limits.get("max_chars", 5000)),
-                                            pattern=r"\S")]
+                                            pattern=serving.NOT_BLANK)]
 
     class SentimentRequest(serving.Strict):
         texts: list[Text] = Field(min_length=1, max_length=int(limits.get("max_texts", 64)),
