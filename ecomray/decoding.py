@@ -65,10 +65,14 @@ class Special:
 
 def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style: positive logits of tokens already generated (`seen`, (B, V) bool) divided by `penalty`, negative
-    ones multiplied."""
+    ones multiplied. Only the seen entries are touched (a few per row), not the whole (B, V) matrix."""
     if penalty == 1.0:
         return logits
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    rows, toks = seen.nonzero(as_tuple=True)
+    hit = logits[rows, toks]
+    out = logits.clone()
+    out[rows, toks] = torch.where(hit > 0, hit / penalty, hit * penalty)
+    return out
 
 
 def _seen(outs: list[list[int]], vocab: int, device: Any) -> torch.Tensor:
@@ -118,6 +122,7 @@ class _Seq:
         return [p for p, w in zip(self.prompt.must_include, self.written) if not w]
 
 
+@torch.no_grad()                     # decoding never needs gradients (and the cache is written in place)
 def generate(step: Callable[..., Any], prompts: list[Prompt], settings: Settings, special: Special,
              banned: BannedTerms | None = None, token_text: Callable[[int], str] | None = None,
              device: torch.device | str = "cpu") -> list[list[list[int]]]:
@@ -153,15 +158,22 @@ def _prefill(step: Callable[..., Any], seqs: list[_Seq], device: Any) -> tuple[t
 def _mask(scores: torch.Tensor, seqs: list[_Seq], settings: Settings, special: Special,
           banned: BannedTerms | None) -> torch.Tensor:
     """Rule out, in place, per sequence: tokens that would complete a banned term, EOS before `min_new_tokens`,
-    and padding everywhere. Returns `scores`."""
+    and padding everywhere. Returns `scores`. The (row, token) pairs are gathered first and set in one indexing
+    operation (one per row cost more than the model's attention at batch 32)."""
+    rows: list[int] = []
+    toks: list[int] = []
     for r, s in enumerate(seqs):
         for terms, state in ((banned, s.state), (s.prompt.avoid, s.astate)):
             if terms is not None:
                 bad = terms.banned_tokens(state)
                 if bad:
-                    scores[r, bad] = float("-inf")
+                    rows += [r] * len(bad)
+                    toks += bad
         if len(s.out) < settings.min_new_tokens:
-            scores[r, special.eos] = float("-inf")
+            rows.append(r)
+            toks.append(special.eos)
+    if rows:
+        scores[torch.tensor(rows, device=scores.device), torch.tensor(toks, device=scores.device)] = float("-inf")
     scores[:, special.pad] = float("-inf")
     return scores
 
@@ -274,13 +286,13 @@ def _beam(step: Callable[..., Any], prompt: Prompt, settings: Settings, special:
     for b in best:                          # must-include phrases missing from a beam: continued greedily
         missing = b.missing()
         if missing:
-            cont = _Seq(Prompt([*prompt.ids, *b.out, *special.joiner, *missing[0]], missing[1:], prompt.avoid),
-                        b.state, b.astate)
-            for tok in [*special.joiner, *missing[0]]:
-                cont.feed(tok, banned, token_text)
-            rest = Settings(strategy="greedy", max_new_tokens=max(settings.max_new_tokens - len(b.out), 1),
-                            repetition_penalty=settings.repetition_penalty)
+            # from the same prompt, the beam's tokens, the joiner and the phrase fed as forced tokens: the prompt
+            # stays the model's input (an encoder-decoder must not see generated text as its source)
+            cont = _Seq(prompt)
+            cont.forced = [*b.out, *special.joiner, *missing[0]]
+            rest = Settings(strategy="greedy", repetition_penalty=settings.repetition_penalty,
+                            max_new_tokens=settings.max_new_tokens + len(special.joiner) + len(missing[0]))
             _run(step, [cont], rest, special, banned, token_text, device, torch.Generator().manual_seed(0))
-            b.out = [*b.out, *special.joiner, *missing[0], *cont.out]
+            b.out = cont.out
         out.append(b.out)
     return out

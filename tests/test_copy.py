@@ -92,6 +92,18 @@ def test_decoders_follow_the_model_and_the_constraints() -> None:
     # must-include: the model would stop after 3 4 5; phrase [6] is written, then the model goes on from it
     forced = generate(_step(toy), [Prompt([2], must_include=[[6]])], Settings(max_new_tokens=10), special)
     assert forced == [[[3, 4, 5, 6, 7]]]
+    # beams too: a beam without the phrase is continued from the same prompt (its tokens, then the phrase, fed to
+    # the model), never from a longer prompt, which an encoder-decoder would read as its source
+    prefills: list[list[int]] = []
+
+    def recording(ids: torch.Tensor, cache: Any, pos: Any, mask: Any) -> Any:
+        if cache is None:
+            prefills.extend(ids.tolist())
+        return toy(ids, pos, mask, cache)
+
+    beam_forced = generate(recording, [Prompt([2], must_include=[[6]])],
+                           Settings(strategy="beam", n=1, beam_width=3, max_new_tokens=10), special)
+    assert beam_forced == [[[3, 4, 5, 6, 7]]] and prefills == [[2], [2]]
     # ... and when the budget is short, the phrase is written before it runs out
     short = generate(_step(toy), [Prompt([2], must_include=[[6]])], Settings(max_new_tokens=3), special)
     assert 6 in short[0][0] and len(short[0][0]) <= 4

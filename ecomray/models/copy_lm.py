@@ -3,7 +3,8 @@ output weights tied to the token embeddings), with a key/value cache for increme
 
 Shapes: B = batch, T = new tokens, P = cached (past) tokens, D = dim, H = heads, V = vocabulary.
 forward(ids (B, T), positions (B, T) | None, key_mask (B, P + T) | None, cache | None) -> (logits (B, T, V), cache)
-where key_mask marks real tokens (False: padding). With a key_mask (decoding) the cache is a `KVCache`: one
+where key_mask marks real tokens (False: padding); with a key_mask (decoding) the logits are the last position's
+only, (B, 1, V), since decoding reads no other (a prompt's other positions would cost a third of the prefill). With a key_mask (decoding) the cache is a `KVCache`: one
 preallocated (B, H, capacity, D / H) key and value buffer per layer, written in place at positions P..P+T-1, so a
 decoding step copies one token's keys rather than the whole past; without one (training) there is no cache.
 """
@@ -40,9 +41,13 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def select(self, idx: torch.Tensor) -> "KVCache":
-        """The rows `idx` of the batch (finished sequences dropped, beams reordered)."""
-        return KVCache([k.index_select(0, idx) for k in self.keys], [v.index_select(0, idx) for v in self.values],
-                       self.length)
+        """The rows `idx` of the batch (finished sequences dropped, beams reordered); only the used part of each
+        buffer is copied, the capacity is kept."""
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_empty((len(idx), *x.shape[1:]))
+            torch.index_select(x[:, :, :self.length], 0, idx, out=out[:, :, :self.length])
+            return out
+        return KVCache([rows(k) for k in self.keys], [rows(v) for v in self.values], self.length)
 
 
 class Block(nn.Module):
@@ -62,6 +67,11 @@ class Block(nn.Module):
         drop = self.dropout if self.training else 0.0
         if mask is None:                                  # training: plain causal attention, no cache, no padding
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        elif T == 1 and not self.training:
+            # a decoding step: one query per row. Written out, since two small matmuls cost about 60% of
+            # scaled_dot_product_attention's call on CPU at this size (benchmarks/README.md#copy-generation)
+            att = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + mask                  # (B,H,1,P+1)
+            y = torch.matmul(att.softmax(-1), v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, D)))
@@ -107,4 +117,6 @@ class CopyLM(nn.Module):
             x = block(x, mask, cache, n)
         if cache is not None:
             cache.length += T
-        return F.linear(self.ln(x), self.tok.weight), cache                                   # (B, T, V)
+        if key_mask is not None:                         # decoding reads the last position's logits only
+            x = x[:, -1:]
+        return F.linear(self.ln(x), self.tok.weight), cache                          # (B, T, V); decoding (B, 1, V)
