@@ -8,11 +8,17 @@ Two objectives on the one training loop (`task.objective`):
 - `copy`: fine-tuning on (prompt, copy) pairs of the copy dataset and `task.extra_train` (e.g. kobe), the loss on the
   copy alone; initialized from a pretraining version by registry ref (`model.init_from`), whose tokenizer it keeps.
 
-The model (`ecomray/models/copy_lm.py`) is decoder-only: the prompt is `[CLS] <conditions> input [SEP]`, the copy
-follows and ends with `[EOS]`. Decoding (`ecomray/decoding.py`): greedy, beam, nucleus sampling, n variants, a KV
-cache, a repetition penalty; banned terms (`task.compliance`, the PRC Advertising Law's absolute claims) are masked
-at every step and checked after (a variant that still has one is dropped and counted); with `task.cover_values`
-a copy that would end before stating an attribute value writes it next and carries on (`must_include`); with
+Two models (`model=copy_lm | copy_seq2seq`), the same prompt `[CLS] <conditions> input [SEP]` and copy (ending with
+`[EOS]`) for both: `ecomray/models/copy_lm.py` is decoder-only (the copy follows the prompt in one sequence);
+`ecomray/models/copy_seq2seq.py` (`encoder_decoder = True`) encodes the prompt and decodes the copy from a `[SEP]`
+start token, attending to the encoded prompt (training batches: `src`/`src_mask`/`tgt`/`labels` instead of
+`ids`/`labels`). Pretraining (`lm`), and so `model.init_from` a pretraining version, is decoder-only; the
+encoder-decoder trains from scratch (benchmarks/copy_arch.py compares the two under one time budget).
+
+Decoding (`ecomray/decoding.py`): greedy, beam, nucleus sampling, n variants, a KV cache, a repetition penalty; banned
+terms (`task.compliance`, the PRC Advertising Law's absolute claims) are masked at every step and checked after (a
+variant that still has one is dropped and counted); with `task.cover_values` a copy that would end before stating an
+attribute value writes it next and carries on (`must_include`); with
 `task.avoid_ungiven_values` the values of the input's keys that the training lexicon knows and the input does not
 give (a colour nobody asked for) are masked like banned terms, per row (`Prompt.avoid`), so the copy cannot invent them.
 
@@ -127,6 +133,7 @@ class CopyData:
     rank: int = 0
     world: int = 1
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    encoder_decoder: bool = False                        # set by build_model: batches of (prompt, decoder input)
     cfg: dict = field(repr=False, default_factory=dict)
 
 
@@ -209,20 +216,32 @@ def build_model(cfg: dict, data: CopyData) -> nn.Module:
     data.model_kwargs = {"vocab_size": tokenizer(data.tok_json).get_vocab_size(with_added_tokens=True),
                          "max_len": data.max_prompt + data.max_target + 8}
     model = instantiate({k: v for k, v in cfg["model"].items() if k != "init_from"}, **data.model_kwargs)
+    data.encoder_decoder = bool(getattr(model, "encoder_decoder", False))
+    if data.encoder_decoder and data.objective == "lm":
+        raise UserError(f"task.objective=lm (pretraining on unlabelled text) needs a decoder-only model, and "
+                        f"model={cfg['model'].get('_target_')} is an encoder-decoder: use model=copy_lm for "
+                        "pretraining, or task.objective=copy")
     init = init_version(cfg)
     if init is not None:
         mine = model.state_dict()
         state = {k: v for k, v in init["state_dict"].items() if k in mine}
-        pos = state.get("pos.weight")
-        if pos is not None and pos.shape[1:] == mine["pos.weight"].shape[1:] and pos.shape[0] != mine["pos.weight"].shape[0]:
-            # a longer (or shorter) window than the pretraining run's: its learned positions where both have them,
-            # this model's fresh initialization beyond (fine-tuning learns them)
-            n = min(pos.shape[0], mine["pos.weight"].shape[0])
-            grown = mine["pos.weight"].clone()
-            grown[:n] = pos[:n]
-            state["pos.weight"] = grown
-            print(f"[copy] positions: {n} from {cfg['model']['init_from']}, "
-                  f"{mine['pos.weight'].shape[0] - n} new", flush=True)
+        missing = [k for k in mine if k not in state]
+        if data.encoder_decoder and missing:
+            raise UserError(f"model.init_from={cfg['model']['init_from']}: the version has no {missing[:3]} "
+                            f"({len(missing)} of this model's {len(mine)} tensors): an encoder-decoder starts from "
+                            "an encoder-decoder version of the same layers; a decoder-only (copy_lm) pretraining "
+                            "version cannot initialize it. Set model.init_from=null to train it from scratch")
+        for table in ("pos.weight", "enc_pos.weight", "dec_pos.weight"):
+            pos = state.get(table)
+            if pos is not None and pos.shape[1:] == mine[table].shape[1:] and pos.shape[0] != mine[table].shape[0]:
+                # a longer (or shorter) window than the pretraining run's: its learned positions where both have
+                # them, this model's fresh initialization beyond (fine-tuning learns them)
+                n = min(pos.shape[0], mine[table].shape[0])
+                grown = mine[table].clone()
+                grown[:n] = pos[:n]
+                state[table] = grown
+                print(f"[copy] positions{'' if table == 'pos.weight' else ' (' + table.split('.')[0] + ')'}: "
+                      f"{n} from {cfg['model']['init_from']}, {mine[table].shape[0] - n} new", flush=True)
         bad = [k for k, v in state.items() if tuple(v.shape) != tuple(mine[k].shape)]
         if bad:
             raise UserError(f"model.init_from={cfg['model']['init_from']}: shapes differ for {bad[:3]} "
@@ -247,6 +266,26 @@ def _batch(pairs: list[tuple[list[int], list[int]]], loss_on_prompt: bool) -> di
     return {"ids": ids, "labels": labels}
 
 
+def _seq2seq_batch(pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """For an encoder-decoder: the prompts (B, S) right-padded with `src_mask` (True: a real token); the decoder
+    input `tgt` (B, T) = [SEP] + copy[:-1] and `labels` (B, T) = the copy (ending with EOS), -100 on padding."""
+    S, T = max(len(p) for p, _ in pairs), max(len(t) for _, t in pairs)
+    src = torch.full((len(pairs), S), PAD_ID, dtype=torch.long)
+    src_mask = torch.zeros((len(pairs), S), dtype=torch.bool)
+    tgt = torch.full((len(pairs), T), PAD_ID, dtype=torch.long)
+    labels = torch.full((len(pairs), T), -100, dtype=torch.long)
+    for r, (p, t) in enumerate(pairs):
+        src[r, :len(p)] = torch.tensor(p)
+        src_mask[r, :len(p)] = True
+        tgt[r, :len(t)] = torch.tensor([SEP_ID, *t[:-1]])
+        labels[r, :len(t)] = torch.tensor(t)
+    return {"src": src, "src_mask": src_mask, "tgt": tgt, "labels": labels}
+
+
+def _make_batch(data: CopyData, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    return _seq2seq_batch(pairs) if data.encoder_decoder else _batch(pairs, data.objective == "lm")
+
+
 def train_batches(data: CopyData, epoch: int, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Length-sorted chunks (less padding), shuffled; pure in (epoch, seed)."""
     pairs = data.seqs["train"]
@@ -260,13 +299,21 @@ def train_batches(data: CopyData, epoch: int, seed: int, batch_size: int) -> Ite
         part = idx[lo:lo + chunk][np.argsort(lengths[lo:lo + chunk], kind="stable")]
         batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
     for b in (batches[i] for i in g.permutation(len(batches))):
-        yield _batch([pairs[i] for i in b], data.objective == "lm")
+        yield _make_batch(data, [pairs[i] for i in b])
+
+
+def _logits_labels(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the labels they predict. The batch says which model it is for (under DDP the model is a wrapper
+    that does not show the class's `encoder_decoder`)."""
+    if "src" in batch:
+        return model(batch["src"], batch["src_mask"], batch["tgt"]), batch["labels"]        # (B, T, V), (B, T)
+    logits, _ = model(batch["ids"][:, :-1])                                                 # (B, L-1, V)
+    return logits, batch["labels"][:, 1:]
 
 
 def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits, _ = model(batch["ids"][:, :-1])                                          # (B, L-1, V)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1),
-                           ignore_index=-100)
+    logits, labels = _logits_labels(model, batch)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
 
 @torch.no_grad()
@@ -274,9 +321,7 @@ def _loss(model: nn.Module, data: CopyData, split: str, batch_size: int = 64) ->
     pairs = data.seqs[split]
     total, count = 0.0, 0
     for lo in range(0, len(pairs), batch_size):
-        b = _batch(pairs[lo:lo + batch_size], data.objective == "lm")
-        logits, _ = model(b["ids"][:, :-1])
-        labels = b["labels"][:, 1:]
+        logits, labels = _logits_labels(model, _make_batch(data, pairs[lo:lo + batch_size]))
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                        ignore_index=-100, reduction="sum"))
         count += int((labels != -100).sum())
@@ -322,6 +367,11 @@ def metadata(data: CopyData) -> dict:
 
 # ----------------------------------------------------------------------------------------------- generating
 def _step(model: nn.Module) -> Any:
+    if getattr(model, "encoder_decoder", False):
+        def step(ids: torch.Tensor, cache: Any, pos: torch.Tensor, mask: torch.Tensor) -> Any:
+            return model.step(ids, cache, pos, mask, start=SEP_ID)        # the decoder starts where training did
+        return step
+
     def step(ids: torch.Tensor, cache: Any, pos: torch.Tensor, mask: torch.Tensor) -> Any:
         return model(ids, positions=pos, key_mask=mask, cache=cache)
     return step
