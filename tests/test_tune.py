@@ -55,9 +55,13 @@ def test_space_overrides_and_resources(tmp_path: Path) -> None:
     assert sweeps.max_concurrent_trials({"CPU": 16.0, "GPU": 1.0}, sweeps.trial_resources(gpu)[1]) == 1
     with pytest.raises(UserError):
         sweeps.max_concurrent_trials({"CPU": 2.0}, sweeps.trial_resources(gpu)[1])
-    for name in ("tiny", "propensity", "sasrec_beauty"):   # every shipped sweep validates against its experiment
-        exp = {"tiny": "tiny", "propensity": "propensity", "sasrec_beauty": "beauty_sasrec"}[name]
+    shipped = {"tiny": "tiny", "propensity": "propensity", "sasrec_beauty": "beauty_sasrec", "copy": "copy_advertisegen",
+               "ctr_frappe": "frappe_deepfm"}
+    assert set(shipped) == {p.stem for p in (ROOT / "conf" / "sweep").glob("*.yaml")}
+    for name, exp in shipped.items():   # every shipped sweep validates against its experiment
         sweeps.sweep_spec(compose_cfg("tune", tmp_path, f"experiment={exp}", f"sweep={name}"))
+    copy = sweeps.sweep_spec(compose_cfg("tune", tmp_path, "experiment=copy_advertisegen", "sweep=copy"))
+    assert (copy["metric"], copy["mode"]) == ("val/bleu4", "max")   # selection on validation BLEU-4
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +132,29 @@ def test_exported_experiment_composes_to_the_winning_config(tiny_sweep) -> None:
     assert again["scaling"]["num_workers"] == 0 and again["optim"] == found["config"]["optim"]
     retrained = fit({**again, "run_name": "retrain"}, register=False)
     assert retrained["metrics"]["val/ndcg@10"] == pytest.approx(out["value"], rel=0.02)
+
+
+def test_the_copy_sweep_selects_on_validation_bleu(tmp_path: Path, ray_session) -> None:
+    """sweep=copy (Optuna + ASHA on val/bleu4) at the scale of the tests: the copy family's trials run, report
+    BLEU-4, and the winner registered is the trial with the best validation BLEU-4."""
+    from ecomray.data.prepare import run as prepare
+    from jobs.tune import run
+
+    cfg = compose_cfg("tune", tmp_path, "experiment=tiny_copy", "sweep=copy", "scaling=cpu1",
+                      "train.monitor=val/bleu4", "train.mode=max", "task.eval_generate=10",
+                      "sweep.num_samples=2", "sweep.scheduler.grace_period=1", "sweep.scheduler.max_t=2",
+                      "sweep.fixed={train.epochs: 2, train.time_budget_s: null}", "sweep.time_budget_s=600")
+    prepare(cfg)
+    out = run(cfg)
+    with open(Path(out["sweep_dir"]) / "trials.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == out["trials"] == 2
+    assert {r["optim.lr"] for r in rows} >= {"0.0005"}                  # the warm-start point ran
+    best = max(rows, key=lambda r: float(r["best val/bleu4"]))
+    found = registry.load(cfg["paths"]["registry"], out["name"], "best")
+    assert out["best_trial"] == best["trial_id"]
+    assert found["metrics"]["val/bleu4"] == pytest.approx(float(best["best val/bleu4"]), rel=1e-5)
+    assert found["lineage"]["sweep"]["name"] == "copy"
 
 
 def test_a_sweep_name_holding_another_sweep_is_refused(tmp_path: Path) -> None:
