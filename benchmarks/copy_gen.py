@@ -17,7 +17,8 @@ one harness, with the published protocol.
   the input's ungiven values masked (`avoid_ungiven_values`, the default of new versions) and without.
 - Conditions: on 100 KOBE titles, distinct-2 between two aspect conditions on the same product (same sampling seed)
   against distinct-2 between two seeds under the same condition; and, seed-free, between the greedy copies of the
-  two aspects (0.5 would mean the condition changes nothing).
+  two aspects (0.5 would mean the condition changes nothing). At each `--guidance` strength (default 1 and 2):
+  classifier-free guidance of the conditions, `Settings.guidance`.
 Writes benchmarks/results/copy_gen.json.
 """
 
@@ -127,14 +128,16 @@ def model_side(ref: str, root: Path, dev: list[dict[str, str]], avoid: bool) -> 
     return texts, extra, loaded
 
 
-def conditions(loaded: Any, n: int = 100) -> dict[str, float]:
-    """distinct-2 between two aspect conditions (same seed) vs between two seeds (same condition), per KOBE title."""
+def conditions(loaded: Any, n: int = 100, guidance: float = 1.0) -> dict[str, float]:
+    """distinct-2 between two aspect conditions (same seed) vs between two seeds (same condition), per KOBE title;
+    with `guidance` > 1 the conditions are strengthened by classifier-free guidance (`Settings.guidance`)."""
     kobe = read(datasets() / "kobe_taodescribe" / "kobe_test.jsonl")
     titles = list(dict.fromkeys(r["title"] for r in kobe))[:n]
 
     def gen(aspect: str, seed: int | None) -> list[str]:
         rows = [{"title": t, "aspect": aspect, "audience": "<a>"} for t in titles]
         how = {"strategy": "greedy"} if seed is None else {"strategy": "sample", "seed": seed, "top_p": 0.9}
+        how["guidance"] = guidance
         out = []
         for lo in range(0, len(rows), 32):
             res = loaded.task.predict(loaded.model, loaded.meta, rows[lo:lo + 32], **how)
@@ -147,7 +150,7 @@ def conditions(loaded: Any, n: int = 100) -> dict[str, float]:
     seen: dict[str, set[str]] = {}
     for r in kobe:
         seen.setdefault(r["title"], set()).add(r["aspect"])
-    return {"titles": len(titles),
+    return {"guidance": guidance, "titles": len(titles),
             "kobe_titles": len(seen), "kobe_titles_under_both_aspects": sum({"<0>", "<1>"} <= a for a in seen.values()),
             "distinct2_between_conditions": statistics.mean(pair_distinct2(x, y) for x, y in zip(a0s1, a1s1)),
             "distinct2_between_seeds": statistics.mean(pair_distinct2(x, y) for x, y in zip(a0s1, a0s2)),
@@ -159,6 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="copy_gen_advertisegen:best")
     ap.add_argument("--root", default=str(ROOT / "benchmarks" / "work" / "copy"))
+    ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0],
+                    help="guidance strengths at which the conditions are measured (1 = off)")
     ap.add_argument("--note", default="nothing else running (flock /tmp/ecomray-heavy.lock)")
     args = ap.parse_args()
     t0 = time.time()
@@ -183,19 +188,19 @@ def main() -> None:
             texts, extra, loaded = model_side(args.model, Path(args.root), dev, avoid)
             label = "ecomray" + (" (ungiven values masked)" if avoid else "")
             rows.append(side(label, texts, dev, lex, banned, {"model": args.model, **extra}))
-        cond = conditions(loaded)
+        cond = [conditions(loaded, guidance=g) for g in args.guidance]
     print(f"{'side':<32}{'BLEU-4':>8}{'R-1':>7}{'R-2':>7}{'R-L':>7}{'cover':>7}{'all':>6}{'halluc':>8}{'d-1':>6}"
           f"{'d-2':>6}{'viol':>6}")
     for r in rows:
         print(f"{r['side'][:32]:<32}{r['bleu4']:>8.2f}{r['rouge1']:>7.2f}{r['rouge2']:>7.2f}{r['rougeL']:>7.2f}"
               f"{r['coverage']:>7.1%}{r['rows_all_values']:>6.0%}{r['hallucinations_per_row']:>8.2f}"
               f"{r['distinct1']:>6.3f}{r['distinct2']:>6.3f}{r['violations']:>6}")
-    if cond:
-        print(f"conditions: distinct-2 between aspects {cond['distinct2_between_conditions']:.3f}, between seeds "
-              f"{cond['distinct2_between_seeds']:.3f}; greedy, between aspects "
-              f"{cond['distinct2_between_conditions_greedy']:.3f} ({cond['greedy_copies_that_differ_between_conditions']:.0%}"
-              f" differ) ({cond['titles']} KOBE titles); in the data, {cond['kobe_titles_under_both_aspects']} of "
-              f"{cond['kobe_titles']:,} titles appear under both aspects")
+    for c in cond or []:
+        print(f"conditions, guidance {c['guidance']:g}: distinct-2 between aspects {c['distinct2_between_conditions']:.3f}, "
+              f"between seeds {c['distinct2_between_seeds']:.3f}; greedy, between aspects "
+              f"{c['distinct2_between_conditions_greedy']:.3f} ({c['greedy_copies_that_differ_between_conditions']:.0%}"
+              f" differ) ({c['titles']} KOBE titles); in the data, {c['kobe_titles_under_both_aspects']} of "
+              f"{c['kobe_titles']:,} titles appear under both aspects")
     out = {"benchmark": "copy_gen_advertisegen_dev", "rows": len(dev), "train_rows_for_baselines": len(train),
            "published": {"ChatGLM-6B P-tuning v2 (6B params, 114k train rows)": {"bleu4": 8.10, "rougeL": 24.97}},
            "sides": rows, "conditions": cond, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

@@ -1,6 +1,7 @@
 """Decoding for any causal language model that follows `step(ids (B, T), cache, positions) -> logits (B, T, V),
 cache`: greedy, beam search and nucleus sampling, with a key/value cache (each step feeds one token per sequence),
-a repetition penalty, length limits, `n` variants per prompt, banned terms (`ecomray.compliance.BannedTerms`, masked
+a repetition penalty, length limits, `n` variants per prompt, classifier-free guidance of a prompt's conditions
+(`Settings.guidance`, `Prompt.unconditioned`), banned terms (`ecomray.compliance.BannedTerms`, masked
 at every step: one automaton for every prompt, e.g. the advertising law, and optionally one per prompt, e.g. attribute
 values the input did not give) and must-include phrases (when a sequence would end without one, the phrase is
 written next and the model carries on from it). Shared by every text-generating family; settings are plain dicts
@@ -32,6 +33,7 @@ class Settings:
     temperature: float = 1.0
     repetition_penalty: float = 1.0     # > 1 makes every token already in the output less likely
     seed: int = 0
+    guidance: float = 1.0               # > 1 strengthens the prompt's conditions (Prompt.unconditioned): see _Guided
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Settings":
@@ -46,6 +48,8 @@ class Settings:
             raise ValueError("greedy decoding gives one variant: use sample or beam for n > 1")
         if s.strategy == "beam" and s.n > s.beam_width:
             raise ValueError(f"n={s.n} is more than beam_width={s.beam_width}")
+        if not s.guidance >= 1.0:
+            raise ValueError(f"guidance={s.guidance}: use 1 (off) or more")
         return s
 
 
@@ -54,6 +58,7 @@ class Prompt:
     ids: list[int]                                   # the model's input before the first generated token
     must_include: list[list[int]] = field(default_factory=list)   # token ids of phrases the output must contain
     avoid: BannedTerms | None = None                 # this prompt's own banned terms (bound to the vocabulary)
+    unconditioned: list[int] | None = None           # the same prompt without its conditions (for `guidance`)
 
 
 @dataclass
@@ -127,16 +132,64 @@ def generate(step: Callable[..., Any], prompts: list[Prompt], settings: Settings
              banned: BannedTerms | None = None, token_text: Callable[[int], str] | None = None,
              device: torch.device | str = "cpu") -> list[list[list[int]]]:
     """Generated token ids: for each prompt, `settings.n` variants (without the EOS)."""
+    guided = settings.guidance != 1.0 and any(p.unconditioned is not None for p in prompts)
     if settings.strategy == "beam":
-        return [_beam(step, p, settings, special, banned, token_text, device) for p in prompts]
+        return [_beam(_Guided(step, [p], settings.guidance, device) if guided else step, p, settings, special, banned,
+                      token_text, device) for p in prompts]
     g = torch.Generator(device="cpu").manual_seed(int(settings.seed))
     out: list[list[list[int]]] = [[] for _ in prompts]
     expanded = [(k, p) for k, p in enumerate(prompts) for _ in range(settings.n)]
     seqs = [_Seq(p) for _, p in expanded]
+    if guided:
+        step = _Guided(step, [p for _, p in expanded], settings.guidance, device)
     _run(step, seqs, settings, special, banned, token_text, device, g)
     for (k, _), s in zip(expanded, seqs):
         out[k].append(s.out)
     return out
+
+
+class _GuidedCache:
+    """The conditioned rows' cache and, row for row, the unconditioned ones' (cache, key mask, next position)."""
+
+    def __init__(self, cond: Any, uncond: Any, mask: torch.Tensor, pos: torch.Tensor) -> None:
+        self.cond, self.uncond, self.mask, self.pos = cond, uncond, mask, pos
+
+    def select(self, idx: torch.Tensor) -> "_GuidedCache":
+        return _GuidedCache(_select(self.cond, idx), _select(self.uncond, idx), self.mask.index_select(0, idx),
+                            self.pos.index_select(0, idx))
+
+
+class _Guided:
+    """A `step` that decodes each row twice, with its prompt and with `Prompt.unconditioned` (the prompt without its
+    conditions), both fed the same tokens, and returns u + guidance * (c - u): classifier-free guidance, which
+    moves the text further in the direction the conditions move it (guidance 1 = the conditioned model alone).
+    A row without conditions decodes its own prompt twice, so its logits are its own. Costs a second forward."""
+
+    def __init__(self, step: Callable[..., Any], prompts: list[Prompt], guidance: float, device: Any) -> None:
+        self.step, self.guidance, self.device = step, float(guidance), device
+        self.unconditioned = [p.unconditioned if p.unconditioned is not None else p.ids for p in prompts]
+
+    def __call__(self, ids: torch.Tensor, cache: Any, pos: torch.Tensor, mask: torch.Tensor) -> Any:
+        if cache is None:                          # prefill: the unconditioned prompts, left-padded like _prefill's
+            logits, c = self.step(ids, None, pos, mask)
+            width = max(len(u) for u in self.unconditioned)
+            u_ids = torch.zeros((len(self.unconditioned), width), dtype=torch.long)
+            u_pos = torch.zeros_like(u_ids)
+            u_mask = torch.zeros((len(self.unconditioned), width), dtype=torch.bool)
+            for r, u in enumerate(self.unconditioned):
+                u_ids[r, width - len(u):] = torch.tensor(u)
+                u_pos[r, width - len(u):] = torch.arange(len(u))
+                u_mask[r, width - len(u):] = True
+            u_logits, u = self.step(u_ids.to(self.device), None, u_pos.to(self.device), u_mask.to(self.device))
+            nxt = torch.tensor([len(x) for x in self.unconditioned], device=self.device)
+            cache = _GuidedCache(c, u, u_mask.to(self.device), nxt)
+        else:
+            logits, c = self.step(ids, cache.cond, pos, mask)
+            u_mask = torch.cat([cache.mask, torch.ones((len(ids), 1), dtype=torch.bool, device=cache.mask.device)], 1)
+            u_logits, u = self.step(ids, cache.uncond, cache.pos[:, None], u_mask)
+            cache = _GuidedCache(c, u, u_mask, cache.pos + 1)
+        c_last, u_last = logits[:, -1:].float(), u_logits[:, -1:].float()
+        return u_last + self.guidance * (c_last - u_last), cache
 
 
 def _prefill(step: Callable[..., Any], seqs: list[_Seq], device: Any) -> tuple[torch.Tensor, Any, torch.Tensor]:

@@ -142,6 +142,48 @@ def test_the_real_model_decodes_the_same_with_and_without_its_cache(max_len: int
             seq.append(tok)
 
 
+def test_guidance_strengthens_the_conditions() -> None:
+    """Classifier-free guidance: u + g * (c - u) of the conditioned and unconditioned prompts' logits."""
+    V, eos, pad = 10, 1, 0
+    table = torch.full((V, V), -5.0)
+    table[2, 3] = 5.0                                                # unconditioned prompt [2]: 3 is clearly first
+    table[8, 3], table[8, 6] = 4.0, 3.5                              # conditioned prompt [8]: 3 still first, 6 close
+    for a, b in [(3, 4), (4, 5), (5, eos), (6, 7), (7, eos)]:
+        table[a, b] = 5.0
+    toy = _Toy(table)
+    special = Special(eos, pad)
+    cond = Prompt([8], unconditioned=[2])
+    assert generate(_step(toy), [cond], Settings(max_new_tokens=6), special) == [[[3, 4, 5]]]      # off by default
+    # with guidance 2: token 3 scores 5 + 2 * (4 - 5) = 3, token 6 scores -5 + 2 * (3.5 + 5) = 12
+    guided = generate(_step(toy), [cond, Prompt([2])], Settings(max_new_tokens=6, guidance=2.0), special)
+    assert guided == [[[6, 7]], [[3, 4, 5]]]                       # a prompt without conditions is unchanged
+    beams = generate(_step(toy), [cond], Settings(strategy="beam", n=1, beam_width=2, max_new_tokens=6, guidance=2.0),
+                     special)
+    assert beams == [[[6, 7]]]
+    with pytest.raises(ValueError, match="guidance"):
+        Settings.from_dict({"guidance": 0.5})
+
+
+def test_guided_cached_decoding_equals_recomputation() -> None:
+    from ecomray.models.copy_lm import CopyLM
+
+    torch.manual_seed(3)
+    model = CopyLM(vocab_size=40, max_len=64, dim=16, layers=2, heads=2, ff=32, dropout=0.0).eval()
+    prompts = [Prompt([2, 30, 7, 9, 3], unconditioned=[2, 7, 9, 3]), Prompt([2, 31, 32, 11, 3], unconditioned=[2, 11, 3])]
+    settings = Settings(max_new_tokens=10, guidance=2.5)
+    out = generate(lambda ids, cache, pos, mask: model(ids, positions=pos, key_mask=mask, cache=cache), prompts,
+                   settings, Special(1, 0))
+    for p, (toks,) in zip(prompts, out):
+        done: list[int] = []
+        for tok in toks:
+            c = model(torch.tensor([p.ids + done]))[0][0, -1]
+            u = model(torch.tensor([p.unconditioned + done]))[0][0, -1]
+            logits = u + 2.5 * (c - u)
+            logits[0] = float("-inf")
+            assert int(logits.argmax()) == tok
+            done.append(tok)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from ecomray.data.prepare import run as prepare
@@ -194,13 +236,19 @@ def test_tiny_copy_trains_generates_compliant_covering_copy_and_serves(tiny: dic
     bad_attrs = request_model.model_validate({"attributes": "类型#裙*颜色"}).model_dump()
     nothing = request_model.model_validate({"aspect": "<1>"}).model_dump()
     greedy_many = request_model.model_validate({"attributes": "类型#裙", "n": 2}).model_dump()
+    guided = request_model.model_validate({"title": "夏季新款连衣裙", "aspect": "<1>", "guidance": 2.5}).model_dump()
     answers = loaded.task.serve_batch(loaded.model, loaded.meta,
-                                      [body.model_dump(), bad_attrs, nothing, greedy_many], {})
+                                      [body.model_dump(), bad_attrs, nothing, greedy_many, guided], {})
     assert len(answers[0]["variants"]) + answers[0]["dropped"] == 2 and answers[0]["all_dropped"] is False
-    assert [a.loc for a in answers[1:]] == [["body", "attributes"], ["body", "attributes"], ["body", "n"]]
-    assert all(isinstance(a, RequestError) for a in answers[1:])
+    assert [a.loc for a in answers[1:4]] == [["body", "attributes"], ["body", "attributes"], ["body", "n"]]
+    assert all(isinstance(a, RequestError) for a in answers[1:4])
+    direct = loaded.task.predict(loaded.model, loaded.meta, [rows[1]],
+                                 **{k: guided[k] for k in copy_gen._REQUEST_SETTINGS})
+    assert answers[4]["variants"] == direct[0]["variants"]                   # the request's guidance was applied
     for too_much in ({"attributes": "类型#裙", "n": 5}, {"attributes": "类型#裙", "max_new_tokens": 1000},
-                     {"attributes": "x" * 401}, {"attributes": "  "}, {"attributes": "类型#裙", "aspect": "<<x"}):
+                     {"attributes": "x" * 401}, {"attributes": "  "}, {"attributes": "类型#裙", "aspect": "<<x"},
+                     {"attributes": "类型#裙", "guidance": 0.5}, {"attributes": "类型#裙", "guidance": 9},
+                     {"attributes": "类型#裙", "guidance": float("nan")}):
         with pytest.raises(ValidationError):
             request_model.model_validate(too_much)
 

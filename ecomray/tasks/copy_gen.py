@@ -420,7 +420,10 @@ def predict(model: nn.Module, meta: dict, inputs: list[dict[str, Any]], **decodi
         pairs = A.parse(row["attributes"]) if row.get("attributes") else []
         must = [encode_text(tok_json, v) for v in A.values(pairs)] if meta.get("cover_values", True) else []
         others = banned_terms(meta, ungiven_values(pairs, meta.get("lexicon") or {})) if avoid and pairs else None
-        prompts.append(Prompt(prompt_ids(tok_json, row, int(meta["max_prompt"])), must, others))
+        plain = ({**row, "aspect": None, "audience": None}
+                 if conditions(row.get("aspect"), row.get("audience")) else None)   # for guidance: no conditions
+        prompts.append(Prompt(prompt_ids(tok_json, row, int(meta["max_prompt"])), must, others,
+                              prompt_ids(tok_json, plain, int(meta["max_prompt"])) if plain else None))
     banned = banned_terms(meta)
     texts = token_texts(tok_json)
     was = model.training
@@ -497,6 +500,9 @@ def api(meta: dict, limits: dict) -> tuple[type[BaseModel], type[BaseModel]]:
         temperature: float = Field(1.0, gt=0.0, le=2.0)
         repetition_penalty: float = Field(1.2, ge=1.0, le=2.0)
         seed: serving.Int = Field(0, ge=0, le=2**31 - 1)
+        guidance: float = Field(1.0, ge=1.0, le=float(limits.get("max_guidance", 4.0)),
+                                description="strength of the aspect/audience conditions (classifier-free guidance): "
+                                            "1 = the model as trained; above 1 costs a second forward pass")
         avoid_ungiven_values: bool | None = Field(
             None, description="mask values of the input's keys that the input does not give (a colour nobody asked "
                               "for); default: the version's setting")
@@ -505,7 +511,7 @@ def api(meta: dict, limits: dict) -> tuple[type[BaseModel], type[BaseModel]]:
 
 
 _REQUEST_SETTINGS = ("n", "strategy", "max_new_tokens", "beam_width", "top_p", "temperature", "repetition_penalty",
-                     "seed")
+                     "seed", "guidance")
 
 
 def serve_batch(model: nn.Module, meta: dict, requests: list[dict], options: dict) -> list[dict | RequestError]:
