@@ -19,7 +19,7 @@ one harness, with the published protocol.
   against distinct-2 between two seeds under the same condition; and, seed-free, between the greedy copies of the
   two aspects (0.5 would mean the condition changes nothing). At each `--guidance` strength (default 1 and 2):
   classifier-free guidance of the conditions, `Settings.guidance`.
-Writes benchmarks/results/copy_gen.json.
+Writes benchmarks/results/copy_gen.json (or --out).
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--root", default=str(ROOT / "benchmarks" / "work" / "copy"))
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0],
                     help="guidance strengths at which the conditions are measured (1 = off)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "copy_gen.json"))
     ap.add_argument("--note", default="nothing else running (flock /tmp/ecomray-heavy.lock)")
     args = ap.parse_args()
     t0 = time.time()
@@ -206,7 +207,7 @@ def main() -> None:
            "sides": rows, "conditions": cond, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                           "gpu": False},
            "concurrent_load": args.note, "wall_s": round(time.time() - t0, 1)}
-    path = ROOT / "benchmarks" / "results" / "copy_gen.json"
+    path = Path(args.out)
     path.write_text(json.dumps(out, indent=2, ensure_ascii=False))
     print(f"wrote {path}")
 
