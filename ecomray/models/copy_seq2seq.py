@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecomray.models.copy_lm import KVCache
+from ecomray.models.copy_lm import Block, KVCache
 
 
 class Seq2SeqCache:
@@ -61,23 +61,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, ff: int, dropout: float) -> None:
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.ff = nn.Sequential(nn.Linear(dim, ff), nn.GELU(), nn.Linear(ff, dim))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, S, D); mask (B, 1, 1, S) additive: every position attends to every real prompt token."""
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(self.ln1(x)).chunk(3, -1))     # (B, H, S, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self.proj(_merge(y)))
-        return x + self.drop(self.ff(self.ln2(x)))
-
-
 class DecoderBlock(nn.Module):
     def __init__(self, dim: int, heads: int, ff: int, dropout: float) -> None:
         super().__init__()
@@ -120,7 +103,9 @@ class CopySeq2Seq(nn.Module):
         self.max_len = max_len
         self.tok = nn.Embedding(vocab_size, dim)
         self.enc_pos, self.dec_pos = nn.Embedding(max_len, dim), nn.Embedding(max_len, dim)
-        self.encoder = nn.ModuleList(EncoderBlock(dim, heads, ff, dropout) for _ in range(enc_layers))
+        # encoder layers: copy_lm's pre-LN block, given the padding mask and no cache (every prompt position
+        # attends to every real prompt token)
+        self.encoder = nn.ModuleList(Block(dim, heads, ff, dropout) for _ in range(enc_layers))
         self.decoder = nn.ModuleList(DecoderBlock(dim, heads, ff, dropout) for _ in range(dec_layers))
         self.enc_ln, self.ln = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
@@ -137,8 +122,8 @@ class CopySeq2Seq(nn.Module):
         x = self.drop(self.tok(src) + self.enc_pos(positions.clamp(max=self.max_len - 1)))   # (B, S, D)
         mask = torch.zeros((B, 1, 1, S), dtype=x.dtype, device=x.device)
         mask.masked_fill_(~src_mask[:, None, None, :], float("-inf"))
-        for block in self.encoder:
-            x = block(x, mask)
+        for n, block in enumerate(self.encoder):
+            x = block(x, mask, None, n)
         return self.enc_ln(x), mask
 
     def decode(self, tgt: torch.Tensor, memory: list[tuple[torch.Tensor, torch.Tensor]], mem_mask: torch.Tensor,
