@@ -2,12 +2,17 @@
 
     python benchmarks/prepare.py                  # ~20M rows (~1.4 GB CSV), generated once under benchmarks/work/
     python benchmarks/prepare.py --rows 200000    # smoke mode
+    python benchmarks/prepare.py --base HEAD~1     # also the prepare of another commit, interleaved (an A/B)
 
 The baseline is `pl.scan_csv(path).sink_parquet(out)`: no validation, no quarantine, no dedup, no sharding, no
 sort, no split. ecomray's prepare does all of those, so it is slower; the question is by how much, and whether its
 memory stays bounded. Each side runs in a fresh subprocess (interleaved, `--repeat` times) so that its peak RSS
 (wait4's ru_maxrss of that child) is its own. Seconds are the work alone, timed inside the child (imports excluded);
 the table quotes medians. Writes benchmarks/results/prepare.json (prepare-<rows>.json for other sizes).
+
+With `--base REF`, a third side runs `ecomray prepare` from a git worktree of REF (its code and its conf/), in the
+same rounds: this VM's speed drifts by 10% and more between runs, so a change is judged against its parent in the
+same run. The two ecomray sides must write the same rows (counts checked).
 """
 
 from __future__ import annotations
@@ -93,16 +98,38 @@ def prepare_config(csv: str, out: str, shards: int, engine: str) -> dict:
     return to_plain(cfg)
 
 
-def side_ecomray(csv: str, out: str, shards: int, engine: str) -> dict:
-    from ecomray.data.prepare import run
+def side_ecomray(csv: str, out: str, shards: int, engine: str, root: str | None = None) -> dict:
+    if root:  # the ecomray of another commit (--base): its package and its conf/
+        global ROOT
+        ROOT = root
+        sys.path.insert(0, root)
+    import ecomray
+    from ecomray.data import prepare as P
 
+    phases: dict[str, float] = {}
+
+    def timed(name: str, fn):  # seconds per phase: pass 1, the split plan, pass 2, the quarantine file
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    if engine == "polars":  # the ray engine runs the passes as tasks in other processes
+        for name, attr in (("pass1_stage", "stage_source"), ("plan", "plan"), ("pass2_shards", "finalize_shard"),
+                           ("quarantine", "_write_quarantine")):
+            setattr(P, attr, timed(name, getattr(P, attr)))
     cfg = prepare_config(csv, out, shards, engine)
     t0 = time.perf_counter()
-    manifest = run(cfg)
+    manifest = P.run(cfg)
     seconds = time.perf_counter() - t0
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     return {"seconds": seconds, "out_bytes": size, "rows_in": manifest["rows_in"], "rows_out": manifest["rows_out"],
-            "rows_quarantined": manifest["rows_quarantined"], "shards": len(manifest["shards"])}
+            "rows_quarantined": manifest["rows_quarantined"], "shards": len(manifest["shards"]),
+            "code": os.path.dirname(os.path.dirname(ecomray.__file__)),
+            "phases_s": {k: round(v, 3) for k, v in phases.items()}}
 
 
 def own_peak_rss_mb() -> float | None:
@@ -120,7 +147,7 @@ def child_main(args: argparse.Namespace) -> None:
     elif args.side == "baseline":
         result = side_baseline(args.csv, args.out)
     else:
-        result = side_ecomray(args.csv, args.out, args.shards, args.engine)
+        result = side_ecomray(args.csv, args.out, args.shards, args.engine, args.root)
     result["own_peak_rss_mb"] = own_peak_rss_mb()
     with open(args.result, "w") as fh:
         json.dump(result, fh)
@@ -134,12 +161,14 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def run_side(side: str, csv: str, scratch: str, shards: int, engine: str) -> dict:
-    out = os.path.join(scratch, "baseline.parquet" if side == "baseline" else "ecomray")
+def run_side(side: str, csv: str, scratch: str, shards: int, engine: str, root: str | None = None) -> dict:
+    out = os.path.join(scratch, "baseline.parquet" if side == "baseline" else side)
     _remove(out)
     result_file = os.path.join(scratch, f"{side}.result.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--csv", csv, "--out", out,
-           "--result", result_file, "--shards", str(shards), "--engine", engine]
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", "baseline" if side == "baseline" else "ecomray",
+           "--csv", csv, "--out", out, "--result", result_file, "--shards", str(shards), "--engine", engine]
+    if root:
+        cmd += ["--root", root]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS, not the driver's
@@ -180,12 +209,14 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--engine", default="polars", choices=["polars", "ray"])
     parser.add_argument("--work", default=os.path.join(HERE, "work"), help="cache for the input and scratch output")
+    parser.add_argument("--base", default=None, help="also run the prepare of this git ref (an A/B in one run)")
     parser.add_argument("--json", default=None, help="results file (default benchmarks/results/prepare[-ROWS].json)")
     # internal: one side in a child process
     parser.add_argument("--side", choices=["generate", "baseline", "ecomray"], help=argparse.SUPPRESS)
     parser.add_argument("--csv", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         child_main(args)
@@ -202,14 +233,36 @@ def main() -> None:
     scratch = os.path.join(work, "scratch")
     os.makedirs(scratch, exist_ok=True)
     warm_page_cache(csv)
+    from scale import others  # what else runs on the machine: load average and the busiest other processes
+
+    beside = {"before": others()}
     runs: dict[str, list[dict]] = {"baseline": [], "ecomray": []}
-    for r in range(args.repeat):
-        for side in runs:
-            print(f"run {r + 1}/{args.repeat}: {side} ...", flush=True)
-            runs[side].append(run_side(side, csv, scratch, args.shards, args.engine))
+    base = None
+    if args.base:
+        sha = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        base = {"side": f"ecomray@{sha}", "ref": args.base, "tree": os.path.join(scratch, f"tree-{sha}")}
+        _remove(base["tree"])
+        subprocess.run(["git", "worktree", "add", "--detach", base["tree"], sha], cwd=ROOT, check=True,
+                       capture_output=True)
+        runs[base["side"]] = []
+    try:
+        for r in range(args.repeat):
+            for side in runs:
+                print(f"run {r + 1}/{args.repeat}: {side} ...", flush=True)
+                root = base["tree"] if base and side == base["side"] else None
+                runs[side].append(run_side(side, csv, scratch, args.shards, args.engine, root))
+    finally:
+        if base:
+            subprocess.run(["git", "worktree", "remove", "--force", base["tree"]], cwd=ROOT, capture_output=True)
+    beside["after"] = others()
     got = runs["ecomray"][0]
     if got["rows_in"] != rows:
         raise SystemExit(f"ecomray prepare read {got['rows_in']:,} rows, the CSV holds {rows:,}")
+    counts = ("rows_in", "rows_out", "rows_quarantined", "shards")
+    if base and any(runs[base["side"]][0][k] != got[k] for k in counts):
+        raise SystemExit(f"{base['side']} and this tree prepared different rows: "
+                         f"{ {k: runs[base['side']][0][k] for k in counts} } vs { {k: got[k] for k in counts} }")
 
     summary = {}
     for side, rs in runs.items():
@@ -218,7 +271,11 @@ def main() -> None:
                          "peak_rss_mb": round(max(x["peak_rss_mb"] for x in rs), 1),
                          "own_peak_rss_mb": round(max(x["own_peak_rss_mb"] or 0.0 for x in rs), 1),
                          "out_mb": round(rs[0]["out_bytes"] / 1e6, 1), "runs_seconds": [round(x["seconds"], 3) for x in rs]}
-    summary["ecomray"].update({k: got[k] for k in ("rows_out", "rows_quarantined", "shards")})
+    for side in runs:
+        if side != "baseline":
+            summary[side].update({k: runs[side][0][k] for k in ("rows_out", "rows_quarantined", "shards", "code")})
+            summary[side]["phases_s_median"] = {k: round(statistics.median(x["phases_s"][k] for x in runs[side]), 3)
+                                                for k in runs[side][0]["phases_s"]}
     ratio = summary["ecomray"]["rows_per_s"] / summary["baseline"]["rows_per_s"]
     rss = summary["ecomray"]["peak_rss_mb"]
     result = {
@@ -227,22 +284,32 @@ def main() -> None:
                                           "invalid": meta["invalid"], "synthetic": SYNTH, "noise": NOISE},
         "engine": args.engine, "shards": args.shards, "repeat": args.repeat, "sides": summary,
         "ratio_ecomray_over_baseline": round(ratio, 3),
+        **({"base": {"ref": base["ref"], "side": base["side"],
+                     "ratio_over_baseline": round(summary[base["side"]]["rows_per_s"] / summary["baseline"]["rows_per_s"], 3),
+                     "speedup_of_this_tree": round(summary[base["side"]]["seconds"] / summary["ecomray"]["seconds"], 3)}}
+           if base else {}),
         "targets": {"ratio_min": TARGET_RATIO, "ratio_aim": AIM_RATIO, "peak_rss_mb_max": TARGET_RSS_MB,
                     "ratio_ok": ratio >= TARGET_RATIO, "rss_ok": rss <= TARGET_RSS_MB},
-        "machine": machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(), "beside": beside, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
     print()
     print(f"prepare benchmark: {rows:,} rows, {meta['bytes'] / 1e6:,.0f} MB CSV, engine {args.engine}, "
           f"{args.shards} shards, median of {args.repeat}, {result['machine']['cpu_count']} CPUs")
-    print(f"  {'side':10s}{'rows':>14s}{'seconds':>10s}{'rows/s':>14s}{'ratio':>8s}{'peak RSS MB':>13s}{'out MB':>9s}")
+    print(f"  {'side':16s}{'rows':>14s}{'seconds':>10s}{'rows/s':>14s}{'ratio':>8s}{'peak RSS MB':>13s}{'out MB':>9s}")
     for side, s in summary.items():
         r = s["rows_per_s"] / summary["baseline"]["rows_per_s"]
-        print(f"  {side:10s}{s['rows']:>14,}{s['seconds']:>10.2f}{s['rows_per_s']:>14,}{r:>8.2f}"
+        print(f"  {side:16s}{s['rows']:>14,}{s['seconds']:>10.2f}{s['rows_per_s']:>14,}{r:>8.2f}"
               f"{s['peak_rss_mb']:>13,.0f}{s['out_mb']:>9,.1f}")
     print(f"  targets: ratio >= {TARGET_RATIO} (aim {AIM_RATIO}): {ratio:.2f} "
           f"{'OK' if ratio >= TARGET_RATIO else 'MISSED'}; peak RSS <= {TARGET_RSS_MB} MB: {rss:,.0f} "
           f"{'OK' if rss <= TARGET_RSS_MB else 'MISSED'}")
+    for side, sm in summary.items():
+        if "phases_s_median" in sm:
+            print(f"  {side} phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in sm["phases_s_median"].items()))
+    if base:
+        print(f"  this tree against {base['side']} ({base['ref']}), same runs: "
+              f"{result['base']['speedup_of_this_tree']:.2f}x faster (same rows written)")
     path = args.json or os.path.join(HERE, "results", "prepare.json" if args.rows == DEFAULT_ROWS
                                      else f"prepare-{args.rows}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -149,6 +149,10 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
     """Typed columns + `reason` (null = good). Raw text of parsed columns is kept as `_raw_<col>` on bad rows.
 
     Missing optional columns are added as nulls; a missing required column is a whole-input error.
+
+    Three steps, so that every value is parsed once however many rules read it (Polars' common-subexpression
+    elimination does not reach inside the nested when/then of the rule chain): parse each column into a
+    temporary `__v_<col>`, compute `reason` from those and the raw text, then select the output columns.
     """
     cols: dict[str, dict[str, Any]] = schema["columns"]
     present = lf.collect_schema()
@@ -156,7 +160,7 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
     if missing:
         raise UserError(f"{source}: required column(s) {missing} missing (found {list(present)}); "
                         f"map them with dataset.columns={{source_name: canonical_name}}")
-    typed, rules, raws = [], [], []
+    parsed, typed, rules, raws = [], [], [], []
     for name, spec in cols.items():
         kind = spec.get("type", "str")
         if name not in present:
@@ -169,8 +173,10 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
             sample = lf.select(pl.col(name)).head(1000).collect().to_series()
             fmt = detect_ts_format(sample) if ts_format == "auto" else ts_format
             layout = detect_fast_layout(sample, fmt)
-        value = _parse(raw, kind, dtype, fmt, layout).alias(name)
-        typed.append(value)
+        tmp = "__v_" + name
+        parsed.append(_parse(raw, kind, dtype, fmt, layout).alias(tmp))
+        value = pl.col(tmp)
+        typed.append(value.alias(name))
         raw_missing = raw.is_null() | (raw.str.len_bytes() == 0) if dtype == pl.Utf8 else raw.is_null()
         if spec.get("required"):
             rules.append((raw_missing, f"missing {name}"))
@@ -186,11 +192,11 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
     reason: Any = pl.col(ADAPTER_REASON).cast(pl.Utf8) if ADAPTER_REASON in present else pl.lit(None, dtype=pl.Utf8)
     for cond, text in reversed(rules):  # first broken rule wins
         reason = pl.when(cond.fill_null(False)).then(pl.lit(text)).otherwise(reason)
-    keep_raw = [pl.col(n).cast(pl.Utf8).alias(RAW_PREFIX + n) for n in raws]
+    bad = pl.col("reason").is_not_null()
+    keep_raw = [pl.when(bad).then(pl.col(n).cast(pl.Utf8)).alias(RAW_PREFIX + n) for n in raws]
     passthrough = [c for c in ("_file", "_row") if c in present]
-    return (lf.select(*passthrough, *keep_raw, *typed, reason.alias("reason"))
-              .with_columns(pl.when(pl.col("reason").is_not_null()).then(pl.col(RAW_PREFIX + n)).alias(RAW_PREFIX + n)
-                            for n in raws))
+    return (lf.with_columns(parsed).with_columns(reason.alias("reason"))
+              .select(*passthrough, *keep_raw, *typed, "reason"))
 
 
 def shard_of(schema: dict[str, Any], shards: int) -> pl.Expr:
