@@ -121,10 +121,12 @@ def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def probabilities(model: nn.Module, x: torch.Tensor, batch_size: int = 65536) -> np.ndarray:
     was = model.training
-    model.eval()
+    if was:  # eval()/train() walk every submodule: skipped when the mode is already right (serving)
+        model.eval()
     device = next(model.parameters()).device
     out = [torch.sigmoid(model(x[lo:lo + batch_size].to(device)).float()).cpu() for lo in range(0, len(x), batch_size)]
-    model.train(was)
+    if was:
+        model.train()
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 

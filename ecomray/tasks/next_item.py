@@ -392,7 +392,8 @@ def predict(model: nn.Module, meta: dict, histories: list[list[str]], k: int = 1
     """Top-k (item id, score) per history of item ids (oldest first); unknown ids are skipped."""
     index = meta.get("_index") or {item: n + 1 for n, item in enumerate(meta["item_ids"])}
     seqs = [np.array([index[i] for i in h if i in index], dtype=np.int64) for h in histories]
-    model.eval()
+    if model.training:  # eval() walks every submodule: ~0.1 ms a call, a fifth of a small model's forward
+        model.eval()
     scores = score_histories(model, seqs, int(meta["max_len"]))
     out = []
     for r, s in enumerate(seqs):
@@ -401,7 +402,7 @@ def predict(model: nn.Module, meta: dict, histories: list[list[str]], k: int = 1
             row = row.clone()
             row[torch.from_numpy(s - 1)] = float("-inf")
         top = torch.topk(row, min(k, len(row)))
-        out.append([(meta["item_ids"][int(i)], float(v)) for v, i in zip(top.values, top.indices)])
+        out.append([(meta["item_ids"][i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())])
     return out
 
 

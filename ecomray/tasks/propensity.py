@@ -106,10 +106,12 @@ def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def probabilities(model: nn.Module, t: dict[str, torch.Tensor]) -> np.ndarray:
     """(B,) purchase probabilities for tensors built by `_tensors` (an ensemble: the mean of its members' sigmoids)."""
     was = model.training
-    model.eval()
+    if was:  # eval()/train() walk every submodule: skipped when the mode is already right (serving)
+        model.eval()
     p = torch.sigmoid(model(t["numeric"], t["categorical"]).float())      # (B,) or (B, K)
     p = (p if p.dim() == 1 else p.mean(1)).numpy()
-    model.train(was)
+    if was:
+        model.train()
     return p
 
 

@@ -307,7 +307,8 @@ def probabilities(model: nn.Module, data: TextData, split: str, batch_size: int 
 @torch.no_grad()
 def _probs_ids(model: nn.Module, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256) -> np.ndarray:
     was = model.training
-    model.eval()
+    if was:  # eval()/train() walk every submodule: skipped when the mode is already right (serving)
+        model.eval()
     order = np.argsort(lengths, kind="stable")
     out = np.zeros((len(ids), 0), dtype=np.float32)
     parts = []
@@ -315,7 +316,8 @@ def _probs_ids(model: nn.Module, ids: np.ndarray, lengths: np.ndarray, batch_siz
         b = order[lo:lo + batch_size]
         L = int(lengths[b].max())
         parts.append((b, torch.softmax(model(torch.from_numpy(ids[b, :L])).float(), -1).numpy()))
-    model.train(was)
+    if was:
+        model.train()
     if parts:
         out = np.zeros((len(ids), parts[0][1].shape[1]), dtype=np.float32)
         for b, p in parts:
