@@ -42,6 +42,11 @@ checks are for comparison):
   - big: batching on / off req/s at c=32 >= 3x, and big's single-row forward >= 10 ms; batching on both as the
     task configures it (max 32, no wait) and with a 10 ms batch wait (`serve.routes.recommend.batching`), meant
     to let a batch fill.
+  - the same two c=1 latency checks, paired: the floor and the app deployed together, driven in alternating rounds
+    (6 x 200 requests each, medians of the round p50s), because a p50 drifts by 1-2 ms between deployments here;
+    and tiny against `torch_echo`, the two-hop echo whose inner deployment runs the same `predict` (no ecomray
+    serving code), with the forward's time as measured inside that replica: what the app's own code adds.
+    `--targets paired` runs only these.
 Also reported: what one hop saves (composed_echo - fastapi_echo, tiny - tiny_inline, p50 at c=1).
 Writes benchmarks/results/serve_load.json.
 """
@@ -317,7 +322,7 @@ def batch_diff(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, 
             "sizes": dict(sorted(sizes.items(), key=lambda kv: int(kv[0])))}
 
 
-def echo_app(kind: str) -> Any:
+def echo_app(kind: str, model: tuple[str, str] | None = None) -> Any:
     """The echo apps: bare (one hop), FastAPI (one hop), FastAPI ingress -> handle -> echo (the app's two hops).
     Same options as the app's deployments (0.1 CPU reserved, max_ongoing_requests 64; the ingress 1024)."""
     from fastapi import FastAPI
@@ -343,8 +348,26 @@ def echo_app(kind: str) -> Any:
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
     class Inner:
+        """An echo; as `torch_echo` it first runs the family's `predict` on the body's history (no ecomray serving
+        code around it) and keeps the forward's own time, as measured inside this replica."""
+
+        def __init__(self, registry_root: str | None = None, name: str | None = None) -> None:
+            self.lm, self.forward_s = None, []
+            if name:
+                from ecomray.inference import load_model
+
+                self.lm = load_model(registry_root, name)
+                self.lm.model.eval()
+
         async def echo(self, body: dict) -> dict:
+            if self.lm is not None:
+                t = time.perf_counter()
+                self.lm.task.predict(self.lm.model, self.lm.meta, [body["history"]], k=int(body.get("k", 10)))
+                self.forward_s.append(time.perf_counter() - t)
             return {"ok": "1"}
+
+        async def forward_ms(self) -> float | None:
+            return statistics.median(self.forward_s) * 1e3 if self.forward_s else None
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1024)
     @serve.ingress(app)
@@ -356,7 +379,11 @@ def echo_app(kind: str) -> Any:
         async def post(self, body: dict) -> dict:
             return await self.inner.echo.remote(body)
 
-    return Outer.bind(Inner.bind())
+        @app.get("/forward_ms")
+        async def forward_ms(self) -> float | None:
+            return await self.inner.forward_ms.remote()
+
+    return Outer.bind(Inner.bind(*(model or ())))
 
 
 def one_mode(mode: str, root: Path, names: dict[str, str], requests: int, limit_s: float,
@@ -419,9 +446,67 @@ def one_mode(mode: str, root: Path, names: dict[str, str], requests: int, limit_
                   flush=True)
         serve.delete(target, _blocking=False)
         time.sleep(3)
+    paired = []
+    for echo_target, model_target in PAIRS:
+        if only and not {echo_target, model_target, "paired"} & only:
+            continue
+        paired.append(drive_pair(echo_target, model_target, base, names, hists, url, client, build_app, app_args))
     serve.shutdown()
     ray.shutdown()
-    return {"mode": mode, "described": described, "rows": rows}
+    return {"mode": mode, "described": described, "rows": rows, "paired": paired}
+
+
+# c=1 latency checks compare two apps measured minutes apart, one at a time: on this VM a p50 moves by 1-2 ms between
+# deployments of the same app (tiny_nometrics against tiny). The paired measurement deploys the floor and the app
+# together and alternates short rounds between them, so drift hits both alike.
+PAIRS = [("composed_echo", "tiny"), ("fastapi_echo", "tiny_inline"), ("torch_echo", "tiny")]
+PAIR_ROUNDS, PAIR_REQUESTS = 6, 200
+
+
+def drive_pair(echo_target: str, model_target: str, base: dict, names: dict, hists: dict, url: str, client: str,
+               build_app: Any, app_args: Any) -> dict[str, Any]:
+    from ray import serve
+
+    apps = {}
+    for target in (echo_target, model_target):
+        what = "composed_echo" if target == "torch_echo" else next(w for t, w, _ in TARGETS if t == target)
+        name = f"pair_{target}"
+        if isinstance(what, str):
+            model = (str(Path(base["paths"]["registry"])), names["tiny"]) if target == "torch_echo" else None
+            serve.run(echo_app(what, model), name=name, route_prefix=f"/{name}")
+            apps[target] = (f"{url}/{name}/", {"history": hists["tiny"], "k": 10})
+        else:
+            tag, batch, inline, extra = what
+            cfg = json.loads(json.dumps(base))
+            cfg["deploy"]["endpoints"] = {"recommend": {"model": names[tag], "inline": inline}}
+            cfg["serve"].update({"log_requests": False, **extra})
+            cfg["serve"]["common"]["ray_actor_options"] = {"num_cpus": 0.1}
+            cfg["serve"]["routes"] = {"recommend": {"batching": {"max_batch_size": batch}, "num_replicas": 1}}
+            serve.run(build_app({"app": app_args(cfg)}), name=name, route_prefix=f"/{name}")
+            apps[target] = (f"{url}/{name}/v1/recommend", {"history": hists[tag], "k": 10})
+    rounds: dict[str, list[float]] = {echo_target: [], model_target: []}
+    for k in range(PAIR_ROUNDS):
+        order = (echo_target, model_target) if k % 2 == 0 else (model_target, echo_target)
+        for target in order:
+            u, body = apps[target]
+            r = asyncio.run(drive(u, body, 1, PAIR_REQUESTS, 15.0, None, client))
+            rounds[target].append(r["p50_ms"])
+    forward_in_replica = None
+    if echo_target == "torch_echo":
+        import httpx
+
+        forward_in_replica = httpx.get(f"{url}/pair_torch_echo/forward_ms", timeout=10).json()
+    for target in apps:
+        serve.delete(f"pair_{target}", _blocking=False)
+    time.sleep(3)
+    out = {"echo": echo_target, "model": model_target, "rounds": PAIR_ROUNDS, "requests_per_round": PAIR_REQUESTS,
+           "p50_ms_per_round": rounds,
+           "median_p50_ms": {t: statistics.median(v) for t, v in rounds.items()},
+           **({"forward_in_replica_ms": forward_in_replica} if forward_in_replica is not None else {})}
+    print(f"  paired c=1, {PAIR_ROUNDS} alternating rounds of {PAIR_REQUESTS}: " + ", ".join(
+        f"{t} p50 {out['median_p50_ms'][t]:.2f} ms (rounds {', '.join(f'{x:.2f}' for x in v)})"
+        for t, v in rounds.items()), flush=True)
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -511,6 +596,21 @@ def main() -> None:
                 "inline_p50_ms": inline["p50_ms"], "one_hop_echo_p50_ms": fecho["p50_ms"],
                 "bound_ms": fecho["p50_ms"] + forward["tiny"]["predict_1_ms"] + 1.0,
                 "met": inline["p50_ms"] <= fecho["p50_ms"] + forward["tiny"]["predict_1_ms"] + 1.0}
+        for pair in m.get("paired") or []:
+            e, t = pair["median_p50_ms"][pair["echo"]], pair["median_p50_ms"][pair["model"]]
+            if pair["echo"] == "torch_echo":   # same topology, same model, no ecomray serving code: what ours adds
+                checks[f"{mode}: paired: tiny p50 at c=1 <= torch_echo p50 + 1 ms (the two-hop echo running the same "
+                       f"predict in its inner deployment), median of {pair['rounds']} alternating rounds"] = {
+                    "model_p50_ms": t, "torch_echo_p50_ms": e, "forward_in_replica_ms": pair.get("forward_in_replica_ms"),
+                    "forward_in_process_ms": forward["tiny"]["predict_1_ms"], "gap_ms": t - e - 1.0,
+                    "met": t <= e + 1.0}
+                continue
+            bound = e + forward["tiny"]["predict_1_ms"] + 1.0
+            hop = "two hops" if pair["echo"] == "composed_echo" else "one hop"
+            checks[f"{mode}: paired: {pair['model']} ({hop}) p50 at c=1 <= {pair['echo']} p50 + forward + 1 ms, "
+                   f"median of {pair['rounds']} alternating rounds"] = {
+                "model_p50_ms": t, "echo_p50_ms": e, "forward_ms": forward["tiny"]["predict_1_ms"],
+                "bound_ms": bound, "gap_ms": t - bound, "met": t <= bound}
         echo32, heavy32 = row(mode, "composed_echo", 32), row(mode, "heavy_on", 32)
         if echo32 and heavy32:
             frac = heavy32["req_per_s"] / echo32["req_per_s"]
