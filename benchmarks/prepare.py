@@ -239,8 +239,11 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"baseline": [], "ecomray": []}
     base = None
     if args.base:
-        sha = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
+        found = subprocess.run(["git", "rev-parse", "--short", "--verify", f"{args.base}^{{commit}}"], cwd=ROOT,
+                               capture_output=True, text=True)
+        if found.returncode != 0:
+            raise SystemExit(f"--base {args.base!r}: not a commit in this repository ({found.stderr.strip()})")
+        sha = found.stdout.strip()
         base = {"side": f"ecomray@{sha}", "ref": args.base, "tree": os.path.join(scratch, f"tree-{sha}")}
         _remove(base["tree"])
         subprocess.run(["git", "worktree", "add", "--detach", base["tree"], sha], cwd=ROOT, check=True,
@@ -309,7 +312,7 @@ def main() -> None:
             print(f"  {side} phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in sm["phases_s_median"].items()))
     if base:
         print(f"  this tree against {base['side']} ({base['ref']}), same runs: "
-              f"{result['base']['speedup_of_this_tree']:.2f}x faster (same rows written)")
+              f"speedup {result['base']['speedup_of_this_tree']:.2f}x (base seconds / this tree's; same rows written)")
     path = args.json or os.path.join(HERE, "results", "prepare.json" if args.rows == DEFAULT_ROWS
                                      else f"prepare-{args.rows}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
