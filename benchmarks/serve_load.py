@@ -394,8 +394,7 @@ def one_mode(mode: str, root: Path, names: dict[str, str], requests: int, limit_
 
     from ecomray.config import compose
     from ecomray.inference import load_model
-    from serve.app import build_app
-    from serve.settings import app_args, apply_env, free_port, throughput_env
+    from serve.settings import apply_env, free_port, throughput_env
 
     env, described = throughput_env({"throughput_optimized": mode == "throughput", "ha_proxy": True})
     apply_env(env)
@@ -414,21 +413,7 @@ def one_mode(mode: str, root: Path, names: dict[str, str], requests: int, limit_
         if (only and target not in only) or (not only and target.startswith("x_")):
             continue
         t_deploy = time.perf_counter()
-        if isinstance(what, str):
-            serve.run(echo_app(what), name=target, route_prefix=f"/{target}")
-            u = f"{url}/{target}" + ("" if what == "echo" else "/")
-            body = None if what == "echo" else {"history": hists["tiny"], "k": 10}
-        else:
-            tag, batch, inline, extra = what
-            cfg = json.loads(json.dumps(base))
-            cfg["deploy"]["endpoints"] = {"recommend": {"model": names[tag], "inline": inline}}
-            cfg["serve"].update({"log_requests": False, **extra})
-            cfg["serve"]["common"]["ray_actor_options"] = {"num_cpus": 0.1}
-            batching = batch if isinstance(batch, dict) else {"max_batch_size": batch}
-            cfg["serve"]["routes"] = {"recommend": {"batching": batching, "num_replicas": 1}}
-            serve.run(build_app({"app": app_args(cfg)}), name=target, route_prefix=f"/{target}")
-            u = f"{url}/{target}/v1/recommend"
-            body = {"history": hists[tag], "k": 10}
+        u, body = deploy(target, what, base, names, hists, url)
         print(f"  deployed {target} in {time.perf_counter() - t_deploy:.1f}s", flush=True)
         models_url = None if isinstance(what, str) else f"{url}/{target}/v1/models"
         for c in levels:
@@ -450,7 +435,7 @@ def one_mode(mode: str, root: Path, names: dict[str, str], requests: int, limit_
     for echo_target, model_target in PAIRS:
         if only and not {echo_target, model_target, "paired"} & only:
             continue
-        paired.append(drive_pair(echo_target, model_target, base, names, hists, url, client, build_app, app_args))
+        paired.append(drive_pair(echo_target, model_target, base, names, hists, url, client))
     serve.shutdown()
     ray.shutdown()
     return {"mode": mode, "described": described, "rows": rows, "paired": paired}
@@ -463,27 +448,39 @@ PAIRS = [("composed_echo", "tiny"), ("fastapi_echo", "tiny_inline"), ("torch_ech
 PAIR_ROUNDS, PAIR_REQUESTS = 6, 200
 
 
-def drive_pair(echo_target: str, model_target: str, base: dict, names: dict, hists: dict, url: str, client: str,
-               build_app: Any, app_args: Any) -> dict[str, Any]:
+def deploy(name: str, what: Any, base: dict, names: dict, hists: dict, url: str,
+           model: tuple[str, str] | None = None) -> tuple[str, dict | None]:
+    """Deploys one target of TARGETS as app `name` (an echo kind, or (tag, batching, inline, extra serve settings) for
+    the ecomray app); returns the URL to drive and the request body."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.settings import app_args
+
+    if isinstance(what, str):
+        serve.run(echo_app(what, model), name=name, route_prefix=f"/{name}")
+        return f"{url}/{name}" + ("" if what == "echo" else "/"), (None if what == "echo" else
+                                                                     {"history": hists["tiny"], "k": 10})
+    tag, batch, inline, extra = what
+    cfg = json.loads(json.dumps(base))
+    cfg["deploy"]["endpoints"] = {"recommend": {"model": names[tag], "inline": inline}}
+    cfg["serve"].update({"log_requests": False, **extra})
+    cfg["serve"]["common"]["ray_actor_options"] = {"num_cpus": 0.1}
+    batching = batch if isinstance(batch, dict) else {"max_batch_size": batch}
+    cfg["serve"]["routes"] = {"recommend": {"batching": batching, "num_replicas": 1}}
+    serve.run(build_app({"app": app_args(cfg)}), name=name, route_prefix=f"/{name}")
+    return f"{url}/{name}/v1/recommend", {"history": hists[tag], "k": 10}
+
+
+def drive_pair(echo_target: str, model_target: str, base: dict, names: dict, hists: dict, url: str,
+               client: str) -> dict[str, Any]:
     from ray import serve
 
     apps = {}
     for target in (echo_target, model_target):
         what = "composed_echo" if target == "torch_echo" else next(w for t, w, _ in TARGETS if t == target)
-        name = f"pair_{target}"
-        if isinstance(what, str):
-            model = (str(Path(base["paths"]["registry"])), names["tiny"]) if target == "torch_echo" else None
-            serve.run(echo_app(what, model), name=name, route_prefix=f"/{name}")
-            apps[target] = (f"{url}/{name}/", {"history": hists["tiny"], "k": 10})
-        else:
-            tag, batch, inline, extra = what
-            cfg = json.loads(json.dumps(base))
-            cfg["deploy"]["endpoints"] = {"recommend": {"model": names[tag], "inline": inline}}
-            cfg["serve"].update({"log_requests": False, **extra})
-            cfg["serve"]["common"]["ray_actor_options"] = {"num_cpus": 0.1}
-            cfg["serve"]["routes"] = {"recommend": {"batching": {"max_batch_size": batch}, "num_replicas": 1}}
-            serve.run(build_app({"app": app_args(cfg)}), name=name, route_prefix=f"/{name}")
-            apps[target] = (f"{url}/{name}/v1/recommend", {"history": hists[tag], "k": 10})
+        model = (str(Path(base["paths"]["registry"])), names["tiny"]) if target == "torch_echo" else None
+        apps[target] = deploy(f"pair_{target}", what, base, names, hists, url, model)
     rounds: dict[str, list[float]] = {echo_target: [], model_target: []}
     for k in range(PAIR_ROUNDS):
         order = (echo_target, model_target) if k % 2 == 0 else (model_target, echo_target)
