@@ -162,6 +162,21 @@ def test_unknown_format_is_a_user_error(tmp_path: Path) -> None:
         prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
 
 
+def test_unknown_engine_is_refused_before_any_work(tmp_path: Path) -> None:
+    src = write(tmp_path / "e.csv", MESSY)
+    with pytest.raises(UserError, match="unknown prepare.engine 'spark'"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.engine=spark"))
+    assert not (tmp_path / "data").exists()  # refused before any folder was made
+
+
+def test_progress_lines_report_each_pass(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = write(tmp_path / "e.csv", MESSY)
+    prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.shards=3"))
+    out = capsys.readouterr().out
+    assert f"validated {src}: 10 rows" in out
+    assert "sorted, split and wrote shards 3/3" in out  # the last shard is always reported
+
+
 def test_stable_shard_hash_is_xxhash64() -> None:
     import xxhash
 

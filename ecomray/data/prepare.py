@@ -297,18 +297,50 @@ def _write_quarantine(stage: str, out: str, schema: dict, sources: list[str]) ->
     return q.height, reasons
 
 
-def _run_engine(engine: str, fn, calls: list[tuple], num_cpus: int | None, dashboard: bool | None = None) -> list[dict]:
-    if engine == "polars":
-        return [fn(*c) for c in calls]
-    if engine != "ray":
+def _run_engine(engine: str, fn, calls: list[tuple], num_cpus: int | None, dashboard: bool | None = None,
+                progress: Any = None) -> list[dict]:
+    """`[fn(*c) for c in calls]`, in a loop (`polars`) or as Ray tasks (`ray`); `progress(done, result)` is called
+    as each call finishes (in completion order under Ray), the results come back in call order."""
+    if engine not in ("polars", "ray"):
         raise UserError(f"unknown prepare.engine {engine!r}: use polars or ray")
+    if engine == "polars":
+        results = []
+        for c in calls:
+            results.append(fn(*c))
+            if progress:
+                progress(len(results), results[-1])
+        return results
     import ray
 
     from ecomray.runtime import init_ray
 
     init_ray(num_cpus=num_cpus, dashboard=dashboard)
     remote = ray.remote(num_cpus=1)(fn)
-    return ray.get([remote.remote(*c) for c in calls])
+    refs = [remote.remote(*c) for c in calls]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        results[index[ready[0]]] = ray.get(ready[0])
+        if progress:
+            progress(len(refs) - len(pending), results[index[ready[0]]])
+    return results
+
+
+class _Progress:
+    """One line per finished unit of work, at most every `every_s` seconds (and always the last), so a 100M-row
+    prepare shows it is moving without printing hundreds of lines."""
+
+    def __init__(self, t0: float, total: int, what: str, every_s: float = 5.0) -> None:
+        self.t0, self.total, self.what, self.every_s = t0, total, what, every_s
+        self.last = time.time()
+
+    def __call__(self, done: int, result: dict) -> None:
+        now = time.time()
+        if done == self.total or now - self.last >= self.every_s:
+            self.last = now
+            log(f"  {self.what} {done}/{self.total} ({now - self.t0:.1f}s)")
 
 
 def _stage_task(i: int, dataset: dict, paths: dict, schema: dict, shards: int, stage: str, ts_format: str) -> dict:
@@ -326,6 +358,8 @@ def run(cfg: dict) -> dict:
     shards, engine, compression = int(opts.get("shards", 8)), opts.get("engine", "polars"), opts.get("compression", "zstd")
     if shards < 1:
         raise UserError(f"prepare.shards must be >= 1 (got {shards})")
+    if engine not in ("polars", "ray"):
+        raise UserError(f"unknown prepare.engine {engine!r}: use polars or ray")
     ts_format = dataset.get("ts_format", "auto")
     final = dataset_dir(cfg)
     if is_uri(final):
@@ -346,7 +380,7 @@ def run(cfg: dict) -> dict:
         if engine == "ray":
             staged = _run_engine(engine, _stage_task, [(i, dataset, paths, schema, shards, stage, ts_format)
                                                       for i in range(len(srcs))], opts.get("ray_num_cpus"),
-                                 opts.get("ray_include_dashboard"))
+                                 opts.get("ray_include_dashboard"), _Progress(t0, len(srcs), "validated sources"))
         else:
             staged = []
             for i, (src, lf) in enumerate(srcs):
@@ -358,8 +392,8 @@ def run(cfg: dict) -> dict:
         decided = plan(stage, schema, dataset.get("split") or {"strategy": "none"}, dataset.get("dedup", "quarantine"), shards)
         calls = [(s, stage, out, schema, dataset.get("split") or {}, decided, dataset.get("dedup", "quarantine"), compression)
                  for s in range(shards)]
-        finished = _run_engine(engine, finalize_shard, calls, opts.get("ray_num_cpus"), opts.get("ray_include_dashboard"))
-        log(f"  sharded {shards} shards ({time.time() - t0:.1f}s)")
+        finished = _run_engine(engine, finalize_shard, calls, opts.get("ray_num_cpus"), opts.get("ray_include_dashboard"),
+                               _Progress(t0, shards, "sorted, split and wrote shards"))
         n_quarantined, reasons = _write_quarantine(stage, out, schema, names)
         rows_out = sum(f["rows"] for f in finished)
         if rows_in != rows_out + n_quarantined:
