@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from ecomray import registry, serving
 from serve import schemas
 from serve.endpoint import ModelDeployment, ModelServer, replica_versions
-from serve.middleware import MODEL_HEADER, Guard, GuardSettings
+from serve.middleware import MODEL_HEADER, OPEN_PATHS, Guard, GuardSettings
 from serve.settings import DEPLOYMENT_KEYS, api_key, app_args, check_bind
 
 logger = logging.getLogger("ray.serve")
@@ -146,6 +146,26 @@ def _unavailable_handler(route: str, why: str) -> Any:
     return handler
 
 
+def _declare_api_key(app: FastAPI) -> None:
+    """The OpenAPI document says every route but the open ones takes `X-API-Key` (the Guard checks it), so
+    Swagger UI's Authorize button sends it with "Try it out"."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+            for path, ops in schema.get("paths", {}).items():
+                if path not in OPEN_PATHS:
+                    for op in ops.values():
+                        op["security"] = [{"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def build_fastapi(ingress: Ingress) -> FastAPI:
     # FastAPIOffline: /docs loads Swagger UI's assets from this server, not a CDN (it works without internet).
     app = FastAPIOffline(title="ecomray", version="1", redoc_url=None,
@@ -153,6 +173,8 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
                              f"POST /v1/{r} ({e.get('model')} {e.get('version', 'unavailable')})"
                              for r, e in ingress.endpoints.items()))
     app.add_middleware(Guard, settings=ingress.guard)
+    if ingress.guard.api_key:
+        _declare_api_key(app)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:

@@ -26,8 +26,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 # Routes that never need the key: a load balancer's health probe carries none and learns nothing from it; the
-# playground page is static HTML (its API calls carry the key the user types in).
-OPEN_PATHS = frozenset({"/healthz", "/playground"})
+# playground page (and `/`, its redirect) and the API reference (Swagger UI, its assets, the OpenAPI document) are
+# static pages a browser opens without custom headers; their API calls carry the key the user types in.
+OPEN_PATHS = frozenset({"/healthz", "/playground", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+OPEN_PREFIXES = ("/static-offline-docs/",)
 MODEL_HEADER = b"x-model-version"
 
 
@@ -121,7 +123,7 @@ class Guard:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         path, root = str(scope.get("path", "")), str(scope.get("root_path", "") or "")
         relative = path[len(root):] if root and path.startswith(root) else path
-        if s.api_key and relative not in OPEN_PATHS:
+        if s.api_key and relative not in OPEN_PATHS and not relative.startswith(OPEN_PREFIXES):
             given = headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(given, s.api_key.encode()):
                 await _json(send, 401, {"detail": "missing or wrong API key: send it in the X-API-Key header"},

@@ -100,6 +100,36 @@ def test_ingress_refuses_non_loopback_without_key(monkeypatch: pytest.MonkeyPatc
     user_cls.__init__(object.__new__(user_cls), {}, settings={"host": "0.0.0.0", "api_key": "k"})
 
 
+def test_with_a_key_the_pages_open_and_the_api_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A browser opens the playground and the API reference without custom headers; everything else needs the
+    key, and the OpenAPI document declares it so Swagger UI's Authorize button sends it."""
+    from serve.app import Ingress, build_fastapi
+
+    monkeypatch.delenv("ECOMRAY_API_KEY", raising=False)
+    user_cls = Ingress.func_or_class.__mro__[1]
+    ingress = object.__new__(user_cls)
+    user_cls.__init__(ingress, {}, settings={"host": "0.0.0.0", "api_key": "k", "endpoints": {
+        "recommend": {"model": "m", "unavailable": "not trained"}}})
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=build_fastapi(ingress))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            for path in ("/", "/playground", "/docs", "/openapi.json", "/healthz",
+                         "/static-offline-docs/swagger-ui.css"):
+                assert (await c.get(path)).status_code != 401, path
+            for path in ("/v1/models", "/v1/examples", "/docs2", "/static-offline-docsx/a"):
+                assert (await c.get(path)).status_code == 401, path
+            assert (await c.post("/v1/recommend", json={})).status_code == 401
+            r = await c.post("/v1/recommend", json={}, headers={"X-API-Key": "k"})
+            assert r.status_code == 503 and "not trained" in r.json()["detail"]
+            spec = (await c.get("/openapi.json")).json()
+            assert spec["components"]["securitySchemes"]["apiKey"] == {"type": "apiKey", "in": "header",
+                                                                       "name": "X-API-Key"}
+            assert spec["paths"]["/v1/recommend"]["post"]["security"] == [{"apiKey": []}]
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Trained tiny models (module-scoped: trained once, in-process).
 
