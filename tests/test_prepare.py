@@ -63,6 +63,53 @@ def test_rules_quarantine_exact_counts(tmp_path: Path) -> None:
     assert sum(s["rows"] for s in m["shards"]) == m["rows_out"]
 
 
+def test_non_finite_floats_are_quarantined(tmp_path: Path) -> None:
+    src = write(tmp_path / "e.csv", "user_id,item_id,event,ts,price\n" + "".join(
+        f"u1,i{n},view,2026-01-0{n + 1},{p}\n" for n, p in enumerate(["1.5", "nan", "inf", "-inf", "1e400", "NaN"])))
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    assert (m["rows_out"], m["reasons"]) == (1, {"non-finite price": 5})
+    q = pl.read_parquet(tmp_path / "data" / "events" / "quarantine.parquet").sort("_row")
+    assert q["price"].to_list() == ["nan", "inf", "-inf", "1e400", "NaN"]  # the raw text, as given
+
+
+# A log line with an unquoted comma inside a value: one field too many. Blank lines are rows of nulls (as Polars reads
+# them), quoted separators and newlines stay inside their value.
+RAGGED = (
+    "user_id,item_id,event,ts,price\n"
+    "u1,i1,view,2026-01-01,1\n"
+    "u1,i2,view,2026-01-02,Blue, large\n"         # 6 fields: malformed
+    "\n"                                          # blank: missing user_id
+    'u2,"i,3",view,2026-01-03,"2"\n'              # a quoted separator: fine
+    'u2,"i\n4",view,2026-01-04,3\n'              # a quoted newline: fine, one record over two lines
+    "u2,i5,view,2026-01-05\n"                     # a missing trailing field: price null, fine (optional)
+    "u3,i6,view,2026-01-06,4,x,y\n"               # 7 fields: malformed
+)
+
+
+@pytest.mark.parametrize("engine", ["polars", "ray"])
+def test_malformed_csv_records_are_quarantined_not_fatal(tmp_path: Path, engine: str) -> None:
+    src = write(tmp_path / "e.csv", RAGGED)
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", f"prepare.engine={engine}",
+                        "prepare.ray_num_cpus=2"))
+    assert (m["rows_in"], m["rows_out"], m["rows_quarantined"]) == (7, 4, 3)
+    q = pl.read_parquet(tmp_path / "data" / "events" / "quarantine.parquet").sort("_row")
+    assert q["_row"].to_list() == [1, 2, 6]
+    assert q["reason"].to_list() == [
+        "malformed CSV record at line 3: 6 fields, expected 5; extra fields [' large']", "missing user_id",
+        "malformed CSV record at line 9: 7 fields, expected 5; extra fields ['x', 'y']"]
+    assert q.row(0, named=True)["price"] == "Blue"  # the record's first fields are kept as well
+    rows = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet").sort("_row")
+    assert rows["item_id"].to_list() == ["i1", "i,3", "i\n4", "i5"] and rows["_row"].to_list() == [0, 3, 4, 5]
+    assert rows["price"].to_list() == [1.0, 2.0, 3.0, None]
+
+
+def test_a_quote_never_closed_names_its_line(tmp_path: Path) -> None:
+    src = write(tmp_path / "e.csv", 'user_id,item_id,event,ts\nu1,i1,view,2026-01-01\nu1,"i2,view,2026-01-02\n'
+                                    "u1,i3,view,2026-01-03\n")
+    with pytest.raises(UserError, match=r"e\.csv: line \d+: .*never closed"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+
+
 def test_timestamps_iso_offsets_and_epoch_are_utc(tmp_path: Path) -> None:
     src = write(tmp_path / "t.csv", "user_id,item_id,event,ts\n"
                 "u,a,view,2026-01-02T10:00:00+08:00\nu,b,view,2026-01-02T02:00:01Z\n"

@@ -15,6 +15,7 @@ planned between the passes from a narrow projection of the staged rows.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -22,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import polars as pl
 
@@ -62,8 +63,12 @@ def _first_bad_utf8_line(path: str) -> int | None:
     return None
 
 
-def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, stage: str, ts_format: str = "auto") -> dict:
-    """Pass 1 for one source: validate and bucket its rows into `stage/src-i/_bucket=b/` (b = -1: quarantine)."""
+def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, stage: str, ts_format: str = "auto",
+                 exact: Callable[[], pl.LazyFrame] | None = None) -> dict:
+    """Pass 1 for one source: validate and bucket its rows into `stage/src-i/_bucket=b/` (b = -1: quarantine).
+
+    `exact`: the adapter's record-by-record reader of this source (`exact_source`), used when Polars' reader
+    refuses the file (a malformed CSV record); it quarantines the malformed records instead of failing the file."""
     out = os.path.join(stage, f"src-{i:05d}")
     try:
         checked = S.validate(_with_position(lf, i), schema, source=src, ts_format=ts_format)
@@ -77,7 +82,13 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
             where = f"line {line}" if line else "somewhere in the file"
             raise UserError(f"{src}: invalid UTF-8 at {where}; ecomray never replaces bytes silently: "
                             f"re-encode the file (for example `iconv -f GBK -t UTF-8`)") from None
-        raise UserError(f"{src}: could not be read: {text.splitlines()[0] if text else type(err).__name__}") from None
+        first = text.splitlines()[0] if text else type(err).__name__
+        if exact is not None:
+            shutil.rmtree(out, ignore_errors=True)             # whatever the failed attempt staged
+            log(f"  {src}: Polars' reader refused it ({first}); reading it again record by record "
+                f"(slower), malformed records go to quarantine")
+            return stage_source(i, src, exact(), schema, shards, stage, ts_format)
+        raise UserError(f"{src}: could not be read: {first}") from None
     counts = _bucket_counts(out)
     return {"source": src, "rows_in": sum(counts.values()), "buckets": counts}
 
@@ -343,10 +354,18 @@ class _Progress:
             log(f"  {self.what} {done}/{self.total} ({now - self.t0:.1f}s)")
 
 
+def _exact_reader(dataset: dict, paths: dict, i: int, stage: str) -> Callable[[], pl.LazyFrame] | None:
+    """The adapter's record-by-record reader of source i (an optional `exact_source`), or None."""
+    adapter = load_adapter(dataset.get("adapter", "files"))
+    if not hasattr(adapter, "exact_source"):
+        return None
+    return functools.partial(adapter.exact_source, dataset, paths, i, os.path.join(stage, "exact"))
+
+
 def _stage_task(i: int, dataset: dict, paths: dict, schema: dict, shards: int, stage: str, ts_format: str) -> dict:
     """Ray-side pass 1: rebuild source i from the adapter (LazyFrames don't travel), then stage it."""
     src, lf = _sources(dataset, paths)[i]
-    return stage_source(i, src, lf, schema, shards, stage, ts_format)
+    return stage_source(i, src, lf, schema, shards, stage, ts_format, _exact_reader(dataset, paths, i, stage))
 
 
 def run(cfg: dict) -> dict:
@@ -384,7 +403,8 @@ def run(cfg: dict) -> dict:
         else:
             staged = []
             for i, (src, lf) in enumerate(srcs):
-                staged.append(stage_source(i, src, lf, schema, shards, stage, ts_format))
+                staged.append(stage_source(i, src, lf, schema, shards, stage, ts_format,
+                                           _exact_reader(dataset, paths, i, stage)))
                 log(f"  validated {src}: {staged[-1]['rows_in']:,} rows ({time.time() - t0:.1f}s)")
         rows_in = sum(s["rows_in"] for s in staged)
         if rows_in == 0:

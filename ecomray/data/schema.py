@@ -24,6 +24,8 @@ from ecomray.runtime import UserError
 TYPES = {"str": pl.Utf8, "int": pl.Int64, "float": pl.Float64, "bool": pl.Boolean, "datetime": pl.Datetime("us", "UTC")}
 RAW_PREFIX = "_raw_"
 ADAPTER_REASON = "_reason"  # optional adapter column: a quarantine reason decided by the adapter
+RECORD_ERROR = "_record_error"  # optional adapter column: the record itself is broken (a malformed CSV record), so
+                                # no rule's verdict on its misaligned fields means anything: this reason wins
 ROW_KEY = "_row_id"  # pseudo key: shard a table by source position
 _TRUE = ["true", "1", "yes", "t", "y"]
 _FALSE = ["false", "0", "no", "f", "n"]
@@ -183,6 +185,8 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
         if kind != "str" and dtype != TYPES[kind]:
             rules.append((~raw_missing & value.is_null(), f"unparseable {name}"))
             raws.append(name)
+        if kind == "float":  # "nan", "inf" and 1e400 parse, but no feature or metric can use them
+            rules.append((value.is_nan() | value.is_infinite(), f"non-finite {name}"))
         if spec.get("allowed") is not None:
             rules.append((value.is_not_null() & ~value.is_in(list(spec["allowed"])), f"unknown {name}"))
         if spec.get("min") is not None:
@@ -192,6 +196,8 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
     reason: Any = pl.col(ADAPTER_REASON).cast(pl.Utf8) if ADAPTER_REASON in present else pl.lit(None, dtype=pl.Utf8)
     for cond, text in reversed(rules):  # first broken rule wins
         reason = pl.when(cond.fill_null(False)).then(pl.lit(text)).otherwise(reason)
+    if RECORD_ERROR in present:
+        reason = pl.coalesce(pl.col(RECORD_ERROR).cast(pl.Utf8), reason)
     bad = pl.col("reason").is_not_null()
     keep_raw = [pl.when(bad).then(pl.col(n).cast(pl.Utf8)).alias(RAW_PREFIX + n) for n in raws]
     passthrough = [c for c in ("_file", "_row") if c in present]

@@ -8,6 +8,9 @@ returning one (source path, LazyFrame) per input file, columns named as the sche
 validation casts them). Adapters may add `_row` (source position, Int64) when the source order is not
 the file's line order; otherwise prepare adds it. An adapter may also add `_reason` (text): a quarantine reason
 it decided itself (the review adapters flag broken encoding, empty texts and texts that leak an evaluation set).
+A `_record_error` (text) marks a record that is itself broken (its fields misaligned): that reason wins over every
+rule. An optional `exact_source(dataset, paths, i, work) -> pl.LazyFrame` re-reads source i when Polars' reader
+refuses it (files: a malformed CSV record), quarantining the broken records instead of failing the file.
 Each source must be cheap to rebuild: the ray engine calls `sources()` again inside the task that processes source i.
 An optional `extra_manifest(dataset, paths) -> dict` adds entries to the manifest.
 

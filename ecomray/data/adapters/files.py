@@ -8,6 +8,7 @@ from typing import Any
 
 import polars as pl
 
+from ecomray.data import schema as S
 from ecomray.data.adapters import dataset_path
 from ecomray.runtime import UserError
 
@@ -54,6 +55,10 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str])
         lf = pl.scan_parquet(path)
     else:
         lf = pl.scan_ndjson(path, infer_schema_length=None)
+    return _canonical_names(lf, columns)
+
+
+def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str]) -> pl.LazyFrame:
     names = lf.collect_schema().names()
     # A BOM that the reader left on the first header, or stray whitespace/CR around names.
     clean = {n: n.lstrip("\ufeff").strip() for n in names if n != n.lstrip("\ufeff").strip()}
@@ -65,22 +70,105 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str])
     return lf
 
 
+def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int = 100_000) -> int:
+    """One CSV, record by record (Python's csv module), to a Parquet file of text columns + `_row` + `_record_error`.
+
+    For a file that Polars' reader refuses because of a malformed record (more fields than the header: an unquoted
+    separator inside a value, say). Each record keeps its position (`_row`, counted as Polars counts: a blank line
+    is a row of nulls); a record with too many fields keeps its first fields in the columns and is quarantined
+    with a reason that names its line and carries the extra fields, so nothing is lost. A quote that is never
+    closed makes every later line ambiguous: that is a whole-file error naming the line. Returns the rows written."""
+    import csv as pycsv
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    quote = csv.get("quote_char", '"')
+    opts: dict[str, Any] = {"delimiter": csv.get("separator", ","), "strict": True}
+    opts.update({"quotechar": quote} if quote else {"quoting": pycsv.QUOTE_NONE})
+    pycsv.field_size_limit(min(sys.maxsize, 2**31 - 1))     # a long review or title is data, not an error
+    rows = 0
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = pycsv.reader(fh, **opts)
+        try:
+            header = next(reader) if csv.get("has_header", True) else None
+            first = None if header is not None else next(reader, [])
+            width = len(header if header is not None else first)
+            names = list(csv.get("new_columns") or header or [f"column_{k + 1}" for k in range(width)])
+            if len(names) != width:
+                raise UserError(f"{path}: dataset.csv.new_columns names {len(names)} columns, the file has {width}")
+            arrow = pa.schema([("_row", pa.int64()), *((n, pa.string()) for n in names), (S.RECORD_ERROR, pa.string())])
+            with pq.ParquetWriter(out, arrow, compression="lz4") as writer:
+                batch: list[list[Any]] = []
+
+                def flush() -> None:
+                    cols = list(zip(*batch))
+                    writer.write_table(pa.table([pa.array(c, type=f.type) for c, f in zip(cols, arrow)], schema=arrow))
+                    batch.clear()
+
+                records = reader if first is None else _chain([first], reader)
+                for fields in records:
+                    reason = None
+                    if len(fields) > width:
+                        reason = (f"malformed CSV record at line {reader.line_num}: {len(fields)} fields, "
+                                  f"expected {width}; extra fields {fields[width:]!r}")
+                    values = [f if f != "" else None for f in fields[:width]] if fields else [None] * width
+                    batch.append([rows, *values, *([None] * (width - len(values))), reason])
+                    rows += 1
+                    if len(batch) >= batch_rows:
+                        flush()
+                if batch:
+                    flush()
+        except pycsv.Error as err:
+            raise UserError(f"{path}: line {reader.line_num}: {err} (a quote opened there is never closed?); "
+                            f"fix the file: every later line would be part of one value") from None
+    return rows
+
+
+def _chain(*parts):
+    for part in parts:
+        yield from part
+
+
+def exact_source(dataset: dict, paths: dict, i: int, work: str) -> pl.LazyFrame:
+    """Source i read again by `read_csv_exactly` into `work` (prepare calls this when Polars' reader refused the
+    file); the same columns as `sources()` gives, plus `_row` and `_record_error`."""
+    path, split = _files(dataset, paths)[i]
+    if file_format(path, dataset.get("format", "auto")) != "csv":
+        raise UserError(f"{path}: only CSV files have an exact fallback reader")
+    os.makedirs(work, exist_ok=True)
+    out = os.path.join(work, f"exact-{i:05d}.parquet")
+    read_csv_exactly(path, dataset.get("csv") or {}, out)
+    return _with_split(_canonical_names(pl.scan_parquet(out), dataset.get("columns") or {}), dataset, split)
+
+
+def _files(dataset: dict, paths: dict) -> list[tuple[str, str | None]]:
+    """(file, its published split or None), one per source, in source order."""
+    splits = dataset.get("splits")
+    if not splits:
+        return [(f, None) for f in list_files(dataset_path(dataset, paths))]
+    root = dataset_path(dataset, paths)
+    out = []
+    for split, rel in splits.items():
+        f = list_files(os.path.join(root, rel))
+        if len(f) != 1:
+            raise UserError(f"dataset.splits.{split}: {rel} must name one file (found {len(f)})")
+        out.append((f[0], str(split)))
+    return out
+
+
+def _with_split(lf: pl.LazyFrame, dataset: dict, split: str | None) -> pl.LazyFrame:
+    if split is None:
+        return lf
+    return lf.with_columns(pl.lit(split).alias((dataset.get("split") or {}).get("column", "split")))
+
+
 def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
     """One source per input file. With `dataset.splits: {train: <file>, val: <file>, test: <file>}` (files
     relative to `dataset.path`), a published split kept in separate files, each row gets its file's split in the
     `split` column (`split: given`)."""
     fmt = dataset.get("format", "auto")
     csv, columns = dataset.get("csv") or {}, dataset.get("columns") or {}
-    splits = dataset.get("splits")
-    if not splits:
-        return [(f, scan_file(f, file_format(f, fmt), csv, columns)) for f in list_files(dataset_path(dataset, paths))]
-    root = dataset_path(dataset, paths)
-    column = (dataset.get("split") or {}).get("column", "split")
-    out = []
-    for split, rel in splits.items():
-        f = list_files(os.path.join(root, rel))
-        if len(f) != 1:
-            raise UserError(f"dataset.splits.{split}: {rel} must name one file (found {len(f)})")
-        out.append((f[0], scan_file(f[0], file_format(f[0], fmt), csv, columns).with_columns(
-            pl.lit(str(split)).alias(column))))
-    return out
+    return [(f, _with_split(scan_file(f, file_format(f, fmt), csv, columns), dataset, split))
+            for f, split in _files(dataset, paths)]
