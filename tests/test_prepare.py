@@ -94,13 +94,34 @@ def test_malformed_csv_records_are_quarantined_not_fatal(tmp_path: Path, engine:
     assert (m["rows_in"], m["rows_out"], m["rows_quarantined"]) == (7, 4, 3)
     q = pl.read_parquet(tmp_path / "data" / "events" / "quarantine.parquet").sort("_row")
     assert q["_row"].to_list() == [1, 2, 6]
-    assert q["reason"].to_list() == [
-        "malformed CSV record at line 3: 6 fields, expected 5; extra fields [' large']", "missing user_id",
-        "malformed CSV record at line 9: 7 fields, expected 5; extra fields ['x', 'y']"]
-    assert q.row(0, named=True)["price"] == "Blue"  # the record's first fields are kept as well
+    assert q["reason"].to_list() == ["malformed CSV record at line 3: 6 fields, expected 5", "missing user_id",
+                                     "malformed CSV record at line 9: 7 fields, expected 5"]
+    # nothing is lost: the record's text, and its first fields in the columns
+    assert q["_record_text"].to_list() == ["u1,i2,view,2026-01-02,Blue, large", None, "u3,i6,view,2026-01-06,4,x,y"]
+    assert q.row(0, named=True)["price"] == "Blue"
     rows = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet").sort("_row")
     assert rows["item_id"].to_list() == ["i1", "i,3", "i\n4", "i5"] and rows["_row"].to_list() == [0, 3, 4, 5]
     assert rows["price"].to_list() == [1.0, 2.0, 3.0, None]
+
+
+def test_malformed_json_lines_are_quarantined_with_their_line(tmp_path: Path) -> None:
+    src = write(tmp_path / "e.jsonl", "\n".join([
+        '{"user_id": "u1", "item_id": "i1", "event": "view", "ts": "2026-01-01", "price": 1.5}',
+        '{"user_id": "u1", "item_id": "i2", "event": "view", "ts": "2026-01-02"',      # not closed
+        "",                                                                               # blank: skipped
+        "[1, 2]",                                                                         # not an object
+        '{"user_id": "u2", "item_id": 3, "event": "view", "ts": 1767225600, "extra": {"a": 1}}',
+        '{"user_id": "u2", "item_id": "i4", "event": "view", "ts": "2026-01-04", "price": 1e400}']) + "\n")
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    assert (m["rows_in"], m["rows_out"], m["rows_quarantined"]) == (5, 2, 3)
+    q = pl.read_parquet(tmp_path / "data" / "events" / "quarantine.parquet").sort("_row")
+    assert q["reason"].to_list()[0].startswith("line 2: malformed JSON")
+    assert q["reason"].to_list()[1:] == ["line 4: a JSON list, not an object", "non-finite price"]
+    assert q["_record_text"].to_list()[:2] == ['{"user_id": "u1", "item_id": "i2", "event": "view", "ts": "2026-01-02"',
+                                               "[1, 2]"]
+    rows = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet").sort("_row")
+    assert rows["item_id"].to_list() == ["i1", "3"] and rows["price"].to_list() == [1.5, None]
+    assert rows["ts"].to_list()[1].isoformat() == "2026-01-01T00:00:00+00:00"       # epoch seconds, as text
 
 
 def test_a_quote_never_closed_names_its_line(tmp_path: Path) -> None:

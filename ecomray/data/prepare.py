@@ -68,7 +68,8 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
     """Pass 1 for one source: validate and bucket its rows into `stage/src-i/_bucket=b/` (b = -1: quarantine).
 
     `exact`: the adapter's record-by-record reader of this source (`exact_source`), used when Polars' reader
-    refuses the file (a malformed CSV record); it quarantines the malformed records instead of failing the file."""
+    refuses the file (a malformed CSV record or JSON line); it quarantines the malformed records instead of failing
+    the file, or gives None (no such reader for this source: the error stands)."""
     out = os.path.join(stage, f"src-{i:05d}")
     try:
         checked = S.validate(_with_position(lf, i), schema, source=src, ts_format=ts_format)
@@ -83,11 +84,12 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
             raise UserError(f"{src}: invalid UTF-8 at {where}; ecomray never replaces bytes silently: "
                             f"re-encode the file (for example `iconv -f GBK -t UTF-8`)") from None
         first = text.splitlines()[0] if text else type(err).__name__
-        if exact is not None:
+        redo = exact() if exact is not None else None
+        if redo is not None:
             shutil.rmtree(out, ignore_errors=True)             # whatever the failed attempt staged
-            log(f"  {src}: Polars' reader refused it ({first}); reading it again record by record "
+            log(f"  {src}: Polars' reader refused it ({first}); read it again record by record "
                 f"(slower), malformed records go to quarantine")
-            return stage_source(i, src, exact(), schema, shards, stage, ts_format)
+            return stage_source(i, src, redo, schema, shards, stage, ts_format)
         raise UserError(f"{src}: could not be read: {first}") from None
     counts = _bucket_counts(out)
     return {"source": src, "rows_in": sum(counts.values()), "buckets": counts}
@@ -219,13 +221,15 @@ def _sorted(df: pl.DataFrame, schema: dict) -> pl.DataFrame:
 
 
 def _as_text(df: pl.DataFrame, schema: dict) -> pl.DataFrame:
-    """Quarantine rows with every data column as text: the raw value where it failed to parse."""
+    """Quarantine rows with every data column as text: the raw value where it failed to parse; and
+    `_record_text`, a broken record's source text (null for the others)."""
     cols = []
     for name in schema["columns"]:
         raw = S.RAW_PREFIX + name
         text = pl.col(name).cast(pl.Utf8)
         cols.append((pl.coalesce(pl.col(raw), text) if raw in df.columns else text).alias(name))
-    return df.select("_file", "_row", *cols, pl.col("reason"))
+    record = pl.col(S.RECORD_TEXT) if S.RECORD_TEXT in df.columns else pl.lit(None, dtype=pl.Utf8).alias(S.RECORD_TEXT)
+    return df.select("_file", "_row", *cols, pl.col("reason"), record)
 
 
 def _first_distinct(df: pl.DataFrame, cols: list[str], prefix: list[str]) -> pl.Series:
@@ -290,8 +294,8 @@ def finalize_shard(s: int, stage: str, out: str, schema: dict, split: dict, deci
 def _write_quarantine(stage: str, out: str, schema: dict, sources: list[str]) -> tuple[int, dict[str, int]]:
     parts = []
     bad = _bucket_files(stage, QUARANTINE_BUCKET)
-    if bad:
-        parts.append(_as_text(pl.read_parquet(bad, missing_columns="insert"), schema))
+    if bad:  # file by file: sources differ in their raw-text columns (a typed Parquet source has none)
+        parts.append(_as_text(pl.concat([pl.read_parquet(f) for f in bad], how="diagonal_relaxed"), schema))
     dups = sorted(glob.glob(os.path.join(stage, "dups-*.parquet")))
     if dups:
         parts.append(pl.read_parquet(dups))
@@ -300,7 +304,7 @@ def _write_quarantine(stage: str, out: str, schema: dict, sources: list[str]) ->
         q = pl.concat(parts, how="vertical").sort("_file", "_row")
     else:
         q = pl.DataFrame(schema={"_file": pl.Int32, "_row": pl.Int64, **{c: pl.Utf8 for c in schema["columns"]},
-                                 "reason": pl.Utf8})
+                                 "reason": pl.Utf8, S.RECORD_TEXT: pl.Utf8})
     q = q.with_columns(source=pl.col("_file").replace_strict(dict(enumerate(sources)), return_dtype=pl.Utf8)
                        if q.height else pl.lit(None, dtype=pl.Utf8))
     q.write_parquet(path, compression="zstd")

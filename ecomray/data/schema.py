@@ -26,6 +26,7 @@ RAW_PREFIX = "_raw_"
 ADAPTER_REASON = "_reason"  # optional adapter column: a quarantine reason decided by the adapter
 RECORD_ERROR = "_record_error"  # optional adapter column: the record itself is broken (a malformed CSV record), so
                                 # no rule's verdict on its misaligned fields means anything: this reason wins
+RECORD_TEXT = "_record_text"    # optional adapter column: a broken record's source text, kept in the quarantine
 ROW_KEY = "_row_id"  # pseudo key: shard a table by source position
 _TRUE = ["true", "1", "yes", "t", "y"]
 _FALSE = ["false", "0", "no", "f", "n"]
@@ -200,6 +201,8 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
         reason = pl.coalesce(pl.col(RECORD_ERROR).cast(pl.Utf8), reason)
     bad = pl.col("reason").is_not_null()
     keep_raw = [pl.when(bad).then(pl.col(n).cast(pl.Utf8)).alias(RAW_PREFIX + n) for n in raws]
+    if RECORD_TEXT in present:
+        keep_raw.append(pl.when(bad).then(pl.col(RECORD_TEXT).cast(pl.Utf8)).alias(RECORD_TEXT))
     passthrough = [c for c in ("_file", "_row") if c in present]
     return (lf.with_columns(parsed).with_columns(reason.alias("reason"))
               .select(*passthrough, *keep_raw, *typed, "reason"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import itertools
+import json
 import os
 from typing import Any
 
@@ -55,7 +57,10 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str])
         lf = pl.scan_parquet(path)
     else:
         lf = pl.scan_ndjson(path, infer_schema_length=None)
-    return _canonical_names(lf, columns)
+    try:
+        return _canonical_names(lf, columns)
+    except pl.exceptions.PolarsError:  # JSONL schema inference reads every line: a broken one fails here. Stay
+        return lf                      # lazy: prepare meets the error again and reads the file with exact_source
 
 
 def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str]) -> pl.LazyFrame:
@@ -71,24 +76,29 @@ def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str]) -> pl.LazyFrame:
 
 
 def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int = 100_000) -> int:
-    """One CSV, record by record (Python's csv module), to a Parquet file of text columns + `_row` + `_record_error`.
+    """One CSV, record by record (Python's csv module), to a Parquet file of text columns + `_row` +
+    `_record_error` + `_record_text`.
 
     For a file that Polars' reader refuses because of a malformed record (more fields than the header: an unquoted
     separator inside a value, say). Each record keeps its position (`_row`, counted as Polars counts: a blank line
     is a row of nulls); a record with too many fields keeps its first fields in the columns and is quarantined
-    with a reason that names its line and carries the extra fields, so nothing is lost. A quote that is never
-    closed makes every later line ambiguous: that is a whole-file error naming the line. Returns the rows written."""
+    with a reason that names its line, and its whole text (re-quoted) in `_record_text`, so nothing is lost. A quote
+    that is never closed makes every later line ambiguous: that is a whole-file error naming the line. Returns the
+    rows written."""
     import csv as pycsv
+    import io
     import sys
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     quote = csv.get("quote_char", '"')
     opts: dict[str, Any] = {"delimiter": csv.get("separator", ","), "strict": True}
     opts.update({"quotechar": quote} if quote else {"quoting": pycsv.QUOTE_NONE})
     pycsv.field_size_limit(min(sys.maxsize, 2**31 - 1))     # a long review or title is data, not an error
-    rows = 0
+
+    def as_text(fields: list[str]) -> str:
+        buf = io.StringIO()
+        pycsv.writer(buf, delimiter=opts["delimiter"], lineterminator="").writerow(fields)  # re-quoted as needed
+        return buf.getvalue()
+
     with open(path, newline="", encoding="utf-8") as fh:
         reader = pycsv.reader(fh, **opts)
         try:
@@ -98,48 +108,106 @@ def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int =
             names = list(csv.get("new_columns") or header or [f"column_{k + 1}" for k in range(width)])
             if len(names) != width:
                 raise UserError(f"{path}: dataset.csv.new_columns names {len(names)} columns, the file has {width}")
-            arrow = pa.schema([("_row", pa.int64()), *((n, pa.string()) for n in names), (S.RECORD_ERROR, pa.string())])
-            with pq.ParquetWriter(out, arrow, compression="lz4") as writer:
-                batch: list[list[Any]] = []
 
-                def flush() -> None:
-                    cols = list(zip(*batch))
-                    writer.write_table(pa.table([pa.array(c, type=f.type) for c, f in zip(cols, arrow)], schema=arrow))
-                    batch.clear()
+            def records():
+                for fields in (reader if first is None else itertools.chain([first], reader)):
+                    if len(fields) <= width:
+                        values = [f if f != "" else None for f in fields] if fields else []
+                        yield [*values, *([None] * (width - len(values))), None, None]
+                    else:
+                        yield [*fields[:width], f"malformed CSV record at line {reader.line_num}: {len(fields)} "
+                               f"fields, expected {width}", as_text(fields)]
 
-                records = reader if first is None else _chain([first], reader)
-                for fields in records:
-                    reason = None
-                    if len(fields) > width:
-                        reason = (f"malformed CSV record at line {reader.line_num}: {len(fields)} fields, "
-                                  f"expected {width}; extra fields {fields[width:]!r}")
-                    values = [f if f != "" else None for f in fields[:width]] if fields else [None] * width
-                    batch.append([rows, *values, *([None] * (width - len(values))), reason])
-                    rows += 1
-                    if len(batch) >= batch_rows:
-                        flush()
-                if batch:
-                    flush()
+            return _write_text_rows(out, names, records(), batch_rows)
         except pycsv.Error as err:
             raise UserError(f"{path}: line {reader.line_num}: {err} (a quote opened there is never closed?); "
                             f"fix the file: every later line would be part of one value") from None
+
+
+def read_jsonl_exactly(path: str, out: str, batch_rows: int = 100_000) -> int:
+    """One JSONL file, line by line (Python's json), to the same layout as `read_csv_exactly`: for a file that
+    Polars' reader refuses (a line that is not valid JSON: Polars names no line). Blank lines are skipped, as Polars
+    does; a line that is not a JSON object is quarantined with its line number and its text. Values become text
+    (numbers and booleans in their JSON spelling, nested values as JSON): validation parses them."""
+    def lines():
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, start=1):
+                if line.strip():
+                    yield n, line.rstrip("\r\n")
+
+    def parse(line: str) -> tuple[dict | None, str | None]:
+        try:
+            value = json.loads(line)
+        except ValueError as err:
+            return None, f"malformed JSON: {err}"
+        return (value, None) if isinstance(value, dict) else (None, f"a JSON {type(value).__name__}, not an object")
+
+    names: dict[str, None] = {}
+    for _, line in lines():                       # pass 1: the columns, in first-seen order (Polars reads them all)
+        value, _ = parse(line)
+        names.update(dict.fromkeys(value or {}))
+
+    def text(v: Any) -> str | None:
+        return v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)
+
+    def records():
+        for n, line in lines():
+            value, error = parse(line)
+            if value is None:
+                yield [*([None] * len(names)), f"line {n}: {error}", line]
+            else:
+                yield [*(text(value.get(k)) for k in names), None, None]
+
+    return _write_text_rows(out, list(names), records(), batch_rows)
+
+
+def _write_text_rows(out: str, names: list[str], records, batch_rows: int) -> int:
+    """Rows of [*text values, record error, record text] -> Parquet with `_row` (their position) first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.schema([("_row", pa.int64()), *((n, pa.string()) for n in names),
+                       (S.RECORD_ERROR, pa.string()), (S.RECORD_TEXT, pa.string())])
+    rows = 0
+    with pq.ParquetWriter(out, arrow, compression="lz4") as writer:
+        for batch in _batched(records, batch_rows):
+            cols = list(zip(*batch))
+            arrays = [pa.array(range(rows, rows + len(batch)), type=pa.int64())]
+            arrays += [pa.array(c, type=pa.string()) for c in cols]
+            writer.write_table(pa.table(arrays, schema=arrow))
+            rows += len(batch)
     return rows
 
 
-def _chain(*parts):
-    for part in parts:
-        yield from part
+def _batched(items, n: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
-def exact_source(dataset: dict, paths: dict, i: int, work: str) -> pl.LazyFrame:
-    """Source i read again by `read_csv_exactly` into `work` (prepare calls this when Polars' reader refused the
-    file); the same columns as `sources()` gives, plus `_row` and `_record_error`."""
+def exact_source(dataset: dict, paths: dict, i: int, work: str) -> pl.LazyFrame | None:
+    """Source i read again record by record into `work` (prepare calls this when Polars' reader refused the file):
+    the same columns as `sources()` gives, plus `_row`, `_record_error` and `_record_text`. None for Parquet: a
+    Parquet file Polars cannot read is not a matter of one record."""
     path, split = _files(dataset, paths)[i]
-    if file_format(path, dataset.get("format", "auto")) != "csv":
-        raise UserError(f"{path}: only CSV files have an exact fallback reader")
+    fmt = file_format(path, dataset.get("format", "auto"))
+    if fmt == "parquet":
+        return None
     os.makedirs(work, exist_ok=True)
     out = os.path.join(work, f"exact-{i:05d}.parquet")
-    read_csv_exactly(path, dataset.get("csv") or {}, out)
+    try:
+        if fmt == "csv":
+            read_csv_exactly(path, dataset.get("csv") or {}, out)
+        else:
+            read_jsonl_exactly(path, out)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: invalid UTF-8 (byte {err.start} of a line); ecomray never replaces bytes "
+                        f"silently: re-encode the file") from None
     return _with_split(_canonical_names(pl.scan_parquet(out), dataset.get("columns") or {}), dataset, split)
 
 
