@@ -124,6 +124,23 @@ def test_malformed_json_lines_are_quarantined_with_their_line(tmp_path: Path) ->
     assert rows["ts"].to_list()[1].isoformat() == "2026-01-01T00:00:00+00:00"       # epoch seconds, as text
 
 
+def test_quarantine_of_a_folder_mixing_typed_parquet_and_csv(tmp_path: Path) -> None:
+    """A typed Parquet source has no raw-text columns, a CSV source has them: their quarantined rows still meet
+    in one file (the quarantine used to take the first file's columns and fail on the second's)."""
+    import datetime as dt
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pl.DataFrame({"user_id": ["u2", "u2"], "item_id": ["i1", "i2"], "event": ["view", "bogus"],
+                  "ts": [dt.datetime(2026, 1, 1), dt.datetime(2026, 1, 2)], "price": [1.0, 2.0]}
+                 ).write_parquet(folder / "a.parquet")
+    write(folder / "b.csv", "user_id,item_id,event,ts,price\nu1,i1,view,2026-01-01,1\nu1,i2,view,2026-01-02,abc\n")
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={folder}"))
+    assert m["reasons"] == {"unknown event": 1, "unparseable price": 1}
+    q = pl.read_parquet(tmp_path / "data" / "events" / "quarantine.parquet").sort("_file")
+    assert q["price"].to_list() == ["2.0", "abc"]
+
+
 def test_a_quote_never_closed_names_its_line(tmp_path: Path) -> None:
     src = write(tmp_path / "e.csv", 'user_id,item_id,event,ts\nu1,i1,view,2026-01-01\nu1,"i2,view,2026-01-02\n'
                                     "u1,i3,view,2026-01-03\n")
