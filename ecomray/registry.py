@@ -4,7 +4,7 @@ A version folder holds `model.pt` (a state dict; load with weights_only=True), t
 `metrics.json`, `meta.json` (everything needed to rebuild and serve the model: `model_kwargs`, vocabularies,
 feature statistics, example requests), `lineage.json` (data manifest hash, git commit, package versions, seed,
 the dataset's licence note and research-only flag) and `version.json` (the registry format, the task and its key
-metrics). Versions are written to a temporary folder and renamed into place, so concurrent writers (Tune trials)
+metrics, the size and sha256 of `model.pt`, checked when the weights are loaded). Versions are written to a temporary folder and renamed into place, so concurrent writers (Tune trials)
 never see or make half a version. `aliases.json` maps alias -> version (e.g. best, prod);
 `aliases_history.jsonl` records every move (`rollback`).
 
@@ -15,8 +15,10 @@ line naming the command that upgrades it in place: `python -m jobs.registry migr
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import pickle
 import re
 import subprocess
 import tempfile
@@ -92,8 +94,9 @@ def register(root: str, name: str, state_dict: dict, cfg: dict, metrics: dict, m
     torch.save(state_dict, os.path.join(tmp, "model.pt"))
     with open(os.path.join(tmp, "config.yaml"), "w") as fh:
         yaml.safe_dump(cfg, fh, sort_keys=False)
+    info = {**(info or version_info(cfg)), "weights": weights_checksum(tmp)}
     for fname, obj in (("metrics.json", metrics), ("meta.json", meta), ("lineage.json", {**lin, **(extra or {})}),
-                       ("version.json", info or version_info(cfg))):
+                       ("version.json", info)):
         with open(os.path.join(tmp, fname), "w") as fh:
             json.dump(obj, fh, indent=2, default=str)
     while True:  # claim the next free number; rename fails if another writer took it first
@@ -252,26 +255,59 @@ def check_format(root: str, name: str, version: str) -> dict[str, Any]:
     return info
 
 
+def weights_checksum(path: str) -> dict[str, Any]:
+    """{"file", "bytes", "sha256"} of a version folder's model.pt, kept in its version.json."""
+    digest, size = hashlib.sha256(), 0
+    with open(os.path.join(path, "model.pt"), "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"file": "model.pt", "bytes": size, "sha256": digest.hexdigest()}
+
+
 def load(root: str, name: str, ref: str | None = None, state: bool = True) -> dict[str, Any]:
     """{"version", "path", "state_dict", "config", "metrics", "meta", "lineage", "info"} of a version
-    (`state=False` skips the weights)."""
+    (`state=False` skips the weights). A file that is missing, unreadable or (the weights) not what was registered
+    is a UserError naming the version and the file, never a library traceback."""
     version = resolve(root, name, ref)
     path = _safe(root, name, version)
     info = check_format(root, name, version)
     out: dict[str, Any] = {"name": name, "version": version, "path": path, "info": info, "state_dict": None}
-    if state:
-        out["state_dict"] = torch.load(os.path.join(path, "model.pt"), weights_only=True, map_location="cpu")
-    with open(os.path.join(path, "config.yaml")) as fh:
-        out["config"] = yaml.safe_load(fh)
-    for key in ("metrics", "meta", "lineage"):
-        with open(os.path.join(path, f"{key}.json")) as fh:
-            out[key] = json.load(fh)
+
+    def damaged(fname: str, why: str) -> UserError:
+        return UserError(f"registry {name} {version}: {fname} {why}; the version is damaged: serve or promote "
+                         f"another version, or register this model again ({path})")
+
+    try:
+        if state:
+            expected = info.get("weights") or {}
+            if expected.get("sha256"):  # versions registered before checksums have none to compare
+                found = weights_checksum(path)
+                if found["sha256"] != expected["sha256"]:
+                    raise damaged("model.pt", f"does not match its registered checksum ({found['bytes']:,} bytes, "
+                                              f"registered {expected.get('bytes', 0):,})")
+            try:
+                out["state_dict"] = torch.load(os.path.join(path, "model.pt"), weights_only=True, map_location="cpu")
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+                raise damaged("model.pt", f"cannot be read ({str(err).splitlines()[0][:200]})") from None
+        fname = "config.yaml"
+        with open(os.path.join(path, fname)) as fh:
+            out["config"] = yaml.safe_load(fh)
+        for key in ("metrics", "meta", "lineage"):
+            fname = f"{key}.json"
+            with open(os.path.join(path, fname)) as fh:
+                out[key] = json.load(fh)
+    except FileNotFoundError as err:
+        raise damaged(os.path.basename(str(err.filename)), "is missing") from None
+    except (ValueError, yaml.YAMLError) as err:
+        raise damaged(fname, f"cannot be parsed ({str(err).splitlines()[0][:200]})") from None
     return out
 
 
 def rewrite_meta(root: str, name: str, version: str, meta: dict, info: dict) -> None:
     """The one in-place change a version may see: `jobs.registry migrate` upgrading its format (atomic writes)."""
     path = _safe(root, name, version)
+    info = {**info, "weights": read_info(root, name, version).get("weights") or weights_checksum(path)}
     _write_atomic(os.path.join(path, "meta.json"), json.dumps(meta, indent=2, default=str))
     _write_atomic(os.path.join(path, "version.json"), json.dumps(info, indent=2))
 

@@ -174,6 +174,35 @@ def test_format_1_versions_fail_with_the_migrate_command_then_migrate(tmp_path: 
     assert main(["--registry", root, "migrate"]) == []            # nothing left to do
 
 
+def test_a_damaged_version_is_one_clear_error(tmp_path: Path) -> None:
+    """Weights changed or cut after registration (a partial copy, a disk error), or a metadata file that no longer
+    parses: loading names the model, the version and the file, never a torch or JSON traceback."""
+    root = str(tmp_path / "registry")
+    v = _register(root)
+    folder = Path(root) / "m" / v
+    info = json.loads((folder / "version.json").read_text())
+    assert info["weights"]["sha256"] and info["weights"]["bytes"] == (folder / "model.pt").stat().st_size
+    assert registry.load(root, "m")["state_dict"]["w"].tolist() == [1.0, 1.0]
+    assert registry.load(root, "m", state=False)["state_dict"] is None
+
+    good = (folder / "model.pt").read_bytes()
+    (folder / "model.pt").write_bytes(good[:100])
+    with pytest.raises(UserError, match=rf"registry m {v}: model.pt does not match its registered checksum"):
+        registry.load(root, "m")
+    registry.load(root, "m", state=False)          # metadata alone still loads (GET /v1/models, registry list)
+    del info["weights"]                            # a version registered before checksums: torch's error, reworded
+    (folder / "version.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match=rf"registry m {v}: model.pt cannot be read"):
+        registry.load(root, "m")
+    (folder / "model.pt").write_bytes(good)
+    (folder / "meta.json").write_text("{broken")
+    with pytest.raises(UserError, match=rf"registry m {v}: meta.json cannot be parsed"):
+        registry.load(root, "m")
+    (folder / "meta.json").unlink()
+    with pytest.raises(UserError, match=rf"registry m {v}: meta.json is missing"):
+        registry.load(root, "m")
+
+
 def test_gc_keeps_aliased_served_and_newest_versions(tmp_path: Path) -> None:
     from jobs.registry import main
 
