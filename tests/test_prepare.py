@@ -292,6 +292,28 @@ def test_manifest_contents(tmp_path: Path) -> None:
     assert m["sources"] == [{"path": src, "rows": 10}]
 
 
+def test_a_damaged_shard_set_is_one_clear_error(tmp_path: Path) -> None:
+    """Readers check the manifest's shard list against the disk (a deleted or cut file, a partial copy) and say
+    which files and the command that prepares the dataset again, before any Parquet error."""
+    from ecomray.data import shards
+
+    src = write(tmp_path / "e.csv", MESSY)
+    cfg = cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.shards=2")
+    m = prepare(cfg)
+    folder = shards.dataset_dir(cfg)
+    assert [s["bytes"] for s in m["shards"]] == [os.path.getsize(f) for f in shards.shard_files(folder)]
+    first, second = map(Path, shards.shard_files(folder))
+    first.write_bytes(first.read_bytes()[:-10])
+    second.unlink()
+    with pytest.raises(UserError, match=r"not as prepared: shards/part-00000.parquet \([\d,]+ bytes, prepared "
+                                        r"[\d,]+\), shards/part-00001.parquet \(missing\); .*jobs.prepare "
+                                        r"dataset=events"):
+        shards.scan(cfg)
+    (Path(folder) / "manifest.json").write_text("{")
+    with pytest.raises(UserError, match=r"manifest.json is damaged .*jobs.prepare dataset=events.* overwrite=true"):
+        shards.scan(cfg)
+
+
 def test_console_script_runs_the_same_job(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -3,6 +3,7 @@ evaluate -> predict, and the baselines in the same harness."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -224,7 +225,9 @@ def test_tiny_trains_registers_and_evaluate_reproduces_it(tiny_trained) -> None:
                                           "version.json"]
     info = json.loads((folder / "version.json").read_text())
     assert info == {"format": 2, "task": "next_item", "module": "ecomray.tasks.next_item",
-                    "key_metrics": list(next_item.KEY_METRICS)}
+                    "key_metrics": list(next_item.KEY_METRICS),
+                    "weights": {"file": "model.pt", "bytes": (folder / "model.pt").stat().st_size,
+                                "sha256": hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest()}}
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["model_kwargs"] == {"num_items": meta["num_items"]} and meta["examples"]
     assert set(meta["item_categories"]) == set(meta["item_ids"])      # self-contained: serving reads no shards

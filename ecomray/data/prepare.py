@@ -435,7 +435,8 @@ def run(cfg: dict) -> dict:
             "schema": schema, "split": {**(dataset.get("split") or {}), **{k: v for k, v in decided.items()
                                                                           if k not in ("plan_file", "duplicates_file")},
                                         "rows": splits},
-            "shards": [{"file": f["file"], "rows": f["rows"]} for f in finished],
+            "shards": [{"file": f["file"], "rows": f["rows"], "bytes": os.path.getsize(os.path.join(out, f["file"]))}
+                       for f in finished],
             "quarantine": "quarantine.parquet",
             "sources": [{"path": s["source"], "rows": s["rows_in"]} for s in staged],
             "licence": dataset.get("licence", "unknown"), "research_only": bool(dataset.get("research_only", False)),

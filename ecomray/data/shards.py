@@ -59,18 +59,41 @@ def has_manifest(folder: str) -> bool:
 def load_manifest(folder: str, hint: str | None = None) -> dict[str, Any]:
     """A prepared dataset's manifest, with a clear error (and the command to run) when there is none."""
     text = _read_text(os.path.join(folder, "manifest.json") if not is_uri(folder) else f"{folder}/manifest.json")
+    name = os.path.basename(folder.rstrip("/"))
+    command = hint or f"python -m jobs.prepare dataset={name}"
     if text is None:
-        name = os.path.basename(folder.rstrip("/"))
-        raise UserError(f"no prepared dataset at {folder} (missing manifest.json): run "
-                        f"`{hint or f'python -m jobs.prepare dataset={name}'}` first")
-    return json.loads(text)
+        raise UserError(f"no prepared dataset at {folder} (missing manifest.json): run `{command}` first")
+    try:
+        manifest = json.loads(text)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+            raise ValueError("no list of shards")
+    except ValueError as err:
+        raise UserError(f"{folder}/manifest.json is damaged ({str(err)[:120]}): prepare the dataset again, "
+                        f"`{command} overwrite=true`") from None
+    return manifest
 
 
-def shard_files(folder: str, manifest: dict | None = None) -> list[str]:
-    """Absolute paths (or URIs) of a prepared dataset's shard files, in shard order."""
+def shard_files(folder: str, manifest: dict | None = None, hint: str | None = None) -> list[str]:
+    """Absolute paths (or URIs) of a prepared dataset's shard files, in shard order. On a local disk, a listed
+    shard that is missing or whose size is not the one prepare recorded is an error naming the files (a partial
+    copy, a deleted file), before any reader meets a Parquet error."""
     manifest = manifest if manifest is not None else load_manifest(folder)
-    join = (lambda f: f"{folder.rstrip('/')}/{f}") if is_uri(folder) else (lambda f: os.path.join(folder, f))
-    return [join(s["file"]) for s in manifest["shards"]]
+    if is_uri(folder):
+        return [f"{folder.rstrip('/')}/{s['file']}" for s in manifest["shards"]]
+    files, bad = [], []
+    for s in manifest["shards"]:
+        path = os.path.join(folder, s["file"])
+        files.append(path)
+        if not os.path.isfile(path):
+            bad.append(f"{s['file']} (missing)")
+        elif s.get("bytes") is not None and os.path.getsize(path) != s["bytes"]:
+            bad.append(f"{s['file']} ({os.path.getsize(path):,} bytes, prepared {s['bytes']:,})")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        command = hint or f"python -m jobs.prepare dataset={os.path.basename(folder)}"
+        raise UserError(f"{folder}: shard file(s) not as prepared: {shown}; prepare the dataset again, "
+                        f"`{command} overwrite=true`")
+    return files
 
 
 def require(cfg: dict, name: str | None = None) -> dict[str, Any]:
@@ -95,7 +118,8 @@ def read_frame(cfg: dict, name: str | None = None, columns: list[str] | None = N
     import polars as pl
 
     folder = dataset_dir(cfg, name)
-    files = shard_files(folder, load_manifest(folder, hint=prepare_command(cfg, name)))
+    hint = prepare_command(cfg, name)
+    files = shard_files(folder, load_manifest(folder, hint=hint), hint)
     return pl.read_parquet(files, columns=columns).sort("_file", "_row")
 
 
@@ -111,7 +135,8 @@ class ShardScan:
 def scan(cfg: dict, split: str | None = None) -> ShardScan:
     """The config's prepared dataset as a ShardScan; `split` None or "all" keeps every row."""
     folder = dataset_dir(cfg)
-    files = shard_files(folder, load_manifest(folder, hint=prepare_command(cfg)))
+    hint = prepare_command(cfg)
+    files = shard_files(folder, load_manifest(folder, hint=hint), hint)
     if split not in (None, "all", "train", "val", "test"):
         raise UserError(f"split {split!r}: use all, train, val or test")
     return ShardScan(files, None if split in (None, "all") else split)
