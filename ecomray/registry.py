@@ -189,7 +189,10 @@ def _read_history(path: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        try:
+            return [json.loads(line) for line in fh if line.strip()]
+        except ValueError as err:   # written atomically, so only a hand edit or a disk error gets here
+            raise UserError(f"{path} is damaged ({err}): fix or remove the line (it is the alias moves' log)") from None
 
 
 def aliases(root: str, name: str) -> dict[str, str]:
@@ -212,7 +215,16 @@ def _read_aliases(path: str) -> dict[str, str]:
     if not os.path.exists(path):
         return {}
     with open(path) as fh:
-        return json.load(fh)
+        try:
+            found = json.load(fh)
+        except ValueError as err:
+            found, err_text = None, str(err)
+        else:
+            err_text = "not an object of alias -> version"
+    if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
+        raise UserError(f"{path} is damaged ({err_text}): restore it, e.g. from the last moves in "
+                        f"aliases_history.jsonl beside it (`python -m jobs.registry history <model>`)")
+    return found
 
 
 def parse_ref(spec: str) -> tuple[str, str | None]:

@@ -201,6 +201,9 @@ def test_a_damaged_version_is_one_clear_error(tmp_path: Path) -> None:
     (folder / "meta.json").unlink()
     with pytest.raises(UserError, match=rf"registry m {v}: meta.json is missing"):
         registry.load(root, "m")
+    (Path(root) / "m" / "aliases.json").write_text("{")
+    with pytest.raises(UserError, match=r"aliases.json is damaged"):
+        registry.resolve(root, "m", "prod")
 
 
 def test_gc_keeps_aliased_served_and_newest_versions(tmp_path: Path) -> None:
