@@ -135,6 +135,22 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
         ray.init(num_cpus=num_cpus, **kwargs)
 
 
+def bundles_that_fit(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many copies of a resource `bundle` (a Train worker, a Serve replica) the nodes' total resources hold
+    at once: each copy on one node."""
+    need = {r: float(v) for r, v in bundle.items() if float(v) > 0}
+    if not need:
+        return 10**9
+    return sum(min(int(node.get(r, 0.0) / v + 1e-9) for r, v in need.items()) for node in nodes)
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """The total resources of each live node of the connected Ray."""
+    import ray
+
+    return [node.get("Resources") or {} for node in ray.nodes() if node.get("Alive")]
+
+
 def user_errors(fn: F) -> F:
     """Wrap a job's entry point: a UserError becomes one clear line on stderr and exit code 2."""
 

@@ -55,7 +55,9 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
 
     from ecomray.runtime import init_ray
     from serve.app import build_app
-    from serve.settings import api_key, app_args, apply_env, check_bind, free_port, is_loopback, throughput_env
+    from ecomray.runtime import alive_nodes
+    from serve.settings import (api_key, app_args, apply_env, check_bind, free_port, is_loopback, placement_problems,
+                                replica_demand, throughput_env)
 
     d, sc = plain["deploy"], plain.get("serve") or {}
     host = str(d["host"])
@@ -71,9 +73,19 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
     init_ray(num_cpus=d.get("ray_num_cpus"), verbose=bool(plain.get("verbose")),
              dashboard=(plain.get("ray") or {}).get("include_dashboard"), **({"_node_ip_address": "127.0.0.1"} if started_ray and not
                                                  os.environ.get("RAY_ADDRESS") and is_loopback(host) else {}))
+    args = app_args(plain)
+    problems = placement_problems(replica_demand(args), alive_nodes())
+    if problems:
+        why = "; ".join(problems)
+        if os.environ.get("RAY_ADDRESS"):   # a cluster: it may add nodes (autoscaling)
+            print(f"[deploy] waiting: {why}; an autoscaling cluster adds nodes, otherwise stop (Ctrl-C) and "
+                  f"choose another serve config", flush=True)
+        else:
+            raise UserError(f"this machine's Ray cannot hold the app: {why}. Choose settings that fit (serve=local, "
+                            f"or serve.routes / serve.common.ray_actor_options / num_replicas), or connect to a "
+                            f"cluster with RAY_ADDRESS")
     port = int(d["port"]) or free_port(host)
     port = _start_serve(host, port, str((plain.get("serve") or {}).get("log_level") or "INFO").upper())
-    args = app_args(plain)
     args["api_key"] = key
     t0 = time.perf_counter()
     serve.run(build_app({"app": args}), name=d.get("app_name", "ecomray"), route_prefix=d.get("route_prefix", "/"))

@@ -116,6 +116,45 @@ def app_args(cfg: dict) -> dict[str, Any]:
             "api_key": deploy.get("api_key") or None, "endpoints": endpoints, "serve": serve_cfg}
 
 
+def replica_demand(args: dict[str, Any]) -> dict[str, tuple[dict[str, float], int]]:
+    """What the app asks of the cluster at the least: per deployment (the ingress, each routed model) one replica's
+    resources and its minimum number of replicas (`num_replicas`, else autoscaling's `min_replicas`, else 1)."""
+    serve_cfg = args.get("serve") or {}
+    wanted = {"ingress": {**(serve_cfg.get("common") or {}), **(serve_cfg.get("ingress") or {})}}
+    for route, e in (args.get("endpoints") or {}).items():
+        if "version" in e and not e.get("inline"):
+            wanted[f"/v1/{route}"] = e.get("deployment") or {}
+    out = {}
+    for name, opts in wanted.items():
+        actor = opts.get("ray_actor_options") or {}
+        bundle = {"CPU": float(actor.get("num_cpus", 1)), "GPU": float(actor.get("num_gpus", 0)),
+                  **{k: float(v) for k, v in (actor.get("resources") or {}).items()}}
+        n = opts.get("num_replicas")
+        replicas = int(n) if n not in (None, "auto") else int((opts.get("autoscaling_config") or {}).get("min_replicas", 1))
+        out[name] = ({k: v for k, v in bundle.items() if v > 0}, max(replicas, 1))
+    return out
+
+
+def placement_problems(demand: dict[str, tuple[dict[str, float], int]], nodes: list[dict[str, float]]) -> list[str]:
+    """Why the app's minimum replicas cannot all be placed on these nodes (empty: they can, as far as totals and
+    per-node fit tell). Serve would otherwise wait for them without a word."""
+    from ecomray.runtime import bundles_that_fit
+
+    problems = []
+    totals: dict[str, float] = {}
+    for name, (bundle, n) in demand.items():
+        fit = bundles_that_fit(bundle, nodes)
+        if fit < n:
+            problems.append(f"{name} needs {n} replica(s) of {bundle}, the nodes can hold {fit}")
+        for r, v in bundle.items():
+            totals[r] = totals.get(r, 0.0) + v * n
+    have = {r: sum(node.get(r, 0.0) for node in nodes) for r in totals}
+    short = {r: f"{totals[r]:g} > {have[r]:g}" for r in totals if totals[r] > have[r] + 1e-9}
+    if short and not problems:
+        problems.append(f"all minimum replicas together need more than the cluster has ({short})")
+    return problems
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -130,6 +130,35 @@ def test_with_a_key_the_pages_open_and_the_api_closed(monkeypatch: pytest.Monkey
     asyncio.run(main())
 
 
+def test_an_app_the_cluster_cannot_hold_is_named_before_serve_waits() -> None:
+    """Serve waits, silently, for replicas no node can hold (`serve=cluster` on a laptop): the deploy job reads the
+    app's minimum replicas against the nodes first."""
+    from serve.settings import placement_problems, replica_demand
+
+    args = {"serve": {"common": {"ray_actor_options": {"num_cpus": 0.25}, "autoscaling_config": {"min_replicas": 1}},
+                      "ingress": {"ray_actor_options": {"num_cpus": 2}, "autoscaling_config": {"min_replicas": 2}}},
+            "endpoints": {"recommend": {"version": "v0001", "deployment": {
+                              "ray_actor_options": {"num_cpus": 2, "num_gpus": 1}, "num_replicas": 2}},
+                          "canary": {"version": "v0002", "inline": True},
+                          "gone": {"unavailable": "not in the registry"}}}
+    demand = replica_demand(args)
+    assert demand == {"ingress": ({"CPU": 2.0}, 2), "/v1/recommend": ({"CPU": 2.0, "GPU": 1.0}, 2)}
+    laptop = [{"CPU": 2.0, "memory": 8e9}]
+    assert placement_problems(demand, laptop) == [
+        "ingress needs 2 replica(s) of {'CPU': 2.0}, the nodes can hold 1",
+        "/v1/recommend needs 2 replica(s) of {'CPU': 2.0, 'GPU': 1.0}, the nodes can hold 0"]
+    gpu_nodes = [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
+    assert placement_problems(demand, gpu_nodes) == []                # 2 + 2 CPUs per node, one GPU each
+    small = {"ingress": ({"CPU": 1.0}, 1), "/v1/a": ({"CPU": 1.0}, 1), "/v1/b": ({"CPU": 0.5}, 1)}
+    assert placement_problems(small, laptop) == [                     # each fits alone, not all together
+        "all minimum replicas together need more than the cluster has ({'CPU': '2.5 > 2'})"]
+    local = {"serve": {"common": {"ray_actor_options": {"num_cpus": 0.25}}}, "endpoints": {
+        r: {"version": "v1", "deployment": {"ray_actor_options": {"num_cpus": 0.25},
+                                            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}}
+        for r in ("recommend", "sentiment", "ctr")}}
+    assert placement_problems(replica_demand(local), laptop) == []    # what serve=local deploys on 2 CPUs
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Trained tiny models (module-scoped: trained once, in-process).
 

@@ -14,6 +14,7 @@ import torch
 
 from ecomray import registry
 from ecomray.data import shards
+from ecomray.runtime import UserError, alive_nodes, bundles_that_fit
 from ecomray.tasks import key_metrics, load_task
 from ecomray.train.loop import train_loop
 
@@ -46,6 +47,40 @@ def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict],
                                                checkpoint_score_order=tcfg.get("mode", "max"))))
 
 
+def worker_bundle(scaling: dict) -> dict[str, float]:
+    """What one Train worker reserves: `resources_per_worker`, with Ray Train's defaults (1 CPU; 1 GPU with
+    `use_gpu`)."""
+    per = {k: float(v) for k, v in (scaling.get("resources_per_worker") or {}).items()}
+    per.setdefault("CPU", 1.0)
+    if scaling.get("use_gpu"):
+        per.setdefault("GPU", 1.0)
+    return {k: v for k, v in per.items() if v > 0}
+
+
+def check_placement(cfg: dict) -> None:
+    """Ray Train waits without a word for workers that no node can hold (`scaling=gpu1` on a machine without a
+    GPU). So look first: on a Ray this job started, an impossible request is an error; on a cluster it joined
+    (RAY_ADDRESS), one that does not fit yet is a warning, since an autoscaling cluster adds nodes."""
+    import ray
+
+    n = int(cfg["scaling"].get("num_workers", 1))
+    bundle = worker_bundle(cfg["scaling"])
+    nodes = alive_nodes()
+    fit_now = bundles_that_fit(bundle, nodes)
+    if fit_now >= n:
+        return
+    total = ray.cluster_resources()
+    have = {k: total.get(k, 0.0) for k in bundle}
+    why = (f"scaling: {n} Train worker(s) of {bundle} each, but the Ray cluster's {len(nodes)} node(s) can hold "
+           f"{fit_now} (cluster total {have})")
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"[train] waiting: {why}; an autoscaling cluster adds nodes, otherwise stop (Ctrl-C) and choose "
+              f"another scaling", flush=True)
+        return
+    raise UserError(f"{why}: choose a scaling that fits this machine (scaling=cpu1, scaling=cpu2, or "
+                    f"scaling.num_workers / scaling.resources_per_worker), or connect to a cluster with RAY_ADDRESS")
+
+
 def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluate: bool = True,
         train_fn: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train, then evaluate the best epoch's model on val and test and (optionally) register it.
@@ -61,6 +96,7 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     if int(cfg["scaling"].get("num_workers", 1)) > 0:
         init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"), verbose=bool(cfg.get("verbose")),
                  dashboard=cfg.get("ray", {}).get("include_dashboard"))  # no-op inside a Tune trial: Ray is already up
+        check_placement(cfg)
     t0 = time.time()
     result = trainer(cfg, callbacks, train_fn).fit()
     if not evaluate:
