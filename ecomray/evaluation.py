@@ -14,6 +14,7 @@ from typing import Any
 from ecomray import registry
 from ecomray.data import shards
 from ecomray.inference import build_from_version
+from ecomray.runtime import UserError
 from ecomray.tasks import key_metrics, load_task
 
 
@@ -25,6 +26,8 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
     vcfg = {**found["config"], "paths": cfg["paths"]}
     vcfg["task"] = {**vcfg["task"], **(ev.get("task") or {})}
     split = ev.get("split", "test")
+    if split not in ("val", "test"):
+        raise UserError(f"evaluate.split={split!r}: use val or test (the splits a model is scored on)")
     task = load_task(vcfg)
     shards.require(vcfg)
     data = task.build_data(vcfg, 0, 1)

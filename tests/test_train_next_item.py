@@ -17,9 +17,10 @@ from ecomray import registry
 from ecomray.data.prepare import run as prepare
 from ecomray.models.sasrec import SASRec
 from ecomray.config import compose
+from ecomray.runtime import UserError
 from ecomray.tasks import load_task, next_item
 from ecomray.tasks.next_item_baselines import item_knn
-from ecomray.train.driver import fit
+from ecomray.train.driver import check_train_config, fit
 from tests.conftest import write_fake_events_shards
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -188,11 +189,26 @@ def test_item_knn_scores_co_occurring_items(tmp_path: Path) -> None:
     assert score[a] > 0 and score[b] > 0 and score[data.item_ids.index("e")] == 0
 
 
+@pytest.mark.parametrize("override,message", [
+    ("train.epochs=0", r"train.epochs=0: must be an integer >= 1"),
+    ("train.epochs=2.5", r"train.epochs=2.5: must be an integer >= 1"),
+    ("train.batch_size=0", r"train.batch_size=0: must be an integer >= 1"),
+    ("optim.lr=-1", r"optim.lr=-1: must be a number > 0"),
+    ("optim.lr=nan", r"optim.lr=nan: must be a number > 0"),
+    ("train.time_budget_s=0", r"train.time_budget_s=0: must be a number > 0"),
+    ("scaling.num_workers=-2", r"scaling.num_workers=-2: must be an integer >= 0"),
+])
+def test_numbers_no_run_can_start_from_are_named_before_ray(override: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=message):
+        fit(compose_cfg("train", tmp_path, "experiment=tiny", override))
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_builds_its_model(experiment: str, tmp_path: Path) -> None:
     cfg = compose_cfg("train", tmp_path, f"experiment={experiment}")
     assert cfg["paths"]["registry"].startswith(str(tmp_path)) and cfg["train"]["monitor"].startswith("val/")
     assert load_task(cfg).__name__ == cfg["task"]["module"]
+    check_train_config(cfg)                       # its numbers are ones a run can start from
     if cfg["task"]["name"] == "next_item":
         model = instantiate(cfg["model"], num_items=50)
         T = cfg["model"]["max_len"]
@@ -245,6 +261,8 @@ def test_tiny_trains_registers_and_evaluate_reproduces_it(tiny_trained) -> None:
     assert rows["model"]["sampled_hr@10"] > rows["model"]["hr@10"]            # 100 negatives are easier than all
     val = evaluate_version({**cfg, "evaluate": {"split": "val", "baselines": False}})
     assert val["metrics"]["model"]["ndcg@10"] == pytest.approx(m["val/ndcg@10"], rel=1e-6)
+    with pytest.raises(UserError, match=r"evaluate.split='tset': use val or test"):
+        evaluate_version({**cfg, "evaluate": {"split": "tset"}})
 
 
 def test_predict_serves_the_registered_model(tiny_trained) -> None:
@@ -376,7 +394,7 @@ def test_a_scaling_no_node_can_hold_is_an_error_before_training(monkeypatch: pyt
     cluster it joined (RAY_ADDRESS) it only warns, since an autoscaling cluster adds nodes."""
     import ray
 
-    from ecomray.runtime import UserError
+
     from ecomray.runtime import bundles_that_fit as workers_that_fit
     from ecomray.train.driver import check_placement, worker_bundle
 

@@ -81,6 +81,31 @@ def check_placement(cfg: dict) -> None:
                     f"scaling.num_workers / scaling.resources_per_worker), or connect to a cluster with RAY_ADDRESS")
 
 
+def check_train_config(cfg: dict) -> None:
+    """The numbers a run cannot start from, named before Ray starts (they used to fail deep inside a worker: a
+    ZeroDivisionError for batch_size=0, torch's 'Invalid learning rate' for a negative lr)."""
+    import math
+
+    def number(path: str, value: Any, ok: Callable[[float], bool], rule: str, integer: bool = False) -> None:
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value)
+        if not valid or (integer and int(value) != value):
+            raise UserError(f"{path}={value!r}: must be {'an integer ' if integer else 'a number '}{rule}")
+
+    t, optim, sc = cfg.get("train") or {}, cfg.get("optim") or {}, cfg.get("scaling") or {}
+    number("train.epochs", t.get("epochs"), lambda v: v >= 1, ">= 1", integer=True)
+    number("train.batch_size", t.get("batch_size"), lambda v: v >= 1, ">= 1", integer=True)
+    if t.get("patience") is not None:
+        number("train.patience", t["patience"], lambda v: v >= 1, ">= 1", integer=True)
+    if t.get("time_budget_s") is not None:
+        number("train.time_budget_s", t["time_budget_s"], lambda v: v > 0, "> 0 (or null: no limit)")
+    if "lr" in optim:
+        number("optim.lr", optim["lr"], lambda v: v > 0, "> 0")
+    if optim.get("weight_decay") is not None:
+        number("optim.weight_decay", optim["weight_decay"], lambda v: v >= 0, ">= 0")
+    number("scaling.num_workers", sc.get("num_workers", 1), lambda v: v >= 0, ">= 0 (0: in the driver process)",
+           integer=True)
+
+
 def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluate: bool = True,
         train_fn: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train, then evaluate the best epoch's model on val and test and (optionally) register it.
@@ -91,6 +116,7 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     from ecomray.runtime import init_ray
 
     cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry.model_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
+    check_train_config(cfg)        # so do numbers no run can start from
     load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
     shards.require(cfg)            # so does a dataset that was never prepared (with the command to run)
     if int(cfg["scaling"].get("num_workers", 1)) > 0:
