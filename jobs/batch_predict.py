@@ -49,6 +49,36 @@ class Scorer:
         return pa.table(cols)
 
 
+def _try_first_rows(loaded: Any, inputs: Any, options: dict, given: dict, n: int = 8) -> None:
+    """Score the first few rows in the driver, with the options, before Ray Data starts: options the family's
+    `predict` refuses (`k: -1`, a misspelt key) are one error line here, not an actor's traceback per batch."""
+    import pyarrow.compute as pc
+
+    from ecomray.data import shards
+
+    task = loaded.task
+    known = getattr(task, "BATCH_OPTIONS", None)
+    unknown = sorted(set(given) - set(known)) if known is not None else []
+    if unknown:
+        raise UserError(f"batch_predict.options: {task.__name__} takes no option(s) {unknown} "
+                        f"(it reads {list(known) or 'none'})")
+    if isinstance(inputs, shards.ShardScan):
+        sample = pq.ParquetFile(inputs.files[0]).read_row_group(0) if inputs.files else None
+        if sample is not None and inputs.split:
+            sample = sample.filter(pc.equal(sample["split"], inputs.split))
+    else:
+        sample = inputs
+    if sample is None or sample.num_rows == 0:
+        return
+    if hasattr(task, "prepare_serving"):
+        task.prepare_serving(loaded.model, loaded.meta)
+    try:
+        task.batch_score(loaded.model, loaded.meta, sample.slice(0, n), options)
+    except (TypeError, ValueError, KeyError) as err:
+        raise UserError(f"batch_predict.options={given}: {task.__name__} cannot score with {options}: "
+                        f"{type(err).__name__}: {err}") from None
+
+
 def run(cfg: DictConfig | dict) -> dict[str, Any]:
     import ray
 
@@ -75,6 +105,7 @@ def run(cfg: DictConfig | dict) -> dict[str, Any]:
         inputs = loaded.task.batch_inputs(vcfg, split)
     except ValueError as err:
         raise UserError(f"batch_predict.split={split!r}: {err}") from None
+    _try_first_rows(loaded, inputs, options, bp.get("options") or {})
     init_ray(num_cpus=plain.get("ray", {}).get("num_cpus"), verbose=bool(plain.get("verbose")),
              dashboard=plain.get("ray", {}).get("include_dashboard"))
     if isinstance(inputs, shards.ShardScan):

@@ -61,6 +61,8 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
 
     d, sc = plain["deploy"], plain.get("serve") or {}
     host = str(d["host"])
+    if not isinstance(d.get("port"), int) or isinstance(d["port"], bool) or not 0 <= d["port"] <= 65535:
+        raise UserError(f"deploy.port={d.get('port')!r}: a TCP port, 0-65535 (0: a free one)")
     key = api_key(d)
     check_bind(host, key)
     started_ray = not ray.is_initialized()

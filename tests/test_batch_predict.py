@@ -46,6 +46,13 @@ def test_batch_predict_next_item_matches_predict(ray_session, tmp_path: Path) ->
     # a re-run replaces the folder (no mixed files from two runs)
     again = run(cfg)
     assert pl.read_parquet(os.path.join(again["out"], "*.parquet")).height == df.height
+    # options the family refuses, or does not read, are one error line from the driver, before Ray Data runs
+    from ecomray.runtime import UserError
+
+    with pytest.raises(UserError, match=r"cannot score with .*k must be an integer >= 1, got -1"):
+        run({**cfg, "batch_predict": {**cfg["batch_predict"], "options": {"k": -1}}})
+    with pytest.raises(UserError, match=r"takes no option\(s\) \['exlude_history'\] \(it reads \['k', 'exclude_history'\]\)"):
+        run({**cfg, "batch_predict": {**cfg["batch_predict"], "options": {"exlude_history": False}}})
 
 
 @pytest.mark.skipif(not HAVE_SHOPPERS, reason="needs the shoppers table in ECOMRAY_DATASETS")

@@ -45,6 +45,9 @@ def test_space_overrides_and_resources(tmp_path: Path) -> None:
             sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "points_to_evaluate": [point]}})
     with pytest.raises(UserError):   # Optuna samples: no grid
         sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "search": "optuna"}})
+    for key, value, says in (("num_samples", 0, "num_samples must be >= 1"), ("time_budget_s", 0, "time_budget_s must be > 0")):
+        with pytest.raises(UserError, match=says):   # zero trials used to end in "no trial reported a metric"
+            sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], key: value}})
     # the driver reserves no CPU; a trial is its workers; concurrency = what fits
     reserve, per_trial = sweeps.trial_resources(cfg)
     assert reserve["CPU"] == 0 and per_trial == {"CPU": 1.0, "GPU": 0.0}

@@ -51,6 +51,8 @@ Batch prediction (`jobs.batch_predict`):
 
     batch_inputs(cfg, split) -> pa.Table | ecomray.data.shards.ShardScan   # what to score, from prepared data
     batch_score(model, meta, batch: pa.Table, options: dict) -> pa.Table   # one output row per input row
+    BATCH_OPTIONS: tuple[str, ...]                 # optional: the option names batch_score reads; any other
+                                                   # name in batch_predict.options is refused (a typo)
 
 Serving (`serve/`: one generic deployment, one route per entry of `deploy.endpoints`):
 

@@ -453,6 +453,9 @@ def batch_inputs(cfg: dict, split: str) -> shards.ShardScan:
     return shards.scan(cfg, split)
 
 
+BATCH_OPTIONS = (*Settings.__dataclass_fields__, "avoid_ungiven_values")   # decoding settings
+
+
 def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:
     """One copy per row (the version's decoding defaults, or `options`), its coverage, and the dropped count."""
     rows = batch.select([c for c in ("attributes", "title", "aspect", "audience") if c in batch.column_names]).to_pylist()

@@ -156,6 +156,9 @@ def batch_inputs(cfg: dict, split: str) -> shards.ShardScan:
     return shards.scan(cfg, split)
 
 
+BATCH_OPTIONS: tuple[str, ...] = ()     # batch_score takes no options
+
+
 def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:
     cols = {meta["label"]: batch[meta["label"]]} if meta.get("label") in batch.column_names else {}
     return pa.table({**cols, "probability": pa.array(predict(model, meta, batch), pa.float32())})

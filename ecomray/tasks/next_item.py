@@ -392,6 +392,8 @@ def predict(model: nn.Module, meta: dict, histories: list[list[str]], k: int = 1
     """Top-k (item id, score) per history of item ids (oldest first); unknown ids are skipped."""
     index = meta.get("_index") or {item: n + 1 for n, item in enumerate(meta["item_ids"])}
     seqs = [np.array([index[i] for i in h if i in index], dtype=np.int64) for h in histories]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if model.training:  # eval() walks every submodule: skipped when the mode is already right (serving)
         model.eval()
     scores = score_histories(model, seqs, int(meta["max_len"]))
@@ -450,6 +452,9 @@ def batch_inputs(cfg: dict, split: str) -> pa.Table:
     elif split != "all":
         raise ValueError(f"split {split!r}: next_item scores all, val or test")
     return df.rename({"items": "history"}).to_arrow()
+
+
+BATCH_OPTIONS = ("k", "exclude_history")
 
 
 def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:

@@ -396,6 +396,9 @@ def batch_inputs(cfg: dict, split: str) -> shards.ShardScan:
     return shards.scan(cfg, split)
 
 
+BATCH_OPTIONS: tuple[str, ...] = ()     # batch_score takes no options
+
+
 def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:
     """`predicted` label and its probability per review; rows with an empty text get nulls."""
     texts = batch["text"].to_pylist()

@@ -24,6 +24,11 @@ def sweep_spec(cfg: dict) -> dict[str, Any]:
     if spec["mode"] not in ("min", "max"):
         raise UserError(f"sweep.mode must be min or max, not {spec['mode']!r}")
     spec["num_samples"] = int(spec.get("num_samples", 1))
+    if spec["num_samples"] < 1:
+        raise UserError(f"sweep.num_samples must be >= 1 (got {spec['num_samples']}): the number of trials "
+                        f"(times the grid's points)")
+    if spec.get("time_budget_s") is not None and not float(spec["time_budget_s"]) > 0:
+        raise UserError(f"sweep.time_budget_s must be > 0, or null for no limit (got {spec['time_budget_s']})")
     spec["search"] = spec.get("search") or "random"
     if spec["search"] not in ("random", "optuna"):
         raise UserError(f"sweep.search must be random or optuna, not {spec['search']!r}")
