@@ -141,6 +141,16 @@ def test_quarantine_of_a_folder_mixing_typed_parquet_and_csv(tmp_path: Path) -> 
     assert q["price"].to_list() == ["2.0", "abc"]
 
 
+def test_an_empty_file_among_many_is_zero_rows_not_an_error(tmp_path: Path) -> None:
+    folder = tmp_path / "hours"
+    folder.mkdir()
+    write(folder / "00.csv", "user_id,item_id,event,ts\nu1,i1,view,2026-01-01\n")
+    write(folder / "01.csv", "")                                          # an hour without traffic
+    write(folder / "02.csv", "user_id,item_id,event,ts\nu1,i2,view,2026-01-02\n")
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={folder}"))
+    assert [s["rows"] for s in m["sources"]] == [1, 0, 1] and m["rows_out"] == 2
+
+
 def test_a_quote_never_closed_names_its_line(tmp_path: Path) -> None:
     src = write(tmp_path / "e.csv", 'user_id,item_id,event,ts\nu1,i1,view,2026-01-01\nu1,"i2,view,2026-01-02\n'
                                     "u1,i3,view,2026-01-03\n")

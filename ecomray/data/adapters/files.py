@@ -238,5 +238,13 @@ def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
     `split` column (`split: given`)."""
     fmt = dataset.get("format", "auto")
     csv, columns = dataset.get("csv") or {}, dataset.get("columns") or {}
-    return [(f, _with_split(scan_file(f, file_format(f, fmt), csv, columns), dataset, split))
-            for f, split in _files(dataset, paths)]
+    files = _files(dataset, paths)
+    out = []
+    for f, split in files:
+        if len(files) > 1 and os.path.getsize(f) == 0:
+            # one empty file among many (an hour with no traffic): no rows, not an error; alone it is one
+            empty = pl.LazyFrame(schema={c: pl.Utf8 for c in (dataset.get("schema") or {}).get("columns", {})})
+            out.append((f, _with_split(empty, dataset, split)))
+            continue
+        out.append((f, _with_split(scan_file(f, file_format(f, fmt), csv, columns), dataset, split)))
+    return out
