@@ -290,6 +290,7 @@ def load(root: str, name: str, ref: str | None = None, state: bool = True) -> di
         return UserError(f"registry {name} {version}: {fname} {why}; the version is damaged: serve or promote "
                          f"another version, or register this model again ({path})")
 
+    fname = "model.pt"
     try:
         if state:
             expected = info.get("weights") or {}
@@ -300,7 +301,7 @@ def load(root: str, name: str, ref: str | None = None, state: bool = True) -> di
                                               f"registered {expected.get('bytes', 0):,})")
             try:
                 out["state_dict"] = torch.load(os.path.join(path, "model.pt"), weights_only=True, map_location="cpu")
-            except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
                 raise damaged("model.pt", f"cannot be read ({str(err).splitlines()[0][:200]})") from None
         fname = "config.yaml"
         with open(os.path.join(path, fname)) as fh:

@@ -135,6 +135,19 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
         ray.init(num_cpus=num_cpus, **kwargs)
 
 
+def ray_started_here() -> bool:
+    """Whether this process started the Ray it is connected to: a local Ray that no autoscaler will ever add a node
+    to. False when it joined a cluster (RAY_ADDRESS, or a `ray start` cluster on this machine) and inside a Ray
+    worker (a Tune trial), where a request that does not fit yet may fit once nodes are added."""
+    try:
+        import ray._private.worker as worker
+
+        node = getattr(worker, "_global_node", None)
+        return bool(node is not None and getattr(node, "head", False))
+    except Exception:  # noqa: BLE001 - a private attribute: when in doubt, do not claim the Ray is ours
+        return False
+
+
 def bundles_that_fit(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
     """How many copies of a resource `bundle` (a Train worker, a Serve replica) the nodes' total resources hold
     at once: each copy on one node."""

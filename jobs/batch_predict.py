@@ -62,10 +62,18 @@ def _try_first_rows(loaded: Any, inputs: Any, options: dict, given: dict, n: int
     if unknown:
         raise UserError(f"batch_predict.options: {task.__name__} takes no option(s) {unknown} "
                         f"(it reads {list(known) or 'none'})")
+    sample = None
     if isinstance(inputs, shards.ShardScan):
-        sample = pq.ParquetFile(inputs.files[0]).read_row_group(0) if inputs.files else None
-        if sample is not None and inputs.split:
-            sample = sample.filter(pc.equal(sample["split"], inputs.split))
+        for f in inputs.files:                    # the first rows of the split, in the first file that has some
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                table = pa.Table.from_batches([batch])
+                if inputs.split:
+                    table = table.filter(pc.equal(table["split"], inputs.split))
+                if table.num_rows:
+                    sample = table
+                    break
+            if sample is not None:
+                break
     else:
         sample = inputs
     if sample is None or sample.num_rows == 0:

@@ -55,13 +55,17 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
 
     from ecomray.runtime import init_ray
     from serve.app import build_app
-    from ecomray.runtime import alive_nodes
+    from ecomray.runtime import alive_nodes, ray_started_here
     from serve.settings import (api_key, app_args, apply_env, check_bind, free_port, is_loopback, placement_problems,
                                 replica_demand, throughput_env)
 
     d, sc = plain["deploy"], plain.get("serve") or {}
     host = str(d["host"])
-    if not isinstance(d.get("port"), int) or isinstance(d["port"], bool) or not 0 <= d["port"] <= 65535:
+    try:
+        port_ok = not isinstance(d.get("port"), bool) and 0 <= int(d.get("port")) <= 65535  # "8080" from ${oc.env:}
+    except (TypeError, ValueError):
+        port_ok = False
+    if not port_ok:
         raise UserError(f"deploy.port={d.get('port')!r}: a TCP port, 0-65535 (0: a free one)")
     key = api_key(d)
     check_bind(host, key)
@@ -79,10 +83,13 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
     problems = placement_problems(replica_demand(args), alive_nodes())
     if problems:
         why = "; ".join(problems)
-        if os.environ.get("RAY_ADDRESS"):   # a cluster: it may add nodes (autoscaling)
+        if not ray_started_here():   # a cluster: it may add nodes (autoscaling)
             print(f"[deploy] waiting: {why}; an autoscaling cluster adds nodes, otherwise stop (Ctrl-C) and "
                   f"choose another serve config", flush=True)
         else:
+            if env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE"):
+                shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
+            ray.shutdown()
             raise UserError(f"this machine's Ray cannot hold the app: {why}. Choose settings that fit (serve=local, "
                             f"or serve.routes / serve.common.ray_actor_options / num_replicas), or connect to a "
                             f"cluster with RAY_ADDRESS")

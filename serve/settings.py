@@ -127,8 +127,9 @@ def replica_demand(args: dict[str, Any]) -> dict[str, tuple[dict[str, float], in
     out = {}
     for name, opts in wanted.items():
         actor = opts.get("ray_actor_options") or {}
-        bundle = {"CPU": float(actor.get("num_cpus", 1)), "GPU": float(actor.get("num_gpus", 0)),
-                  **{k: float(v) for k, v in (actor.get("resources") or {}).items()}}
+        cpus = actor.get("num_cpus")                     # null is Serve's default: 1 CPU
+        bundle = {"CPU": 1.0 if cpus is None else float(cpus), "GPU": float(actor.get("num_gpus") or 0),
+                  **{k: float(v or 0) for k, v in (actor.get("resources") or {}).items()}}
         n = opts.get("num_replicas")
         replicas = int(n) if n not in (None, "auto") else int((opts.get("autoscaling_config") or {}).get("min_replicas", 1))
         out[name] = ({k: v for k, v in bundle.items() if v > 0}, max(replicas, 1))

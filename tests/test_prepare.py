@@ -131,14 +131,17 @@ def test_quarantine_of_a_folder_mixing_typed_parquet_and_csv(tmp_path: Path) -> 
 
     folder = tmp_path / "in"
     folder.mkdir()
-    pl.DataFrame({"user_id": ["u2", "u2"], "item_id": ["i1", "i2"], "event": ["view", "bogus"],
+    pl.DataFrame({"user_id": ["u1", "u1"], "item_id": ["p1", "p2"], "event": ["view", "bogus"],
                   "ts": [dt.datetime(2026, 1, 1), dt.datetime(2026, 1, 2)], "price": [1.0, 2.0]}
                  ).write_parquet(folder / "a.parquet")
     write(folder / "b.csv", "user_id,item_id,event,ts,price\nu1,i1,view,2026-01-01,1\nu1,i2,view,2026-01-02,abc\n")
-    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={folder}"))
-    assert m["reasons"] == {"unknown event": 1, "unparseable price": 1}
+    write(folder / "c.csv", "user_id,item_id,event,ts,price\nu1,i3,view,2026-01-03,1,extra\n")  # read exactly
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={folder}", "prepare.shards=1"))
+    assert m["reasons"] == {"unknown event": 1, "unparseable price": 1,     # one user: every source in one shard
+                            "malformed CSV record at line 2: 6 fields, expected 5": 1}
+    assert m["rows_out"] == 2
     q = pl.read_parquet(tmp_path / "data" / "events" / "quarantine.parquet").sort("_file")
-    assert q["price"].to_list() == ["2.0", "abc"]
+    assert q["price"].to_list() == ["2.0", "abc", "1"]
 
 
 def test_an_empty_file_among_many_is_zero_rows_not_an_error(tmp_path: Path) -> None:
@@ -151,10 +154,33 @@ def test_an_empty_file_among_many_is_zero_rows_not_an_error(tmp_path: Path) -> N
     assert [s["rows"] for s in m["sources"]] == [1, 0, 1] and m["rows_out"] == 2
 
 
+def test_exact_reader_keeps_bom_crlf_and_lone_cr_as_polars_reads_them(tmp_path: Path) -> None:
+    """An Excel-style export (BOM, quoted header, CRLF) with one malformed record: the header still names the
+    columns, and a lone CR inside a value stays in it (Polars ends records at LF or CRLF only)."""
+    src = tmp_path / "e.csv"
+    src.write_bytes('\ufeff"user_id","item_id","event","ts"\r\n'.encode()
+                    + b'u1,i1,view,2026-01-01\r\nu1,i2\rx,view,2026-01-02\r\nu1,i3,view,2026-01-03,extra\r\n')
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    assert (m["rows_in"], m["rows_out"]) == (3, 2)
+    assert m["reasons"] == {"malformed CSV record at line 4: 5 fields, expected 4": 1}
+    rows = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet").sort("_row")
+    assert rows["item_id"].to_list() == ["i1", "i2\rx"]
+
+
+def test_a_typed_fraction_in_an_integer_column_is_quarantined_not_truncated(tmp_path: Path) -> None:
+    src = tmp_path / "e.parquet"
+    pl.DataFrame({"user_id": ["u1"] * 3, "item_id": ["i1", "i2", "i3"], "event": ["view"] * 3,
+                  "ts": ["2026-01-01", "2026-01-02", "2026-01-03"], "quantity": [2.0, 1.5, None]}).write_parquet(src)
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    assert m["reasons"] == {"unparseable quantity": 1}                 # 1.5 used to become 1
+    rows = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet").sort("_row")
+    assert rows["quantity"].to_list() == [2, None]
+
+
 def test_a_quote_never_closed_names_its_line(tmp_path: Path) -> None:
     src = write(tmp_path / "e.csv", 'user_id,item_id,event,ts\nu1,i1,view,2026-01-01\nu1,"i2,view,2026-01-02\n'
                                     "u1,i3,view,2026-01-03\n")
-    with pytest.raises(UserError, match=r"e\.csv: line \d+: .*never closed"):
+    with pytest.raises(UserError, match=r"e\.csv: the record starting at line 3: .*never closed"):
         prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
 
 

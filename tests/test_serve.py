@@ -90,7 +90,7 @@ def test_bind_rules() -> None:
         check_bind("0.0.0.0", None)
     from jobs.deploy import start
 
-    for port in (99999, -1, "8000", True):          # refused before Ray or Serve starts (was an OverflowError)
+    for port in (99999, -1, "http", True, None):          # refused before Ray or Serve starts (was an OverflowError)
         with pytest.raises(UserError, match=r"deploy.port=.*a TCP port, 0-65535"):
             start({"deploy": {"host": "127.0.0.1", "port": port}, "serve": {}})
 

@@ -391,7 +391,7 @@ def test_progress_lines_only_for_long_loops(capsys: pytest.CaptureFixture) -> No
 
 def test_a_scaling_no_node_can_hold_is_an_error_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray Train would wait forever, silently, for a GPU worker on a CPU machine: the driver looks first. On a
-    cluster it joined (RAY_ADDRESS) it only warns, since an autoscaling cluster adds nodes."""
+    cluster it joined (or in a Tune trial) it only warns, since an autoscaling cluster adds nodes."""
     import ray
 
 
@@ -400,7 +400,9 @@ def test_a_scaling_no_node_can_hold_is_an_error_before_training(monkeypatch: pyt
 
     gpu1 = {"num_workers": 1, "use_gpu": True, "resources_per_worker": {"CPU": 4, "GPU": 1}}
     assert worker_bundle(gpu1) == {"CPU": 4.0, "GPU": 1.0}
-    assert worker_bundle({"num_workers": 2, "use_gpu": True}) == {"CPU": 1.0, "GPU": 1.0}
+    assert worker_bundle({"num_workers": 2, "use_gpu": True}) == {"GPU": 1.0}          # as Ray Train reads it
+    assert worker_bundle({"use_gpu": False}) == {"CPU": 1.0}
+    assert worker_bundle({"use_gpu": True, "resources_per_worker": {"GPU": 1, "CPU": 0}}) == {"GPU": 1.0}
     laptop, gpu_node = {"CPU": 2.0, "memory": 1e9}, {"CPU": 16.0, "GPU": 2.0}
     assert workers_that_fit({"CPU": 1.0}, [laptop]) == 2
     assert workers_that_fit({"CPU": 4.0, "GPU": 1.0}, [laptop, gpu_node]) == 2   # GPUs, not CPUs, bound it
@@ -408,10 +410,12 @@ def test_a_scaling_no_node_can_hold_is_an_error_before_training(monkeypatch: pyt
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": laptop}, {"Alive": False, "Resources": gpu_node}])
     monkeypatch.setattr(ray, "cluster_resources", lambda: laptop)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    from ecomray.train import driver
+
+    monkeypatch.setattr(driver, "ray_started_here", lambda: True)                 # a Ray this process started
     check_placement({"scaling": {"num_workers": 2, "use_gpu": False}})            # fits: nothing said
     with pytest.raises(UserError, match=r"1 Train worker\(s\) of \{'CPU': 4.0, 'GPU': 1.0\}.* can hold 0 "
                                         r"\(cluster total \{'CPU': 2.0, 'GPU': 0.0\}\).*scaling=cpu1"):
         check_placement({"scaling": gpu1})
-    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    check_placement({"scaling": gpu1})                                             # a cluster: a warning only
+    monkeypatch.setattr(driver, "ray_started_here", lambda: False)                # a cluster, or a Tune trial
+    check_placement({"scaling": gpu1})                                             # a warning only

@@ -145,6 +145,8 @@ def _parse(raw: pl.Expr, kind: str, dtype: pl.DataType, ts_format: str = "mixed"
     target = TYPES[kind]
     if dtype == pl.Utf8:
         return raw.str.strip_chars().cast(target, strict=False)
+    if kind == "int" and dtype.is_float():  # a typed 1.5 would truncate to 1: only integral values are integers
+        return pl.when(raw == raw.round(0)).then(raw.cast(target, strict=False))
     return raw.cast(target, strict=False)
 
 

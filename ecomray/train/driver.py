@@ -14,7 +14,7 @@ import torch
 
 from ecomray import registry
 from ecomray.data import shards
-from ecomray.runtime import UserError, alive_nodes, bundles_that_fit
+from ecomray.runtime import UserError, alive_nodes, bundles_that_fit, ray_started_here
 from ecomray.tasks import key_metrics, load_task
 from ecomray.train.loop import train_loop
 
@@ -48,10 +48,14 @@ def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict],
 
 
 def worker_bundle(scaling: dict) -> dict[str, float]:
-    """What one Train worker reserves: `resources_per_worker`, with Ray Train's defaults (1 CPU; 1 GPU with
-    `use_gpu`)."""
-    per = {k: float(v) for k, v in (scaling.get("resources_per_worker") or {}).items()}
-    per.setdefault("CPU", 1.0)
+    """What one Train worker reserves, as Ray Train's ScalingConfig reads `resources_per_worker`: none given means
+    {CPU: 1}, or {GPU: 1} with `use_gpu` (no CPU); a given dict as it is (zeros dropped), plus GPU: 1 with
+    `use_gpu` when it names no GPU."""
+    given = scaling.get("resources_per_worker")
+    if given is None:
+        per = {"GPU": 1.0} if scaling.get("use_gpu") else {"CPU": 1.0}
+    else:
+        per = {k: float(v or 0) for k, v in given.items()}
     if scaling.get("use_gpu"):
         per.setdefault("GPU", 1.0)
     return {k: v for k, v in per.items() if v > 0}
@@ -59,8 +63,9 @@ def worker_bundle(scaling: dict) -> dict[str, float]:
 
 def check_placement(cfg: dict) -> None:
     """Ray Train waits without a word for workers that no node can hold (`scaling=gpu1` on a machine without a
-    GPU). So look first: on a Ray this job started, an impossible request is an error; on a cluster it joined
-    (RAY_ADDRESS), one that does not fit yet is a warning, since an autoscaling cluster adds nodes."""
+    GPU). So look first: on a Ray this process started, an impossible request is an error; on a cluster it joined
+    (RAY_ADDRESS, a `ray start` cluster) or inside a Tune trial, a warning, since an autoscaling cluster adds
+    nodes."""
     import ray
 
     n = int(cfg["scaling"].get("num_workers", 1))
@@ -73,7 +78,7 @@ def check_placement(cfg: dict) -> None:
     have = {k: total.get(k, 0.0) for k in bundle}
     why = (f"scaling: {n} Train worker(s) of {bundle} each, but the Ray cluster's {len(nodes)} node(s) can hold "
            f"{fit_now} (cluster total {have})")
-    if os.environ.get("RAY_ADDRESS"):
+    if not ray_started_here():
         print(f"[train] waiting: {why}; an autoscaling cluster adds nodes, otherwise stop (Ctrl-C) and choose "
               f"another scaling", flush=True)
         return

@@ -99,10 +99,14 @@ def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int =
         pycsv.writer(buf, delimiter=opts["delimiter"], lineterminator="").writerow(fields)  # re-quoted as needed
         return buf.getvalue()
 
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = pycsv.reader(fh, **opts)
+    # utf-8-sig: a BOM is not part of the first name; newline="\n": a record ends at \n or \r\n only, as Polars
+    # reads it (a lone \r stays inside its value instead of splitting the record)
+    with open(path, newline="\n", encoding="utf-8-sig") as fh:
+        reader = pycsv.reader(_hide_lone_cr(fh), **opts)
+        start = 1                                 # the line a record starts on (a quoted value may span lines)
         try:
             header = next(reader) if csv.get("has_header", True) else None
+            start = reader.line_num + 1
             first = None if header is not None else next(reader, [])
             width = len(header if header is not None else first)
             names = list(csv.get("new_columns") or header or [f"column_{k + 1}" for k in range(width)])
@@ -110,18 +114,37 @@ def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int =
                 raise UserError(f"{path}: dataset.csv.new_columns names {len(names)} columns, the file has {width}")
 
             def records():
-                for fields in (reader if first is None else itertools.chain([first], reader)):
+                nonlocal start
+                fields = first
+                if fields is None:
+                    fields = next(reader, None)
+                while fields is not None:
+                    fields = [f.replace(_CR, "\r") if _CR in f else f for f in fields]
                     if len(fields) <= width:
                         values = [f if f != "" else None for f in fields] if fields else []
                         yield [*values, *([None] * (width - len(values))), None, None]
                     else:
-                        yield [*fields[:width], f"malformed CSV record at line {reader.line_num}: {len(fields)} "
+                        yield [*fields[:width], f"malformed CSV record at line {start}: {len(fields)} "
                                f"fields, expected {width}", as_text(fields)]
+                    start = reader.line_num + 1
+                    fields = next(reader, None)
 
             return _write_text_rows(out, names, records(), batch_rows)
         except pycsv.Error as err:
-            raise UserError(f"{path}: line {reader.line_num}: {err} (a quote opened there is never closed?); "
-                            f"fix the file: every later line would be part of one value") from None
+            raise UserError(f"{path}: the record starting at line {start}: {err} (a quote opened there and never "
+                            f"closed makes every later line part of one value); fix the file") from None
+
+
+_CR = "\ue000"  # a private-use character standing in for a lone CR while the csv module reads a line
+
+
+def _hide_lone_cr(lines):
+    """Lines as Polars splits records (at LF or CRLF), with any other CR hidden from the csv module, which would
+    end a record there (or refuse it); `read_csv_exactly` puts the CRs back into the values."""
+    for line in lines:
+        end = "\r\n" if line.endswith("\r\n") else ("\n" if line.endswith("\n") else "")
+        body = line[:len(line) - len(end)]
+        yield body.replace("\r", _CR) + end if "\r" in body else line
 
 
 def read_jsonl_exactly(path: str, out: str, batch_rows: int = 100_000) -> int:
@@ -130,7 +153,7 @@ def read_jsonl_exactly(path: str, out: str, batch_rows: int = 100_000) -> int:
     does; a line that is not a JSON object is quarantined with its line number and its text. Values become text
     (numbers and booleans in their JSON spelling, nested values as JSON): validation parses them."""
     def lines():
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig", newline="\n") as fh:   # lines end at \n, as Polars reads them
             for n, line in enumerate(fh, start=1):
                 if line.strip():
                     yield n, line.rstrip("\r\n")
@@ -148,6 +171,8 @@ def read_jsonl_exactly(path: str, out: str, batch_rows: int = 100_000) -> int:
         names.update(dict.fromkeys(value or {}))
 
     def text(v: Any) -> str | None:
+        if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+            return str(int(v))       # 4.0 reads as 4: an integer column takes it, as it takes Polars' typed 4.0
         return v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)
 
     def records():
@@ -205,9 +230,11 @@ def exact_source(dataset: dict, paths: dict, i: int, work: str) -> pl.LazyFrame 
             read_csv_exactly(path, dataset.get("csv") or {}, out)
         else:
             read_jsonl_exactly(path, out)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: invalid UTF-8 (byte {err.start} of a line); ecomray never replaces bytes "
-                        f"silently: re-encode the file") from None
+    except UnicodeDecodeError:
+        from ecomray.data.prepare import _first_bad_utf8_line
+
+        raise UserError(f"{path}: invalid UTF-8 at line {_first_bad_utf8_line(path)}; ecomray never replaces bytes "
+                        f"silently: re-encode the file (for example `iconv -f GBK -t UTF-8`)") from None
     return _with_split(_canonical_names(pl.scan_parquet(out), dataset.get("columns") or {}), dataset, split)
 
 
