@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from ecomray import registry, serving
 from serve import schemas
 from serve.endpoint import ModelDeployment, ModelServer, replica_versions
-from serve.middleware import MODEL_HEADER, OPEN_PATHS, Guard, GuardSettings
+from serve.middleware import DOCS_PATHS, MODEL_HEADER, OPEN_PATHS, Guard, GuardSettings
 from serve.settings import DEPLOYMENT_KEYS, api_key, app_args, check_bind
 
 logger = logging.getLogger("ray.serve")
@@ -85,6 +85,7 @@ class Ingress:
                                    body_timeout_s=float(s.get("body_timeout_s", 10.0)),
                                    log_requests=bool(s.get("log_requests", True)),
                                    metrics=bool(s.get("metrics", True)),
+                                   docs_without_key=bool(s.get("docs_without_key", True)),
                                    routes=frozenset(f"/v1/{r}" for r in self.endpoints))
         self.backends: dict[str, Any] = dict(handles or {})
         for route, e in self.endpoints.items():
@@ -157,7 +158,7 @@ def _declare_api_key(app: FastAPI) -> None:
             schema.setdefault("components", {})["securitySchemes"] = {
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
             for path, ops in schema.get("paths", {}).items():
-                if path not in OPEN_PATHS:
+                if path not in OPEN_PATHS and path not in DOCS_PATHS:
                     for op in ops.values():
                         op["security"] = [{"apiKey": []}]
             app.openapi_schema = schema
@@ -313,7 +314,8 @@ def build_app(args: dict[str, Any]) -> Application:
                 "max_body_bytes": int(serve_cfg.get("max_body_bytes", 1 << 20)),
                 "body_timeout_s": float(serve_cfg.get("body_timeout_s", 10.0)),
                 "log_requests": bool(serve_cfg.get("log_requests", True)),
-                "metrics": bool(serve_cfg.get("metrics", True))}
+                "metrics": bool(serve_cfg.get("metrics", True)),
+                "docs_without_key": bool(serve_cfg.get("docs_without_key", True))}
     ingress_opts = {k: v for k, v in {**(serve_cfg.get("common") or {}), **ingress_cfg}.items()
                     if k in DEPLOYMENT_KEYS}
     return Ingress.options(**_deployment_options(ingress_opts, log_level)).bind(handles, settings)

@@ -26,10 +26,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 # Routes that never need the key: a load balancer's health probe carries none and learns nothing from it; the
-# playground page (and `/`, its redirect) and the API reference (Swagger UI, its assets, the OpenAPI document) are
-# static pages a browser opens without custom headers; their API calls carry the key the user types in.
-OPEN_PATHS = frozenset({"/healthz", "/playground", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
-OPEN_PREFIXES = ("/static-offline-docs/",)
+# playground page (and `/`, its redirect) is a static page a browser opens without custom headers; its API calls
+# carry the key the user types in. The API reference (Swagger UI, its assets, the OpenAPI document) is open too
+# when `docs_without_key` (serve.docs_without_key): it names the routes and the model versions.
+OPEN_PATHS = frozenset({"/healthz", "/playground", "/"})
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json"})
+DOCS_PREFIXES = ("/static-offline-docs/",)
 MODEL_HEADER = b"x-model-version"
 
 
@@ -41,6 +43,7 @@ class GuardSettings:
     log_requests: bool = True
     metrics: bool = True              # per-route, per-model-version Prometheus metrics (ray.serve.metrics)
     routes: frozenset[str] = field(default_factory=frozenset)   # paths with their own metric label
+    docs_without_key: bool = True     # /docs, /openapi.json and Swagger's assets open without the key
 
 
 class _Metrics:
@@ -87,6 +90,11 @@ class Guard:
         except Exception:  # noqa: BLE001 - outside a replica (unit tests) there is no metrics agent
             self._metrics = False
 
+    def _open(self, path: str) -> bool:
+        if path in OPEN_PATHS:
+            return True
+        return self.settings.docs_without_key and (path in DOCS_PATHS or path.startswith(DOCS_PREFIXES))
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -123,7 +131,7 @@ class Guard:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         path, root = str(scope.get("path", "")), str(scope.get("root_path", "") or "")
         relative = path[len(root):] if root and path.startswith(root) else path
-        if s.api_key and relative not in OPEN_PATHS and not relative.startswith(OPEN_PREFIXES):
+        if s.api_key and not self._open(relative):
             given = headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(given, s.api_key.encode()):
                 await _json(send, 401, {"detail": "missing or wrong API key: send it in the X-API-Key header"},

@@ -131,6 +131,13 @@ def test_with_a_key_the_pages_open_and_the_api_closed(monkeypatch: pytest.Monkey
             assert spec["components"]["securitySchemes"]["apiKey"] == {"type": "apiKey", "in": "header",
                                                                        "name": "X-API-Key"}
             assert spec["paths"]["/v1/recommend"]["post"]["security"] == [{"apiKey": []}]
+        ingress.guard.docs_without_key = False                       # serve.docs_without_key=false (cluster)
+        transport = httpx.ASGITransport(app=build_fastapi(ingress))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            for path in ("/docs", "/openapi.json", "/static-offline-docs/swagger-ui.css"):
+                assert (await c.get(path)).status_code == 401, path
+            assert (await c.get("/openapi.json", headers={"X-API-Key": "k"})).status_code == 200
+            assert (await c.get("/playground")).status_code == 200
 
     asyncio.run(main())
 
