@@ -30,6 +30,7 @@ import polars as pl
 import ecomray
 from ecomray.data import schema as S
 from ecomray.data.adapters import load_adapter
+from ecomray.data.adapters.files import first_bad_utf8_line
 from ecomray.data.shards import dataset_dir
 from ecomray.runtime import UserError, is_uri
 
@@ -53,16 +54,6 @@ def _with_position(lf: pl.LazyFrame, file_index: int) -> pl.LazyFrame:
     return lf.with_columns(pl.lit(file_index, dtype=pl.Int32).alias("_file"))
 
 
-def _first_bad_utf8_line(path: str) -> int | None:
-    with open(path, "rb") as fh:
-        for n, line in enumerate(fh, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return n
-    return None
-
-
 def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, stage: str, ts_format: str = "auto",
                  exact: Callable[[], pl.LazyFrame] | None = None) -> dict:
     """Pass 1 for one source: validate and bucket its rows into `stage/src-i/_bucket=b/` (b = -1: quarantine).
@@ -79,7 +70,7 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
     except pl.exceptions.PolarsError as err:
         text = str(err)
         if "utf-8" in text.lower() or "utf8" in text.lower():
-            line = _first_bad_utf8_line(src) if os.path.isfile(src) else None
+            line = first_bad_utf8_line(src) if os.path.isfile(src) else None
             where = f"line {line}" if line else "somewhere in the file"
             raise UserError(f"{src}: invalid UTF-8 at {where}; ecomray never replaces bytes silently: "
                             f"re-encode the file (for example `iconv -f GBK -t UTF-8`)") from None

@@ -75,6 +75,17 @@ def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str]) -> pl.LazyFrame:
     return lf
 
 
+def first_bad_utf8_line(path: str) -> int | None:
+    """The first line (1-based) of a file that is not valid UTF-8, or None."""
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return None
+
+
 def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int = 100_000) -> int:
     """One CSV, record by record (Python's csv module), to a Parquet file of text columns + `_row` +
     `_record_error` + `_record_text`.
@@ -107,18 +118,15 @@ def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int =
         try:
             header = next(reader) if csv.get("has_header", True) else None
             start = reader.line_num + 1
-            first = None if header is not None else next(reader, [])
-            width = len(header if header is not None else first)
+            peeked = [] if header is not None else [next(reader, [])]   # no header: the first record's width
+            width = len(header if header is not None else peeked[0])
             names = list(csv.get("new_columns") or header or [f"column_{k + 1}" for k in range(width)])
             if len(names) != width:
                 raise UserError(f"{path}: dataset.csv.new_columns names {len(names)} columns, the file has {width}")
 
             def records():
                 nonlocal start
-                fields = first
-                if fields is None:
-                    fields = next(reader, None)
-                while fields is not None:
+                for fields in itertools.chain(peeked, reader):
                     fields = [f.replace(_CR, "\r") if _CR in f else f for f in fields]
                     if len(fields) <= width:
                         values = [f if f != "" else None for f in fields] if fields else []
@@ -127,7 +135,6 @@ def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int =
                         yield [*fields[:width], f"malformed CSV record at line {start}: {len(fields)} "
                                f"fields, expected {width}", as_text(fields)]
                     start = reader.line_num + 1
-                    fields = next(reader, None)
 
             return _write_text_rows(out, names, records(), batch_rows)
         except pycsv.Error as err:
@@ -231,9 +238,7 @@ def exact_source(dataset: dict, paths: dict, i: int, work: str) -> pl.LazyFrame 
         else:
             read_jsonl_exactly(path, out)
     except UnicodeDecodeError:
-        from ecomray.data.prepare import _first_bad_utf8_line
-
-        raise UserError(f"{path}: invalid UTF-8 at line {_first_bad_utf8_line(path)}; ecomray never replaces bytes "
+        raise UserError(f"{path}: invalid UTF-8 at line {first_bad_utf8_line(path)}; ecomray never replaces bytes "
                         f"silently: re-encode the file (for example `iconv -f GBK -t UTF-8`)") from None
     return _with_split(_canonical_names(pl.scan_parquet(out), dataset.get("columns") or {}), dataset, split)
 

@@ -29,11 +29,12 @@ def trial_resources(cfg: dict, driver_cpus: float = 0.0) -> tuple[dict[str, floa
     (`max_concurrent_trials`). The other half of the hang (CPUs of stopped trials never freed) is
     `ReleaseStoppedWorkers`. In-process training (`scaling.num_workers: 0`) runs inside the driver, which then
     takes the worker's share."""
+    from ecomray.train.driver import worker_bundle
+
     sc = cfg["scaling"]
     n = int(sc.get("num_workers", 1))
-    per = dict(sc.get("resources_per_worker") or {})
-    cpu = float(per.get("CPU", 1))
-    gpu = float(per.get("GPU", 1 if sc.get("use_gpu") else 0))
+    per = worker_bundle(sc)                      # one worker, as Ray Train reads resources_per_worker
+    cpu, gpu = per.get("CPU", 0.0), per.get("GPU", 0.0)
     if n == 0:
         return {"CPU": max(cpu, 1.0), "GPU": gpu}, {"CPU": max(cpu, 1.0), "GPU": gpu}
     # Tune refuses an all-zero request; what an idle driver really needs is a little memory, so that is what it asks.
