@@ -14,6 +14,8 @@ line naming the command that upgrades it in place: `python -m jobs.registry migr
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -55,7 +57,8 @@ def versions(root: str, name: str) -> list[str]:
     folder = _safe(root, name)
     if not os.path.isdir(folder):
         return []
-    return sorted(v for v in os.listdir(folder) if re.fullmatch(r"v\d{4,}", v))
+    # by number: "v10000" comes after "v9999" (as text it would sort before it)
+    return sorted((v for v in os.listdir(folder) if re.fullmatch(r"v\d{4,}", v)), key=lambda v: int(v[1:]))
 
 
 def lineage(cfg: dict, manifest: dict | None) -> dict[str, Any]:
@@ -107,20 +110,23 @@ def register(root: str, name: str, state_dict: dict, cfg: dict, metrics: dict, m
             # EEXIST) instead of replacing it: the loser takes the next number.
             os.rename(tmp, os.path.join(folder, version))
             return version
-        except OSError:
-            if not os.path.isdir(tmp):
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not os.path.isdir(tmp):
                 raise
-            continue
 
 
 def set_alias(root: str, name: str, alias: str, version: str) -> None:
     """Point `alias` at `version` and record the move in `aliases_history.jsonl` (what `rollback` walks back)."""
     _safe(root, name, version)
-    if version not in versions(root, name):
-        raise UserError(f"{name} has no version {version} (have {versions(root, name)})")
     if not _NAME.match(alias) or alias in ("latest", "auto") or re.fullmatch(r"v\d{4,}", alias):
         raise UserError(f"invalid alias {alias!r}: letters, digits, '_', '-', '.'; not 'latest' or a version id")
-    _update_alias(root, name, alias, lambda aliases, history: ("set", version))
+
+    def step(aliases: dict[str, str], history: list[dict]) -> tuple[str, str]:
+        if version not in versions(root, name):  # under the lock: gc deletes under it too
+            raise UserError(f"{name} has no version {version} (have {versions(root, name)})")
+        return "set", version
+
+    _update_alias(root, name, alias, step)
 
 
 def rollback(root: str, name: str, alias: str = "prod") -> tuple[str | None, str]:
@@ -136,6 +142,9 @@ def rollback(root: str, name: str, alias: str = "prod") -> tuple[str | None, str
         if current is None or len(stack) < 2:
             raise UserError(f"{name}: alias {alias!r} has no earlier version to roll back to "
                             f"(history: {stack or 'none'}); set one with `promote`")
+        if stack[-2] not in versions(root, name):   # deleted by hand (gc keeps every version a rollback can reach)
+            raise UserError(f"{name}: alias {alias!r} would roll back to {stack[-2]}, which is no longer in the "
+                            f"registry; point it at a version that exists with `promote`")
         moved["from"] = current
         return "rollback", stack[-2]
 
@@ -160,12 +169,19 @@ def _alias_stack(history: list[dict], alias: str) -> list[str]:
     return stack
 
 
+@contextlib.contextmanager
+def _alias_lock(folder: str):
+    """The model's alias lock: alias moves, and gc's choice and deletion of versions, happen one at a time."""
+    with open(os.path.join(folder, ".aliases.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _update_alias(root: str, name: str, alias: str, fn) -> str:
     """Read-modify-write `aliases.json` and its history under one lock; `fn(aliases, history) -> (action, version)`."""
     folder = _safe(root, name)
     path, hpath = os.path.join(folder, "aliases.json"), os.path.join(folder, "aliases_history.jsonl")
-    with open(os.path.join(folder, ".aliases.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # read-modify-write under a lock: concurrent alias moves all land
+    with _alias_lock(folder):  # read-modify-write under a lock: concurrent alias moves all land
         aliases, history = _read_aliases(path), _read_history(hpath)
         action, version = fn(aliases, history)
         entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "alias": alias, "version": version,
@@ -199,12 +215,14 @@ def aliases(root: str, name: str) -> dict[str, str]:
     return _read_aliases(os.path.join(_safe(root, name), "aliases.json"))
 
 
-def models(root: str) -> list[str]:
-    """Model names in the registry (folders holding at least one version)."""
+def models(root: str, with_leftovers: bool = False) -> list[str]:
+    """Model names in the registry (folders holding at least one version; `with_leftovers`: also folders holding
+    only what a killed first register left, for gc)."""
     if not os.path.isdir(root):
         return []
     return sorted(n for n in os.listdir(root) if _NAME.match(n) and os.path.isdir(os.path.join(root, n))
-                  and versions(root, n))
+                  and (versions(root, n) or (with_leftovers and any(f.startswith(".tmp-")
+                                                                    for f in os.listdir(os.path.join(root, n))))))
 
 
 def get_alias(root: str, name: str, alias: str) -> str | None:
@@ -252,7 +270,11 @@ def resolve(root: str, name: str, ref: str | None = None) -> str:
 
 def read_info(root: str, name: str, version: str) -> dict[str, Any]:
     """A version's `version.json`; format-1 versions (written before it existed) read as {"format": 1}."""
-    path = os.path.join(_safe(root, name, version), "version.json")
+    folder = _safe(root, name, version)
+    if not os.path.isdir(folder):
+        raise UserError(f"registry {name} {version}: the version folder is gone ({folder}); "
+                        f"versions: {versions(root, name)}")
+    path = os.path.join(folder, "version.json")
     if not os.path.exists(path):
         return {"format": 1}
     with open(path) as fh:
@@ -352,25 +374,43 @@ def leased(root: str, name: str, max_age_s: float = LEASE_S) -> set[str]:
     folder = os.path.join(_safe(root, name), ".leases")
     if not os.path.isdir(folder):
         return set()
-    now = time.time()
-    return {f.split(".", 1)[0] for f in os.listdir(folder)
-            if now - os.path.getmtime(os.path.join(folder, f)) <= max_age_s}
+    now, fresh = time.time(), set()
+    for f in os.listdir(folder):
+        try:
+            if now - os.path.getmtime(os.path.join(folder, f)) <= max_age_s:
+                fresh.add(f.split(".", 1)[0])
+        except FileNotFoundError:  # released meanwhile
+            pass
+    return fresh
+
+
+def _older_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.path.getmtime(path) > seconds
+    except FileNotFoundError:   # renamed into place or removed meanwhile
+        return False
 
 
 def gc(root: str, name: str, keep_last: int = 5, dry_run: bool = False) -> dict[str, list[str]]:
-    """Delete the versions of `name` that no alias points at, no replica serves (leases) and that are not among
-    the newest `keep_last`; and half-written `.tmp-*` folders older than an hour. Returns {"deleted", "kept"}."""
+    """Delete the versions of `name` that no alias points at or can roll back to, no replica serves (leases) and
+    that are not among the newest `keep_last`; and half-written `.tmp-*` folders older than an hour. Runs under the
+    alias lock, so no alias can move onto a version while it is being deleted. Returns {"deleted", "kept", "tmp"}."""
     import shutil
 
     folder = _safe(root, name)
-    have = versions(root, name)
-    protected = set(aliases(root, name).values()) | leased(root, name) | set(have[-keep_last:] if keep_last else [])
-    doomed = [v for v in have if v not in protected]
-    stale_tmp = [t for t in os.listdir(folder) if t.startswith(".tmp-")
-                 and time.time() - os.path.getmtime(os.path.join(folder, t)) > 3600]
-    if not dry_run:
-        for v in doomed:
-            shutil.rmtree(_safe(root, name, v))
-        for t in stale_tmp:
-            shutil.rmtree(os.path.join(folder, t), ignore_errors=True)
+    if not os.path.isdir(folder):
+        return {"deleted": [], "kept": [], "tmp": []}
+    with _alias_lock(folder):
+        have = versions(root, name)
+        history = _read_history(os.path.join(folder, "aliases_history.jsonl"))
+        reachable = {v for a in {h["alias"] for h in history} for v in _alias_stack(history, a)}
+        protected = (set(aliases(root, name).values()) | reachable | leased(root, name)
+                     | set(have[-keep_last:] if keep_last else []))
+        doomed = [v for v in have if v not in protected]
+        stale_tmp = [t for t in os.listdir(folder) if t.startswith(".tmp-") and _older_than(os.path.join(folder, t), 3600)]
+        if not dry_run:
+            for v in doomed:
+                shutil.rmtree(_safe(root, name, v))
+            for t in stale_tmp:
+                shutil.rmtree(os.path.join(folder, t), ignore_errors=True)
     return {"deleted": doomed, "kept": [v for v in have if v in protected], "tmp": stale_tmp}

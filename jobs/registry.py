@@ -127,7 +127,7 @@ def collect(root: str, only: str | None, keep: int, dry_run: bool, runs: str | N
     import shutil
 
     out: dict[str, Any] = {}
-    for name in [only] if only else registry.models(root):
+    for name in [only] if only else registry.models(root, with_leftovers=True):
         res = registry.gc(root, name, keep, dry_run)
         out[name] = res
         verb = "would delete" if dry_run else "deleted"

@@ -228,3 +228,48 @@ def test_gc_keeps_aliased_served_and_newest_versions(tmp_path: Path) -> None:
     assert sorted(p.name for p in runs.iterdir()) == ["tiny"]
     registry.release(root, "m", "v0002", "replica-a")
     assert main(["--registry", root, "gc", "--keep", "2"])["m"]["deleted"] == ["v0002"]
+
+
+def test_gc_keeps_what_rollback_can_reach_and_rollback_names_a_missing_target(tmp_path: Path) -> None:
+    """gc used to delete a version on an alias's history (so `rollback` moved prod onto a deleted version and
+    loading it failed with a misleading format error)."""
+    import shutil
+
+    root = str(tmp_path)
+    for k in range(8):
+        _register(root, float(k))
+    registry.set_alias(root, "m", "prod", "v0002")
+    registry.set_alias(root, "m", "prod", "v0008")
+    out = registry.gc(root, "m", keep_last=2)
+    assert out["deleted"] == ["v0001", "v0003", "v0004", "v0005", "v0006"]   # v0002: prod's rollback target
+    assert registry.rollback(root, "m") == ("v0008", "v0002")
+    assert registry.load(root, "m")["version"] == "v0002"
+    registry.set_alias(root, "m", "prod", "v0008")
+    shutil.rmtree(Path(root) / "m" / "v0002")                               # deleted by hand
+    with pytest.raises(UserError, match="v0002, which is no longer in the registry"):
+        registry.rollback(root, "m")
+    assert registry.get_alias(root, "m", "prod") == "v0008"                 # the refused rollback moved nothing
+    with pytest.raises(UserError, match="v0002: the version folder is gone"):
+        registry.read_info(root, "m", "v0002")
+
+
+def test_versions_sort_by_number_past_v9999(tmp_path: Path) -> None:
+    """As text, v10000 sorts before v9999: `latest` was v9999 and register spun forever renaming onto v10000."""
+    root = str(tmp_path)
+    _register(root)
+    os.rename(Path(root) / "m" / "v0001", Path(root) / "m" / "v9999")
+    assert _register(root) == "v10000" and _register(root) == "v10001"
+    assert registry.versions(root, "m")[-1] == "v10001" and registry.resolve(root, "m", "latest") == "v10001"
+
+
+def test_gc_removes_what_a_killed_first_register_left(tmp_path: Path) -> None:
+    from jobs.registry import main
+
+    root = tmp_path / "registry"
+    left = root / "n" / ".tmp-abc"
+    left.mkdir(parents=True)
+    (left / "model.pt").write_bytes(b"partial")
+    os.utime(left, (left.stat().st_atime - 7200, left.stat().st_mtime - 7200))
+    assert registry.models(str(root)) == []                                # no versions: not a model to list
+    out = main(["--registry", str(root), "gc"])
+    assert out["n"]["tmp"] == [".tmp-abc"] and not left.exists()
