@@ -164,11 +164,30 @@ def alive_nodes() -> list[dict[str, float]]:
     return [node.get("Resources") or {} for node in ray.nodes() if node.get("Alive")]
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, a scheduler, `kill`) ends a job as an exception does, so its `finally` blocks
+    remove temporary folders; Python's default is to die at once. (`ray.init` installs the same handler in a Ray
+    driver; this covers a job before it starts Ray or one that never does.)"""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def stop(signum: int, frame: Any) -> None:
+            print("ecomray: stopped (SIGTERM)", file=sys.stderr, flush=True)
+            sys.exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
+
+
 def user_errors(fn: F) -> F:
-    """Wrap a job's entry point: a UserError becomes one clear line on stderr and exit code 2."""
+    """Wrap a job's entry point: a UserError becomes one clear line on stderr and exit code 2; SIGTERM exits
+    through the job's cleanups."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _exit_on_sigterm()
         try:
             return fn(*args, **kwargs)
         except UserError as err:

@@ -259,7 +259,80 @@ def test_rerun_refuses_without_overwrite_and_never_mixes(tmp_path: Path) -> None
     prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.shards=2", "overwrite=true"))
     files = sorted(os.listdir(tmp_path / "data" / "events" / "shards"))
     assert files == ["part-00000.parquet", "part-00001.parquet"]
-    assert not [p for p in os.listdir(tmp_path / "data") if p.startswith(".")]  # no temp folders left
+    assert [p for p in os.listdir(tmp_path / "data") if p.startswith(".")] == [".events.lock"]  # no temp folders
+
+
+def test_a_killed_runs_work_folder_is_removed_by_the_next_run(tmp_path: Path, capsys) -> None:
+    """A SIGKILL skips every cleanup: its `.events.tmp-*` (staged data, a partial output) used to stay forever."""
+    src = write(tmp_path / "e.csv", MESSY)
+    left = tmp_path / "data" / ".events.tmp-killed"
+    (left / "stage").mkdir(parents=True)
+    (left / "stage" / "x.parquet").write_bytes(b"0" * 1000)
+    other = tmp_path / "data" / ".shoppers.tmp-live"      # another dataset's run: not this run's to judge
+    other.mkdir()
+    prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    assert not left.exists() and other.exists()
+    assert f"removed {left}: left by a killed run" in capsys.readouterr().out
+
+
+def test_one_prepare_of_a_dataset_at_a_time(tmp_path: Path, capsys) -> None:
+    """A second run waits for the first (saying for whom); with if_missing (what a job that needs the data uses)
+    it then returns the dataset the first run made instead of preparing it again."""
+    import fcntl
+    import threading
+
+    src = write(tmp_path / "e.csv", MESSY)
+    cfg = cfg_for(tmp_path, "dataset=events", f"dataset.path={src}")
+    first = prepare(cfg)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    got: dict = {}
+    with open(tmp_path / "data" / ".events.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)          # a run in progress
+        held.truncate(0)
+        held.write("pid 1 on elsewhere\n")
+        held.flush()
+        t = threading.Thread(target=lambda: got.update(m=prepare(cfg, if_missing=True)))
+        t.start()
+        t.join(1.5)
+        assert t.is_alive() and "m" not in got    # waiting, not running beside it
+    t.join(30)
+    assert got["m"]["hash"] == first["hash"] and got["m"]["created_at"] == first["created_at"]
+    assert "another prepare of events is running (pid 1 on elsewhere); waiting" in capsys.readouterr().out
+
+
+def test_sigterm_runs_a_jobs_cleanups(tmp_path: Path) -> None:
+    """`ray job stop`, a scheduler or `kill` send SIGTERM; Python's default dies without running `finally`."""
+    import signal
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    script = (
+        "import os, shutil, sys, time\n"
+        "from ecomray.runtime import user_errors\n"
+        "@user_errors\n"
+        "def job():\n"
+        f"    os.makedirs({str(work)!r})\n"
+        "    try:\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(60)\n"
+        "    finally:\n"
+        f"        shutil.rmtree({str(work)!r})\n"
+        "job()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped (SIGTERM)" in err
+    assert not work.exists()
+
+
+def test_a_data_folder_that_cannot_be_made_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    src = write(tmp_path / "e.csv", MESSY)
+    with pytest.raises(UserError, match="paths.data: cannot create"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", f"paths.data={tmp_path / 'file' / 'sub'}"))
 
 
 @pytest.mark.parametrize("content,match", [

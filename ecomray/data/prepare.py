@@ -15,15 +15,18 @@ planned between the passes from a narrow projection of the staged rows.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import glob
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import polars as pl
 
@@ -31,7 +34,7 @@ import ecomray
 from ecomray.data import schema as S
 from ecomray.data.adapters import load_adapter
 from ecomray.data.adapters.files import first_bad_utf8_line
-from ecomray.data.shards import dataset_dir
+from ecomray.data.shards import dataset_dir, has_manifest, load_manifest
 from ecomray.runtime import UserError, is_uri
 
 QUARANTINE_BUCKET = -1
@@ -379,8 +382,12 @@ def _stage_task(i: int, dataset: dict, paths: dict, schema: dict, shards: int, s
     return stage_source(i, src, lf, schema, shards, stage, ts_format, _exact_reader(dataset, paths, i, stage))
 
 
-def run(cfg: dict) -> dict:
-    """Prepare `cfg["dataset"]` into `<paths.data>/<dataset.name>` (`shards.dataset_dir`); returns the manifest."""
+def run(cfg: dict, if_missing: bool = False) -> dict:
+    """Prepare `cfg["dataset"]` into `<paths.data>/<dataset.name>` (`shards.dataset_dir`); returns the manifest.
+
+    One prepare of a dataset folder at a time (a lock file beside it; a second run waits for the first). Under the
+    lock, the work folders of killed runs (`.<name>.tmp-*`: a SIGKILL skips every cleanup) are removed.
+    `if_missing`: a dataset that is already prepared (perhaps by the run this one waited for) is returned as it is."""
     t0 = time.time()
     dataset, paths, opts = cfg["dataset"], cfg["paths"], cfg["prepare"]
     schema = dict(dataset["schema"])
@@ -390,16 +397,32 @@ def run(cfg: dict) -> dict:
         raise UserError(f"prepare.shards must be >= 1 (got {shards})")
     if engine not in ("polars", "ray"):
         raise UserError(f"unknown prepare.engine {engine!r}: use polars or ray")
-    ts_format = dataset.get("ts_format", "auto")
     final = dataset_dir(cfg)
     if is_uri(final):
-        local_root = tempfile.mkdtemp(prefix="ecomray-prepare-")
+        local_root, lock = None, contextlib.nullcontext()   # a local scratch folder, made when the run starts
     else:
         local_root = os.path.dirname(final)
-        if os.path.exists(os.path.join(final, "manifest.json")) and not cfg.get("overwrite", False):
-            raise UserError(f"{final} already holds a prepared dataset; pass overwrite=true to replace it "
-                            f"or paths.data=<another folder>")
-    os.makedirs(local_root, exist_ok=True)
+        try:
+            os.makedirs(local_root, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"paths.data: cannot create {local_root} ({err.strerror})") from None
+        lock = _dataset_lock(local_root, os.path.basename(final))
+    with lock:
+        if has_manifest(final):
+            if if_missing:   # another run prepared it while this one waited for the lock
+                return load_manifest(final)
+            if not cfg.get("overwrite", False):
+                raise UserError(f"{final} already holds a prepared dataset; pass overwrite=true to replace it "
+                                f"or paths.data=<another folder>")
+        if not is_uri(final):
+            _remove_leftovers(local_root, os.path.basename(final))
+        return _run_locked(cfg, dataset, paths, opts, schema, shards, engine, compression, final, local_root, t0)
+
+
+def _run_locked(cfg: dict, dataset: dict, paths: dict, opts: dict, schema: dict, shards: int, engine: str,
+                compression: str, final: str, local_root: str | None, t0: float) -> dict:
+    ts_format = dataset.get("ts_format", "auto")
+    local_root = local_root or tempfile.mkdtemp(prefix="ecomray-prepare-")
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=local_root)
     out, stage = os.path.join(work, "out"), os.path.join(work, "stage")
     os.makedirs(os.path.join(out, "shards"))
@@ -464,6 +487,37 @@ def run(cfg: dict) -> dict:
             shutil.rmtree(local_root, ignore_errors=True)
     print_summary(manifest, final, time.time() - t0)
     return manifest
+
+
+# ----------------------------------------------------------------------------------------------- one run at a time
+@contextlib.contextmanager
+def _dataset_lock(local_root: str, name: str) -> Iterator[None]:
+    """An exclusive lock on `<local_root>/.<name>.lock` for the whole run; a second run waits, saying for whom. The
+    kernel drops the lock when its holder dies, however it dies. (The file stays: deleting a lock file races.)"""
+    path = os.path.join(local_root, f".{name}.lock")
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            log(f"another prepare of {name} is running ({holder}); waiting for it to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        yield
+
+
+def _remove_leftovers(local_root: str, name: str) -> None:
+    """Work folders of earlier runs of this dataset that were killed before their cleanup ran. Only called under
+    the dataset's lock, so none of them belongs to a live run."""
+    for d in sorted(glob.glob(os.path.join(local_root, f".{name}.tmp-*"))):
+        size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+        shutil.rmtree(d, ignore_errors=True)
+        log(f"removed {d}: left by a killed run ({size / 1e6:,.1f} MB)")
+
 
 
 def manifest_hash(manifest: dict) -> str:

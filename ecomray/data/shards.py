@@ -109,7 +109,7 @@ def require(cfg: dict, name: str | None = None) -> dict[str, Any]:
         from ecomray.data.prepare import run as prepare
 
         print(f"[data] {dataset['name']} is not prepared yet: preparing the built-in synthetic shop first", flush=True)
-        return prepare(cfg)
+        return prepare(cfg, if_missing=True)  # a run started meanwhile (Tune trials) may have done it
     return load_manifest(folder, hint=prepare_command(cfg, name))
 
 
