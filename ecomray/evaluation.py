@@ -14,7 +14,7 @@ from typing import Any
 from ecomray import registry
 from ecomray.data import shards
 from ecomray.inference import build_from_version
-from ecomray.runtime import UserError
+from ecomray.runtime import UserError, write_atomic
 from ecomray.tasks import key_metrics, load_task
 
 
@@ -29,7 +29,12 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
     if split not in ("val", "test"):
         raise UserError(f"evaluate.split={split!r}: use val or test (the splits a model is scored on)")
     task = load_task(vcfg)
-    shards.require(vcfg)
+    trained_on = (found.get("lineage") or {}).get("data_manifest_hash")
+    now = shards.require(vcfg).get("hash")
+    if trained_on and now != trained_on:   # a drift check is a fair use; comparing with the registered metrics is not
+        print(f"WARNING: {name} {found['version']} trained on another preparation of {shards.dataset_dir(vcfg)} "
+              f"(manifest hash {trained_on[:12]}, now {str(now)[:12]}): its {split} rows may include rows it trained "
+              f"on, so these figures are not comparable with its registered metrics", flush=True)
     data = task.build_data(vcfg, 0, 1)
     model = build_from_version(found)   # the same loader as serving and batch scoring
     baselines = bool(ev.get("baselines", True))
@@ -39,6 +44,7 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
         rows = {"model": task.evaluate(model, data, split)}
     overrides = ev.get("task") or {}
     report = {"model": name, "version": found["version"], "split": split, "task_overrides": overrides,
+              "data_manifest_hash": now, "same_data_as_training": (now == trained_on) if trained_on else None,
               "metrics": rows}
     print(f"evaluate {name} {found['version']} on {split}"
           + (f" (task overrides {json.dumps(overrides)})" if overrides else "") + ":")
@@ -49,6 +55,6 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
         print("  " + f"{who:12s}" + "".join(f"{m[k]:10.4f}" for k in keys))
     os.makedirs(cfg["paths"]["reports"], exist_ok=True)
     suffix = "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
-    with open(os.path.join(cfg["paths"]["reports"], f"{name}-{found['version']}-{split}{suffix}.json"), "w") as fh:
-        json.dump(report, fh, indent=2)
+    write_atomic(os.path.join(cfg["paths"]["reports"], f"{name}-{found['version']}-{split}{suffix}.json"),
+                 json.dumps(report, indent=2))
     return report

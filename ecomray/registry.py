@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from ecomray.runtime import UserError
+from ecomray.runtime import UserError, write_atomic
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 FORMAT = 2
@@ -189,16 +189,9 @@ def _update_alias(root: str, name: str, alias: str, fn) -> str:
         aliases[alias] = version
         # history first: a crash between the two writes leaves a history entry for a move that did not land, which
         # replays as a harmless duplicate; the reverse order could lose the only record of where the alias was.
-        _write_atomic(hpath, "".join(json.dumps(h) + "\n" for h in [*history, entry]))
-        _write_atomic(path, json.dumps(aliases, indent=2))
+        write_atomic(hpath, "".join(json.dumps(h) + "\n" for h in [*history, entry]))
+        write_atomic(path, json.dumps(aliases, indent=2))
     return version
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)  # readers see the old or the new file, never half of one
 
 
 def _read_history(path: str) -> list[dict[str, Any]]:
@@ -343,8 +336,8 @@ def rewrite_meta(root: str, name: str, version: str, meta: dict, info: dict) -> 
     """The one in-place change a version may see: `jobs.registry migrate` upgrading its format (atomic writes)."""
     path = _safe(root, name, version)
     info = {**info, "weights": read_info(root, name, version).get("weights") or weights_checksum(path)}
-    _write_atomic(os.path.join(path, "meta.json"), json.dumps(meta, indent=2, default=str))
-    _write_atomic(os.path.join(path, "version.json"), json.dumps(info, indent=2))
+    write_atomic(os.path.join(path, "meta.json"), json.dumps(meta, indent=2, default=str))
+    write_atomic(os.path.join(path, "version.json"), json.dumps(info, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------- serving leases, gc

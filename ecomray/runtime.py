@@ -164,6 +164,15 @@ def alive_nodes() -> list[dict[str, float]]:
     return [node.get("Resources") or {} for node in ray.nodes() if node.get("Alive")]
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Write a small text file so that readers (and a later run after a crash) see the old file or the new one,
+    never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def _exit_on_sigterm() -> None:
     """SIGTERM (`ray job stop`, a scheduler, `kill`) ends a job as an exception does, so its `finally` blocks
     remove temporary folders; Python's default is to die at once. (`ray.init` installs the same handler in a Ray

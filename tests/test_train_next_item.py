@@ -291,6 +291,36 @@ def test_time_budget_stops_after_the_epoch_that_spends_it(tmp_path: Path) -> Non
     assert len(out["history"]) == 5
 
 
+def test_weights_trained_on_data_prepared_again_meanwhile_are_not_registered(tmp_path: Path) -> None:
+    """`jobs.prepare ... overwrite=true` during a long run: the new split's val/test rows may be training rows, and
+    the lineage would name data the model never saw."""
+    from ecomray.train.driver import evaluate_checkpoint
+
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
+                      "train.epochs=1")
+    manifest = write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    out = fit(cfg, register=False, evaluate=False)
+    (tmp_path / "data" / "fake" / "manifest.json").write_text(json.dumps({**manifest, "hash": "f" * 64}))
+    with pytest.raises(UserError, match="prepared again while this run trained"):
+        evaluate_checkpoint(cfg, out["checkpoint"], register=True, data_hash=manifest["hash"])
+    assert registry.versions(cfg["paths"]["registry"], registry.model_name(cfg)) == []
+    assert evaluate_checkpoint(cfg, out["checkpoint"], register=False, data_hash="f" * 64)["metrics"]
+
+
+def test_an_in_process_run_leaves_no_checkpoint_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs report their checkpoint folders themselves; the last one used to stay in /tmp for ever."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
+                      "train.epochs=2", "train.patience=100")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    out = fit(cfg, register=False)
+    assert len(out["history"]) == 2
+    assert not list((tmp_path / "tmp").glob("ecomray-ckpt-*"))
+
+
 def test_time_budget_ends_a_long_epoch_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
     from ecomray.train import loop

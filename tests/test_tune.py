@@ -15,7 +15,8 @@ import pytest
 from ecomray import registry
 from ecomray.runtime import UserError
 from ecomray.train import tune as sweeps
-from tests.test_train_next_item import compose_cfg
+from tests.conftest import write_fake_events_shards
+from tests.test_train_next_item import FUNNEL, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,6 +172,27 @@ def test_a_sweep_name_holding_another_sweep_is_refused(tmp_path: Path) -> None:
         sweeps.run_sweep({k: v for k, v in cfg.items() if k != "sweep"})
     with pytest.raises(UserError):
         sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "name": "../escape"}})
+
+
+def test_resuming_a_sweep_whose_data_was_prepared_again_is_refused(tmp_path: Path) -> None:
+    """Its finished trials trained on the old preparation: resuming would rank them against trials on the new one."""
+    from ecomray.train.tune.spec import apply_overrides
+    from ecomray.train.tune.sweep import _fingerprint
+
+    cfg = compose_cfg("tune", tmp_path, "experiment=tiny", "sweep=tiny", "dataset.name=fake", "dataset.adapter=files")
+    write_fake_events_shards(Path(cfg["paths"]["data"]) / "fake", FUNNEL)
+    spec = sweeps.sweep_spec(cfg)
+    base = apply_overrides({k: v for k, v in cfg.items() if k not in ("sweep", "tune", "hydra")}, spec["fixed"])
+    base["run_name"] = None
+    folder = Path(cfg["paths"]["runs"]) / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"fingerprint": _fingerprint(base, spec), "sweep": spec,
+                                                   "data_manifest_hash": "1" * 64}))
+    with pytest.raises(UserError, match="prepared again since sweep tiny started"):
+        sweeps.run_sweep(cfg)
+    (folder / "sweep.json").write_text("{")
+    with pytest.raises(UserError, match="sweep.json is damaged"):
+        sweeps.run_sweep(cfg)
 
 
 def test_a_stopped_trial_ends_without_a_traceback() -> None:

@@ -16,7 +16,7 @@ from ecomray import registry
 from ecomray.data import shards
 from ecomray.runtime import UserError, alive_nodes, bundles_that_fit, ray_started_here
 from ecomray.tasks import key_metrics, load_task
-from ecomray.train.loop import train_loop
+from ecomray.train.loop import release_kept_checkpoint, train_loop
 
 
 def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict], None] | None = None):
@@ -123,26 +123,42 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry.model_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
     check_train_config(cfg)        # so do numbers no run can start from
     load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
-    shards.require(cfg)            # so does a dataset that was never prepared (with the command to run)
+    data_hash = shards.require(cfg)["hash"]   # so does a dataset never prepared (with the command to run)
     if int(cfg["scaling"].get("num_workers", 1)) > 0:
         init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"), verbose=bool(cfg.get("verbose")),
                  dashboard=cfg.get("ray", {}).get("include_dashboard"))  # no-op inside a Tune trial: Ray is already up
         check_placement(cfg)
     t0 = time.time()
-    result = trainer(cfg, callbacks, train_fn).fit()
-    if not evaluate:
-        return {"run_name": cfg["run_name"], "checkpoint": result.checkpoint.path, "train_seconds": time.time() - t0}
-    return evaluate_checkpoint(cfg, result.checkpoint, register=register, train_seconds=time.time() - t0)
+    in_process = int(cfg["scaling"].get("num_workers", 1)) == 0
+    try:
+        result = trainer(cfg, callbacks, train_fn).fit()
+        if not evaluate:   # the caller reads the checkpoint later (a Tune trial's result)
+            in_process = False
+            return {"run_name": cfg["run_name"], "checkpoint": result.checkpoint.path, "train_seconds": time.time() - t0}
+        return evaluate_checkpoint(cfg, result.checkpoint, register=register, train_seconds=time.time() - t0,
+                                   data_hash=data_hash)
+    finally:
+        if in_process:     # its checkpoints are temporary folders, not copies in the run folder
+            release_kept_checkpoint()
 
 
 def evaluate_checkpoint(cfg: dict, checkpoint: Any, register: bool = True, train_seconds: float | None = None,
-                        extra: dict | None = None) -> dict[str, Any]:
+                        extra: dict | None = None, data_hash: str | None = None) -> dict[str, Any]:
     """Load the best weights from a Train checkpoint (a `ray.train.Checkpoint` or its path; its `state.pt` holds
     `best_model`), score them on val and test, and (optionally) register them with `extra` lineage.
+
+    `data_hash`: the manifest hash of the data the weights trained on. If the dataset was prepared again since
+    (`jobs.prepare ... overwrite=true` during a long run), its val and test rows may be ones the model trained on,
+    and the lineage would name data the model never saw: an error, before anything is scored or registered.
 
     Shared by `fit` and by the tune job, which registers only the sweep's winner."""
     from ray.train import Checkpoint
 
+    manifest = shards.load_manifest(shards.dataset_dir(cfg))
+    if data_hash is not None and manifest.get("hash") != data_hash:
+        raise UserError(f"{shards.dataset_dir(cfg)} was prepared again while this run trained (manifest hash "
+                        f"{data_hash[:12]} -> {str(manifest.get('hash'))[:12]}): its val/test split may hold rows "
+                        f"the model trained on, so it is neither scored nor registered; train again on the new data")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(str(checkpoint))
     with ckpt.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")
@@ -162,7 +178,6 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Any, register: bool = True, train
     print("[train] best model: " + "  ".join(f"{s}/{k} {metrics[f'{s}/{k}']:.4f}" for s in ("val", "test")
                                            for k in keys[:3] if f"{s}/{k}" in metrics), flush=True)
     if register:
-        manifest = shards.load_manifest(shards.dataset_dir(cfg))
         name = registry.model_name(cfg)
         version = registry.register(cfg["paths"]["registry"], name, model.state_dict(), cfg, metrics,
                                     task.metadata(data), registry.lineage(cfg, manifest), extra=extra,

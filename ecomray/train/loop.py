@@ -100,9 +100,15 @@ class _KeptDir:
         return self.path
 
     def __exit__(self, *exc: object) -> None:
-        if _KeptDir.previous and os.path.isdir(_KeptDir.previous):
-            shutil.rmtree(_KeptDir.previous, ignore_errors=True)
+        release_kept_checkpoint()
         _KeptDir.previous = self.path
+
+
+def release_kept_checkpoint() -> None:
+    """Remove the folder of an in-process run's last checkpoint, once the driver has read what it needs from it."""
+    if _KeptDir.previous and os.path.isdir(_KeptDir.previous):
+        shutil.rmtree(_KeptDir.previous, ignore_errors=True)
+    _KeptDir.previous = None
 
 
 def _rng_state() -> dict[str, Any]:

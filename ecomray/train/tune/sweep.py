@@ -10,7 +10,7 @@ from typing import Any
 
 from ecomray import registry
 from ecomray.data import shards
-from ecomray.runtime import UserError
+from ecomray.runtime import UserError, write_atomic
 from ecomray.train.tune.export import EXPORT_KEYS, export_experiment
 from ecomray.train.tune.resources import ReleaseStoppedWorkers, TrialLines, max_concurrent_trials, trial_resources
 from ecomray.train.tune.results import trial_table, write_results
@@ -47,23 +47,28 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
         os.rename(sweep_dir, aside)
         print(f"[tune] tune.resume=false: moved the earlier sweep aside to {aside}", flush=True)
     spec_path = os.path.join(sweep_dir, "sweep.json")
+    data_hash = None
     if os.path.exists(spec_path):
-        with open(spec_path) as fh:
-            earlier = json.load(fh)
+        earlier = _read_json(spec_path)
         if earlier["fingerprint"] != fingerprint:
             raise UserError(f"sweep folder {sweep_dir} holds a sweep with a different config or space: pass "
                             f"sweep.name=<new name> for a new sweep, or tune.resume=false to start this one over")
+        data_hash = earlier.get("data_manifest_hash")
         if os.path.exists(summary_path):
-            with open(summary_path) as fh:
-                done = json.load(fh)
+            done = _read_json(summary_path)
             print(f"[tune] sweep {spec['name']} is complete: winner {done['best_trial']} registered as "
                   f"{done['name']} {done['version']} ({done['alias']}); tune.resume=false runs it again", flush=True)
             return done
+    # fail here, not in every trial (or prepare the built-in synthetic shop)
+    current = shards.require(base)["hash"]
+    if data_hash is not None and data_hash != current:
+        raise UserError(f"{shards.dataset_dir(base)} was prepared again since sweep {spec['name']} started "
+                        f"(manifest hash {data_hash[:12]} -> {current[:12]}): its finished trials trained on the "
+                        f"old data; pass tune.resume=false to start over on the new data, or sweep.name=<new name>")
     os.makedirs(sweep_dir, exist_ok=True)
-    with open(spec_path, "w") as fh:
-        json.dump({"fingerprint": fingerprint, "sweep": spec}, fh, indent=2, default=str)
+    write_atomic(spec_path, json.dumps({"fingerprint": fingerprint, "sweep": spec, "data_manifest_hash": current},
+                                       indent=2, default=str))
 
-    shards.require(base)         # fail here, not in every trial (or prepare the built-in synthetic shop)
     # once, here; trials run inside this Ray
     init_ray(num_cpus=(cfg.get("ray") or {}).get("num_cpus"), verbose=bool(cfg.get("verbose")),
              dashboard=(cfg.get("ray") or {}).get("include_dashboard"))
@@ -145,10 +150,19 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
                              "fixed": spec["fixed"], "metric": spec["metric"], "mode": spec["mode"],
                              "best_value": best["best_value"], "trials": len(rows), "sweep_dir": sweep_dir}}
         scored_out = evaluate_checkpoint(winner_cfg, best["checkpoint"], register=True,
-                                         train_seconds=best["wall_s"], extra=lineage)
+                                         train_seconds=best["wall_s"], extra=lineage, data_hash=current)
         registry.set_alias(cfg["paths"]["registry"], scored_out["name"], tcfg["alias"], scored_out["version"])
         print(f"[tune] {scored_out['name']} {scored_out['version']} is now `{tcfg['alias']}`", flush=True)
         out.update(name=scored_out["name"], version=scored_out["version"], metrics=scored_out["metrics"])
-        with open(summary_path, "w") as fh:
-            json.dump(out, fh, indent=2, default=str)
+        write_atomic(summary_path, json.dumps(out, indent=2, default=str))
     return out
+
+
+def _read_json(path: str) -> dict:
+    """A sweep's own JSON file (written atomically, so only a hand edit or a disk error damages it)."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except ValueError as err:
+        raise UserError(f"{path} is damaged ({err}): restore it, or pass tune.resume=false to start the sweep "
+                        f"over (the old folder is moved aside)") from None
