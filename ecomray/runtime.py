@@ -6,12 +6,13 @@ and only those dicts travel to Ray workers, Tune trials and Serve replicas.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 __all__ = ["UserError", "is_uri", "abspath", "to_plain", "init_ray", "user_errors", "quiet_libraries",
            "quiet_termination"]
@@ -162,6 +163,29 @@ def alive_nodes() -> list[dict[str, float]]:
     import ray
 
     return [node.get("Resources") or {} for node in ray.nodes() if node.get("Alive")]
+
+
+@contextlib.contextmanager
+def one_at_a_time(lock_path: str, what: str, log: Callable[[str], None] = print) -> Iterator[None]:
+    """An exclusive lock on `lock_path` for a whole run of `what` (a prepare of one dataset, a batch scoring into
+    one folder); a second run waits, saying for whom. The kernel drops the lock when its holder dies, however it
+    dies, so what a killed run left can be cleaned up under the lock. (The file stays: deleting a lock file races.)"""
+    import fcntl
+    import socket
+
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            log(f"another {what} is running ({holder}); waiting for it to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        yield
 
 
 def write_atomic(path: str, text: str) -> None:

@@ -9,6 +9,7 @@ and a `predictions.json` summary to `<paths.root>/predictions/<registry name>/`.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 
 from ecomray import registry
 from ecomray.inference import load_model
-from ecomray.runtime import UserError, to_plain, user_errors
+from ecomray.runtime import UserError, one_at_a_time, to_plain, user_errors
 from ecomray.tasks import BATCH, supports
 
 MARKER = "predictions.json"
@@ -88,11 +89,6 @@ def _try_first_rows(loaded: Any, inputs: Any, options: dict, given: dict, n: int
 
 
 def run(cfg: DictConfig | dict) -> dict[str, Any]:
-    import ray
-
-    from ecomray.data import shards
-    from ecomray.runtime import init_ray
-
     plain = to_plain(cfg)
     bp = plain["batch_predict"]
     root = plain["paths"]["registry"]
@@ -105,8 +101,31 @@ def run(cfg: DictConfig | dict) -> dict[str, Any]:
     split = str(bp.get("split", "all"))
     options = {**(vcfg["task"].get("predict") or {}), **(bp.get("options") or {})}
     out = os.path.abspath(bp.get("out") or os.path.join(plain["paths"]["root"], "predictions", name))
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
-        raise UserError(f"{out} exists and is not a predictions folder: choose batch_predict.out")
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    except OSError as err:
+        raise UserError(f"batch_predict.out: cannot create {os.path.dirname(out)} ({err.strerror})") from None
+    with one_at_a_time(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock"),
+                       f"batch_predict into {out}", lambda m: print(f"[batch_predict] {m}", flush=True)):
+        for left in sorted(glob.glob(f"{glob.escape(out)}.tmp-*") + glob.glob(f"{glob.escape(out)}.old-*")):
+            shutil.rmtree(left, ignore_errors=True)       # a killed run's; none is a live run's (the lock)
+            print(f"[batch_predict] removed {left}: left by a killed run", flush=True)
+        if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
+            raise UserError(f"{out} exists and is not a predictions folder: choose batch_predict.out")
+        summary = _score(plain, bp, loaded, vcfg, root, name, version, split, options, out)
+    print(f"[batch_predict] {name} {version} ({summary['task']}, split {split}): {summary['rows']} rows -> {out} "
+          f"in {summary['seconds']}s", flush=True)
+    return {**summary, "out": out}
+
+
+def _score(plain: dict, bp: dict, loaded: Any, vcfg: dict, root: str, name: str, version: str, split: str,
+           options: dict, out: str) -> dict[str, Any]:
+    """Score with Ray Data into `<out>.tmp-<pid>`, then swap it in for `out`; returns the summary."""
+    import ray
+
+    from ecomray.data import shards
+    from ecomray.runtime import init_ray
+
     shards.require(vcfg)
     t0 = time.time()
     try:
@@ -130,21 +149,25 @@ def run(cfg: DictConfig | dict) -> dict[str, Any]:
                             compute=ray.data.ActorPoolStrategy(size=int(bp.get("actors", 1))),
                             num_cpus=float(bp.get("num_cpus_per_actor", 1)))
     work = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    scored.write_parquet(work)
+    try:
+        scored.write_parquet(work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     rows = sum(pq.ParquetFile(os.path.join(work, f)).metadata.num_rows
                for f in os.listdir(work) if f.endswith(".parquet"))
     summary = {"model": name, "version": version, "task": vcfg["task"]["name"], "split": split, "rows": rows,
                "options": options, "seconds": round(time.time() - t0, 2), "dataset": vcfg["dataset"]["name"]}
-    with open(os.path.join(work, MARKER), "w") as fh:
+    with open(os.path.join(work, MARKER), "w") as fh:      # last: a folder with the marker is complete
         json.dump(summary, fh, indent=2)
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    old = None
+    if os.path.isdir(out):    # swap in whole: a reader sees the old folder or the new one, never a mix
+        old = f"{out}.old-{os.getpid()}"
+        os.rename(out, old)
     os.rename(work, out)
-    print(f"[batch_predict] {name} {version} ({summary['task']}, split {split}): {rows} rows -> {out} "
-          f"in {summary['seconds']}s", flush=True)
-    return {**summary, "out": out}
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="batch_predict")

@@ -43,9 +43,16 @@ def test_batch_predict_next_item_matches_predict(ray_session, tmp_path: Path) ->
     np.testing.assert_allclose(np.array(some["scores"].to_list()), np.array([[s for _, s in w] for w in want]),
                                rtol=1e-4, atol=1e-4)
     assert (df["items"].list.len() == 5).all()
-    # a re-run replaces the folder (no mixed files from two runs)
+    # a re-run replaces the folder whole (no mixed files from two runs), and removes what killed runs left
+    killed = [Path(f"{out['out']}.tmp-999999"), Path(f"{out['out']}.old-999999")]
+    for k in killed:
+        k.mkdir()
+        (k / "part.parquet").write_bytes(b"partial")
     again = run(cfg)
     assert pl.read_parquet(os.path.join(again["out"], "*.parquet")).height == df.height
+    assert not any(k.exists() for k in killed)
+    assert sorted(p.name for p in Path(out["out"]).parent.iterdir()) == [f".{Path(out['out']).name}.lock",
+                                                                         Path(out["out"]).name]
     # options the family refuses, or does not read, are one error line from the driver, before Ray Data runs
     from ecomray.runtime import UserError
 

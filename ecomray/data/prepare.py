@@ -16,17 +16,15 @@ planned between the passes from a narrow projection of the staged rows.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import glob
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import polars as pl
 
@@ -35,7 +33,7 @@ from ecomray.data import schema as S
 from ecomray.data.adapters import load_adapter
 from ecomray.data.adapters.files import first_bad_utf8_line
 from ecomray.data.shards import dataset_dir, has_manifest, load_manifest
-from ecomray.runtime import UserError, is_uri
+from ecomray.runtime import UserError, is_uri, one_at_a_time
 
 QUARANTINE_BUCKET = -1
 SPLITS = ("train", "val", "test")
@@ -406,7 +404,8 @@ def run(cfg: dict, if_missing: bool = False) -> dict:
             os.makedirs(local_root, exist_ok=True)
         except OSError as err:
             raise UserError(f"paths.data: cannot create {local_root} ({err.strerror})") from None
-        lock = _dataset_lock(local_root, os.path.basename(final))
+        lock = one_at_a_time(os.path.join(local_root, f".{os.path.basename(final)}.lock"),
+                             f"prepare of {os.path.basename(final)}", log)
     with lock:
         if has_manifest(final):
             if if_missing:   # another run prepared it while this one waited for the lock
@@ -490,26 +489,6 @@ def _run_locked(cfg: dict, dataset: dict, paths: dict, opts: dict, schema: dict,
 
 
 # ----------------------------------------------------------------------------------------------- one run at a time
-@contextlib.contextmanager
-def _dataset_lock(local_root: str, name: str) -> Iterator[None]:
-    """An exclusive lock on `<local_root>/.<name>.lock` for the whole run; a second run waits, saying for whom. The
-    kernel drops the lock when its holder dies, however it dies. (The file stays: deleting a lock file races.)"""
-    path = os.path.join(local_root, f".{name}.lock")
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            log(f"another prepare of {name} is running ({holder}); waiting for it to finish")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        fh.flush()
-        yield
-
-
 def _remove_leftovers(local_root: str, name: str) -> None:
     """Work folders of earlier runs of this dataset that were killed before their cleanup ran. Only called under
     the dataset's lock, so none of them belongs to a live run."""
