@@ -188,6 +188,20 @@ def one_at_a_time(lock_path: str, what: str, log: Callable[[str], None] = print)
         yield
 
 
+def replace_dir(work: str, final: str) -> None:
+    """Put the finished folder `work` at `final`, replacing what was there whole: the old folder is renamed aside,
+    the new one renamed in, then the old one deleted. A reader sees one run's files, never a mix of two."""
+    import shutil
+
+    old = None
+    if os.path.isdir(final):
+        old = f"{final}.old-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(work, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write a small text file so that readers (and a later run after a crash) see the old file or the new one,
     never half of one."""

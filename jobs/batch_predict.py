@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from ecomray import registry
 from ecomray.inference import load_model
-from ecomray.runtime import UserError, one_at_a_time, to_plain, user_errors
+from ecomray.runtime import UserError, one_at_a_time, replace_dir, to_plain, user_errors
 from ecomray.tasks import BATCH, supports
 
 MARKER = "predictions.json"
@@ -160,13 +160,7 @@ def _score(plain: dict, bp: dict, loaded: Any, vcfg: dict, root: str, name: str,
                "options": options, "seconds": round(time.time() - t0, 2), "dataset": vcfg["dataset"]["name"]}
     with open(os.path.join(work, MARKER), "w") as fh:      # last: a folder with the marker is complete
         json.dump(summary, fh, indent=2)
-    old = None
-    if os.path.isdir(out):    # swap in whole: a reader sees the old folder or the new one, never a mix
-        old = f"{out}.old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(work, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(work, out)
     return summary
 
 

@@ -174,6 +174,12 @@ def test_opinion_report_on_generated_reviews(tmp_path: Path) -> None:
     worst = s["by_category"][0]
     assert worst["category"] == "衣服"          # the generator's most negative category (60% negative)
     assert any(w in ("粗糙", "失望", "后悔", "太慢", "很怪", "不值") for w, _ in s["terms"]["衣服"][:5])
+    # a re-run replaces the folder whole: a file of an earlier run (a plot this run does not draw) does not stay
+    folder = Path(s["report"]).parent
+    (folder / "stale.png").write_bytes(b"old")
+    again = opinion(ocfg)
+    assert not (folder / "stale.png").exists() and "stale.png" not in again["plots"]
+    assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f"{folder.name}.")) == []
 
 
 def test_epoch_fraction_splits_a_pass_into_loop_epochs_deterministically() -> None:
