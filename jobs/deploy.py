@@ -69,6 +69,11 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"deploy.port={d.get('port')!r}: a TCP port, 0-65535 (0: a free one)")
     key = api_key(d)
     check_bind(host, key)
+    args = app_args(plain)   # reads the registry only: what would be served is known before Ray starts
+    if not any("version" in e for e in (args.get("endpoints") or {}).values()):
+        why = "; ".join(f"/v1/{r}: {e.get('unavailable')}" for r, e in (args.get("endpoints") or {}).items())
+        raise UserError(f"nothing to serve: no route has a model ({why or 'no routes configured'}); train one "
+                        f"(`python -m jobs.train experiment=<name>`) or point serve.routes at registered models")
     started_ray = not ray.is_initialized()
     env: dict[str, str] = {}
     if started_ray and not os.environ.get("RAY_ADDRESS"):
@@ -79,7 +84,6 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
     init_ray(num_cpus=d.get("ray_num_cpus"), verbose=bool(plain.get("verbose")),
              dashboard=(plain.get("ray") or {}).get("include_dashboard"), **({"_node_ip_address": "127.0.0.1"} if started_ray and not
                                                  os.environ.get("RAY_ADDRESS") and is_loopback(host) else {}))
-    args = app_args(plain)
     problems = placement_problems(replica_demand(args), alive_nodes())
     if problems:
         why = "; ".join(problems)

@@ -363,6 +363,16 @@ def test_batcher_wait_errors_and_reconfigure() -> None:
     asyncio.run(main())
 
 
+def test_deploy_with_no_model_for_any_route_is_one_error(trained: dict[str, Any]) -> None:
+    """It used to start Ray and Serve, print every route as not deployed and wait on Ctrl-C, serving only 503s."""
+    import jobs.deploy as deploy_job
+
+    cfg = json.loads(json.dumps(trained["cfg"]))
+    cfg["deploy"]["endpoints"] = {"recommend": {"model": "no_such_model"}, "sentiment": {"model": "nor_this"}}
+    with pytest.raises(UserError, match=r"nothing to serve: no route has a model \(/v1/recommend: no versions"):
+        deploy_job.start(cfg)
+
+
 def test_endpoint_table_refuses_a_name_outside_the_registry(trained: dict[str, Any]) -> None:
     from serve.app import build_app
     from serve.settings import app_args
