@@ -202,6 +202,21 @@ def replace_dir(work: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_writable(path: str, what: str) -> None:
+    """Make the folder `path` (a local one; URIs are left to their filesystem) and prove a file can be written in
+    it, so a job that would write there only at its end (a trained model's registration) fails at its start."""
+    if is_uri(path):
+        return
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise UserError(f"{what}: cannot write to {path} ({err.strerror or err})") from None
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write a small text file so that readers (and a later run after a crash) see the old file or the new one,
     never half of one."""

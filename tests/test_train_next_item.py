@@ -307,6 +307,19 @@ def test_weights_trained_on_data_prepared_again_meanwhile_are_not_registered(tmp
     assert evaluate_checkpoint(cfg, out["checkpoint"], register=False, data_hash="f" * 64)["metrics"]
 
 
+@pytest.mark.parametrize("override,message", [("paths.registry=/proc/ecomray", "paths.registry: cannot write to"),
+                                               ("paths.runs=/proc/ecomray", "paths.runs: cannot write to")])
+def test_folders_written_at_the_end_are_checked_before_training(override: str, message: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """An unwritable registry used to fail with an OSError traceback after the whole run had trained."""
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
+                      "train.epochs=1", override)
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    with pytest.raises(UserError, match=message):
+        fit(cfg)
+    assert "[train] epoch" not in capsys.readouterr().out
+
+
 def test_an_in_process_run_leaves_no_checkpoint_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process runs report their checkpoint folders themselves; the last one used to stay in /tmp for ever."""
     import tempfile

@@ -14,7 +14,7 @@ import torch
 
 from ecomray import registry
 from ecomray.data import shards
-from ecomray.runtime import UserError, alive_nodes, bundles_that_fit, ray_started_here
+from ecomray.runtime import UserError, alive_nodes, bundles_that_fit, check_writable, ray_started_here
 from ecomray.tasks import key_metrics, load_task
 from ecomray.train.loop import release_kept_checkpoint, train_loop
 
@@ -124,6 +124,9 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     check_train_config(cfg)        # so do numbers no run can start from
     load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
     data_hash = shards.require(cfg)["hash"]   # so does a dataset never prepared (with the command to run)
+    check_writable(cfg["paths"]["runs"], "paths.runs")    # and folders it would write to only at the end
+    if register and evaluate:
+        check_writable(cfg["paths"]["registry"], "paths.registry")
     if int(cfg["scaling"].get("num_workers", 1)) > 0:
         init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"), verbose=bool(cfg.get("verbose")),
                  dashboard=cfg.get("ray", {}).get("include_dashboard"))  # no-op inside a Tune trial: Ray is already up

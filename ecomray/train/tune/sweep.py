@@ -10,7 +10,7 @@ from typing import Any
 
 from ecomray import registry
 from ecomray.data import shards
-from ecomray.runtime import UserError, write_atomic
+from ecomray.runtime import UserError, check_writable, write_atomic
 from ecomray.train.tune.export import EXPORT_KEYS, export_experiment
 from ecomray.train.tune.resources import ReleaseStoppedWorkers, TrialLines, max_concurrent_trials, trial_resources
 from ecomray.train.tune.results import trial_table, write_results
@@ -61,6 +61,9 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
             return done
     # fail here, not in every trial (or prepare the built-in synthetic shop)
     current = shards.require(base)["hash"]
+    check_writable(cfg["paths"]["runs"], "paths.runs")
+    if tcfg["register"]:    # the winner is registered only at the very end
+        check_writable(cfg["paths"]["registry"], "paths.registry")
     if data_hash is not None and data_hash != current:
         raise UserError(f"{shards.dataset_dir(base)} was prepared again since sweep {spec['name']} started "
                         f"(manifest hash {data_hash[:12]} -> {current[:12]}): its finished trials trained on the "
