@@ -97,10 +97,13 @@ def run(cfg: dict) -> dict[str, Any]:
     if "category" not in df.columns or df["category"].null_count() == df.height:
         df = df.with_columns(category=pl.lit("(all)"))
     df = df.with_columns(pl.col("category").fill_null("(none)"))
-    final = o["out"]   # written whole into a work folder, then swapped in: no file of an earlier run stays
+    final = os.path.abspath(o["out"])   # written whole into a work folder, then swapped in for the old one
+    if os.path.isdir(final) and os.listdir(final) and not os.path.exists(os.path.join(final, "summary.json")):
+        raise UserError(f"opinion.out={o['out']}: {final} holds files that are not an opinion report, and a run "
+                        f"replaces its output folder whole; choose an empty or new folder")
     out = f"{final}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
-    with one_at_a_time(os.path.join(os.path.dirname(os.path.abspath(final)), f".{os.path.basename(final)}.lock"),
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    with one_at_a_time(os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.lock"),
                        f"opinion report into {final}", lambda m: print(f"[opinion] {m}", flush=True)):
         for left in sorted(glob.glob(f"{glob.escape(final)}.tmp-*") + glob.glob(f"{glob.escape(final)}.old-*")):
             shutil.rmtree(left, ignore_errors=True)   # a killed run's; none is a live run's (the lock)

@@ -117,6 +117,8 @@ def register(root: str, name: str, state_dict: dict, cfg: dict, metrics: dict, m
 
 def set_alias(root: str, name: str, alias: str, version: str) -> None:
     """Point `alias` at `version` and record the move in `aliases_history.jsonl` (what `rollback` walks back)."""
+    if not os.path.isdir(_safe(root, name)):
+        raise UserError(f"no model {name!r} in registry {root} (models: {models(root)})")
     _safe(root, name, version)
     if not _NAME.match(alias) or alias in ("latest", "auto") or re.fullmatch(r"v\d{4,}", alias):
         raise UserError(f"invalid alias {alias!r}: letters, digits, '_', '-', '.'; not 'latest' or a version id")
@@ -384,10 +386,11 @@ def _older_than(path: str, seconds: float) -> bool:
         return False
 
 
-def gc(root: str, name: str, keep_last: int = 5, dry_run: bool = False) -> dict[str, list[str]]:
-    """Delete the versions of `name` that no alias points at or can roll back to, no replica serves (leases) and
-    that are not among the newest `keep_last`; and half-written `.tmp-*` folders older than an hour. Runs under the
-    alias lock, so no alias can move onto a version while it is being deleted. Returns {"deleted", "kept", "tmp"}."""
+def gc(root: str, name: str, keep_last: int = 5, dry_run: bool = False, keep_rollback: int = 3) -> dict[str, list[str]]:
+    """Delete the versions of `name` that no alias points at, that are not among the `keep_rollback` versions each
+    alias rolls back to next, that no replica serves (leases) and that are not among the newest `keep_last`; and
+    half-written `.tmp-*` folders older than an hour. Runs under the alias lock, so no alias moves onto a version
+    while it is being deleted. Returns {"deleted", "kept", "tmp"}."""
     import shutil
 
     folder = _safe(root, name)
@@ -396,7 +399,8 @@ def gc(root: str, name: str, keep_last: int = 5, dry_run: bool = False) -> dict[
     with _alias_lock(folder):
         have = versions(root, name)
         history = _read_history(os.path.join(folder, "aliases_history.jsonl"))
-        reachable = {v for a in {h["alias"] for h in history} for v in _alias_stack(history, a)}
+        reachable = {v for a in {h["alias"] for h in history}
+                     for v in _alias_stack(history, a)[-(keep_rollback + 1):]}   # where it is, and its next steps back
         protected = (set(aliases(root, name).values()) | reachable | leased(root, name)
                      | set(have[-keep_last:] if keep_last else []))
         doomed = [v for v in have if v not in protected]

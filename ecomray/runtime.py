@@ -192,12 +192,19 @@ def replace_dir(work: str, final: str) -> None:
     """Put the finished folder `work` at `final`, replacing what was there whole: the old folder is renamed aside,
     the new one renamed in, then the old one deleted. A reader sees one run's files, never a mix of two."""
     import shutil
+    import signal
 
     old = None
-    if os.path.isdir(final):
-        old = f"{final}.old-{os.getpid()}"
-        os.rename(final, old)
-    os.rename(work, final)
+    # SIGTERM ends a job through an exception (`user_errors`); held back between the renames, so no stop leaves
+    # neither folder at `final`
+    masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        if os.path.isdir(final):
+            old = f"{final}.old-{os.getpid()}"
+            os.rename(final, old)
+        os.rename(work, final)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -228,8 +235,9 @@ def write_atomic(path: str, text: str) -> None:
 
 def _exit_on_sigterm() -> None:
     """SIGTERM (`ray job stop`, a scheduler, `kill`) ends a job as an exception does, so its `finally` blocks
-    remove temporary folders; Python's default is to die at once. (`ray.init` installs the same handler in a Ray
-    driver; this covers a job before it starts Ray or one that never does.)"""
+    remove temporary folders; Python's default is to die at once. (`ray.init` installs a handler of its own that
+    also exits through the cleanups, with exit code 15; this one covers a job before it starts Ray, or one that
+    never does, with 143.)"""
     import signal
     import threading
 

@@ -12,8 +12,9 @@ else `paths.registry` of conf/paths/default.yaml (`$ECOMRAY_HOME/registry`, else
   every alias move in aliases_history.jsonl).
 - `history <model>`: the alias moves.
 - `migrate [model]`: upgrade versions written in an older registry format in place (see ecomray/registry.py).
-- `gc [model] [--keep 5] [--dry-run] [--runs DIR]`: delete versions no alias points at, no replica serves and that
-  are not among the newest N; with `--runs`, also the sweep folders a re-run moved aside (`<sweep>.old-*`).
+- `gc [model] [--keep 5] [--keep-rollback 3] [--dry-run] [--runs DIR]`: delete versions no alias points at or rolls
+  back to within its last N moves, no replica serves and that are not among the newest N; with `--runs`, also the
+  sweep folders a re-run moved aside (`<sweep>.old-*`).
 Deploy serves `prod` when set, else `best`, else the newest version (`ecomray.registry.resolve`).
 """
 from __future__ import annotations
@@ -122,17 +123,19 @@ def migrate(root: str, only: str | None = None) -> list[str]:
     return done
 
 
-def collect(root: str, only: str | None, keep: int, dry_run: bool, runs: str | None) -> dict[str, Any]:
+def collect(root: str, only: str | None, keep: int, dry_run: bool, runs: str | None,
+            keep_rollback: int = 3) -> dict[str, Any]:
     """`gc`: the registry's retention, and optionally old sweep folders."""
     import shutil
 
     out: dict[str, Any] = {}
     for name in [only] if only else registry.models(root, with_leftovers=True):
-        res = registry.gc(root, name, keep, dry_run)
+        res = registry.gc(root, name, keep, dry_run, keep_rollback)
         out[name] = res
         verb = "would delete" if dry_run else "deleted"
         print(f"{name}: {verb} {len(res['deleted'])} version(s) {res['deleted'] or ''}; kept {res['kept']} "
-              f"(aliased, served, or among the newest {keep})", flush=True)
+              f"(aliased, among each alias's last {keep_rollback} rollback steps, served, or among the newest {keep})",
+              flush=True)
     if runs:
         old = sorted(os.path.join(runs, d) for d in os.listdir(runs) if ".old-" in d) if os.path.isdir(runs) else []
         for d in old:
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict | list | None:
     gc = sub.add_parser("gc", help="delete old versions: keeps aliased, served and the newest --keep")
     gc.add_argument("model", nargs="?")
     gc.add_argument("--keep", type=int, default=5, help="newest versions kept per model (default 5)")
+    gc.add_argument("--keep-rollback", type=int, default=3,
+                    help="versions kept per alias for rollback: where it pointed before, up to this many (default 3)")
     gc.add_argument("--dry-run", action="store_true")
     gc.add_argument("--runs", default=None, help="also delete the <sweep>.old-* folders in this runs folder")
     args = p.parse_args(argv)
@@ -186,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict | list | None:
     if args.cmd == "migrate":
         return migrate(root, args.model)
     if args.cmd == "gc":
-        return collect(root, args.model, args.keep, args.dry_run, args.runs)
+        if args.keep < 0 or args.keep_rollback < 0:
+            raise UserError(f"gc: --keep and --keep-rollback must be >= 0 (got {args.keep}, {args.keep_rollback})")
+        return collect(root, args.model, args.keep, args.dry_run, args.runs, args.keep_rollback)
     moves = registry.alias_history(root, args.model)
     for h in moves:
         print(f"{h['ts']}  {h['action']:8s}  {h['alias']:8s}  {h.get('previous') or '-':>6} -> {h['version']}")

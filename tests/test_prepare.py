@@ -280,6 +280,7 @@ def test_one_prepare_of_a_dataset_at_a_time(tmp_path: Path, capsys) -> None:
     it then returns the dataset the first run made instead of preparing it again."""
     import fcntl
     import threading
+    import time
 
     src = write(tmp_path / "e.csv", MESSY)
     cfg = cfg_for(tmp_path, "dataset=events", f"dataset.path={src}")
@@ -293,15 +294,19 @@ def test_one_prepare_of_a_dataset_at_a_time(tmp_path: Path, capsys) -> None:
         held.flush()
         t = threading.Thread(target=lambda: got.update(m=prepare(cfg, if_missing=True)))
         t.start()
-        t.join(1.5)
+        said, deadline = "", time.monotonic() + 60
+        while "waiting" not in said and time.monotonic() < deadline:
+            said += capsys.readouterr().out
+            time.sleep(0.05)
+        assert "another prepare of events is running (pid 1 on elsewhere); waiting for it to finish" in said
         assert t.is_alive() and "m" not in got    # waiting, not running beside it
     t.join(30)
     assert got["m"]["hash"] == first["hash"] and got["m"]["created_at"] == first["created_at"]
-    assert "another prepare of events is running (pid 1 on elsewhere); waiting" in capsys.readouterr().out
 
 
 def test_sigterm_runs_a_jobs_cleanups(tmp_path: Path) -> None:
     """`ray job stop`, a scheduler or `kill` send SIGTERM; Python's default dies without running `finally`."""
+    import select
     import signal
     import subprocess
     import sys
@@ -321,6 +326,9 @@ def test_sigterm_runs_a_jobs_cleanups(tmp_path: Path) -> None:
         "job()\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[1])
+    if not select.select([proc.stdout], [], [], 60)[0]:
+        proc.kill()
+        pytest.fail("the child never said it was ready")
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)

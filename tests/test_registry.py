@@ -273,3 +273,19 @@ def test_gc_removes_what_a_killed_first_register_left(tmp_path: Path) -> None:
     assert registry.models(str(root)) == []                                # no versions: not a model to list
     out = main(["--registry", str(root), "gc"])
     assert out["n"]["tmp"] == [".tmp-abc"] and not left.exists()
+
+
+def test_gc_keeps_only_the_last_rollback_steps_of_each_alias(tmp_path: Path) -> None:
+    """Every sweep winner becomes `best`: protecting an alias's whole history would keep every version for ever."""
+    root = str(tmp_path)
+    for k in range(12):
+        registry.set_alias(root, "m", "best", _register(root, float(k)))
+    out = registry.gc(root, "m", keep_last=2, keep_rollback=3)
+    assert registry.versions(root, "m") == ["v0009", "v0010", "v0011", "v0012"]   # best + 3 steps back
+    assert out["deleted"] == [f"v{k:04d}" for k in range(1, 9)]
+    assert registry.rollback(root, "m", "best") == ("v0012", "v0011")
+
+
+def test_an_alias_on_a_model_that_does_not_exist_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no model 'nope' in registry"):
+        registry.set_alias(str(tmp_path), "nope", "prod", "v0001")

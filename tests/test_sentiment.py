@@ -163,6 +163,7 @@ def test_hf_encoder_from_a_local_directory(tmp_path: Path, monkeypatch: pytest.M
 
 def test_opinion_report_on_generated_reviews(tmp_path: Path) -> None:
     from ecomray.opinion import run as opinion
+    from ecomray.runtime import UserError
 
     cfg = _cfg(tmp_path, "model=tfidf_lr", "train.epochs=1", "model.Cs=[10.0]", "registry_name=tfidf_syn")
     fit(cfg)
@@ -180,6 +181,12 @@ def test_opinion_report_on_generated_reviews(tmp_path: Path) -> None:
     again = opinion(ocfg)
     assert not (folder / "stale.png").exists() and "stale.png" not in again["plots"]
     assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f"{folder.name}.")) == []
+    # a folder holding other files (the reports folder itself) is refused, not replaced; a trailing / is fine
+    (folder.parent / "m-v0001-test.json").write_text("{}")
+    with pytest.raises(UserError, match="holds files that are not an opinion report"):
+        opinion({**ocfg, "opinion": {**ocfg["opinion"], "out": str(folder.parent)}})
+    assert (folder.parent / "m-v0001-test.json").exists()
+    assert opinion({**ocfg, "opinion": {**ocfg["opinion"], "out": f"{folder}/"}})["report"] == str(folder / "report.md")
 
 
 def test_epoch_fraction_splits_a_pass_into_loop_epochs_deterministically() -> None:

@@ -123,7 +123,7 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry.model_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
     check_train_config(cfg)        # so do numbers no run can start from
     load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
-    data_hash = shards.require(cfg)["hash"]   # so does a dataset never prepared (with the command to run)
+    data_hash = shards.require(cfg).get("hash")   # so does a dataset never prepared (with the command to run)
     check_writable(cfg["paths"]["runs"], "paths.runs")    # and folders it would write to only at the end
     if register and evaluate:
         check_writable(cfg["paths"]["registry"], "paths.registry")
@@ -158,7 +158,7 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Any, register: bool = True, train
     from ray.train import Checkpoint
 
     manifest = shards.load_manifest(shards.dataset_dir(cfg))
-    if data_hash is not None and manifest.get("hash") != data_hash:
+    if data_hash is not None and manifest.get("hash") not in (None, data_hash):
         raise UserError(f"{shards.dataset_dir(cfg)} was prepared again while this run trained (manifest hash "
                         f"{data_hash[:12]} -> {str(manifest.get('hash'))[:12]}): its val/test split may hold rows "
                         f"the model trained on, so it is neither scored nor registered; train again on the new data")

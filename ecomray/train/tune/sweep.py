@@ -60,11 +60,11 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
                   f"{done['name']} {done['version']} ({done['alias']}); tune.resume=false runs it again", flush=True)
             return done
     # fail here, not in every trial (or prepare the built-in synthetic shop)
-    current = shards.require(base)["hash"]
+    current = shards.require(base).get("hash")   # None: a manifest written by hand, nothing to compare
     check_writable(cfg["paths"]["runs"], "paths.runs")
     if tcfg["register"]:    # the winner is registered only at the very end
         check_writable(cfg["paths"]["registry"], "paths.registry")
-    if data_hash is not None and data_hash != current:
+    if data_hash is not None and current is not None and data_hash != current:
         raise UserError(f"{shards.dataset_dir(base)} was prepared again since sweep {spec['name']} started "
                         f"(manifest hash {data_hash[:12]} -> {current[:12]}): its finished trials trained on the "
                         f"old data; pass tune.resume=false to start over on the new data, or sweep.name=<new name>")
