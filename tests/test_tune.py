@@ -111,6 +111,11 @@ def test_tiny_sweep_runs_stops_the_bad_trial_and_promotes_the_winner(tiny_sweep)
 
     again = run(cfg)
     assert again["version"] == out["version"] and registry.versions(root, out["name"]) == [out["version"]]
+    # a run stopped after registering the winner but before writing its summary: resuming does not register it twice
+    (sweep_dir / "summary.json").unlink()
+    resumed = run(cfg)
+    assert resumed["version"] == out["version"] and registry.versions(root, out["name"]) == [out["version"]]
+    assert resumed["metrics"]["val/ndcg@10"] == pytest.approx(found["metrics"]["val/ndcg@10"])
 
 
 def test_exported_experiment_composes_to_the_winning_config(tiny_sweep) -> None:

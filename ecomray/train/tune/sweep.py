@@ -152,13 +152,34 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
         lineage = {"sweep": {"name": spec["name"], "trial_id": best["trial_id"], "config": best["config"],
                              "fixed": spec["fixed"], "metric": spec["metric"], "mode": spec["mode"],
                              "best_value": best["best_value"], "trials": len(rows), "sweep_dir": sweep_dir}}
-        scored_out = evaluate_checkpoint(winner_cfg, best["checkpoint"], register=True,
-                                         train_seconds=best["wall_s"], extra=lineage, data_hash=current)
+        root, model = cfg["paths"]["registry"], registry.model_name(winner_cfg)
+        done_before = _registered_winner(root, model, sweep_dir, best["trial_id"])
+        if done_before:   # a run of this sweep was stopped after registering its winner, before its summary
+            print(f"[tune] the winner is already registered as {model} {done_before}; not registering it again",
+                  flush=True)
+            scored_out = {"name": model, "version": done_before,
+                          "metrics": registry.load(root, model, done_before, state=False)["metrics"]}
+        else:
+            scored_out = evaluate_checkpoint(winner_cfg, best["checkpoint"], register=True,
+                                             train_seconds=best["wall_s"], extra=lineage, data_hash=current)
         registry.set_alias(cfg["paths"]["registry"], scored_out["name"], tcfg["alias"], scored_out["version"])
         print(f"[tune] {scored_out['name']} {scored_out['version']} is now `{tcfg['alias']}`", flush=True)
         out.update(name=scored_out["name"], version=scored_out["version"], metrics=scored_out["metrics"])
         write_atomic(summary_path, json.dumps(out, indent=2, default=str))
     return out
+
+
+def _registered_winner(root: str, name: str, sweep_dir: str, trial_id: str) -> str | None:
+    """The version this sweep's winning trial was registered as, if it was (lineage.json's `sweep`)."""
+    for version in reversed(registry.versions(root, name)):
+        try:
+            with open(os.path.join(root, name, version, "lineage.json")) as fh:
+                sweep = json.load(fh).get("sweep") or {}
+        except (OSError, ValueError):
+            continue
+        if sweep.get("sweep_dir") == sweep_dir and sweep.get("trial_id") == trial_id:
+            return version
+    return None
 
 
 def _read_json(path: str) -> dict:
