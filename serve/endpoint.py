@@ -72,16 +72,23 @@ class ModelServer:
         key = self._board_key()
         if key is None or self.loaded is None:
             return
-        try:                       # `jobs.registry gc` never deletes a version a replica serves
-            registry.lease(self.root, self.name, self.loaded.version, key.rsplit("/", 1)[-1])
-        except OSError:
-            logger.warning("[%s] could not lease %s %s in the registry", self.route, self.name, self.loaded.version)
+        self._lease(self.loaded.version)
         from ray.experimental.internal_kv import _internal_kv_put
 
         try:
             _internal_kv_put(key, json.dumps({"version": self.loaded.version, "ts": time.time()}))
         except Exception:  # noqa: BLE001 - informative only
             logger.warning("[%s] could not report the loaded version", self.route)
+
+    def _lease(self, version: str) -> None:
+        """`jobs.registry gc` never deletes a version a replica serves, or is loading."""
+        key = self._board_key()
+        if key is None:
+            return
+        try:
+            registry.lease(self.root, self.name, version, key.rsplit("/", 1)[-1])
+        except (OSError, UserError):
+            logger.warning("[%s] could not lease %s %s in the registry", self.route, self.name, version)
 
     def __del__(self) -> None:
         if hasattr(self, "_batch"):
@@ -100,7 +107,17 @@ class ModelServer:
     # -- loading and hot swap ------------------------------------------------------------------------------------
     def _load(self, version: str) -> LoadedModel:
         t0 = time.perf_counter()
-        loaded = load_model(self.root, self.name, version)   # registry._safe: names never leave the registry root
+        self._lease(version)      # before reading it: gc must not delete it halfway through the load
+        try:
+            loaded = load_model(self.root, self.name, version)   # registry._safe: names never leave the registry root
+        except BaseException:
+            key = self._board_key()
+            if key is not None and (self.loaded is None or self.loaded.version != version):
+                try:
+                    registry.release(self.root, self.name, version, key.rsplit("/", 1)[-1])
+                except (OSError, UserError):
+                    pass
+            raise
         if not supports(loaded.task, SERVING):
             raise UserError(f"{self.name} {loaded.version}: task {loaded.task.__name__} does not serve "
                             f"(it defines no {', '.join(n for n in SERVING if not hasattr(loaded.task, n))})")

@@ -223,6 +223,32 @@ def test_model_server_health_bad_swaps_and_path_safety(trained: dict[str, Any]) 
         rec.check_health()
 
 
+def test_a_replica_leases_a_version_before_loading_it(trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`jobs.registry gc` skips leased versions; the lease used to be taken only after the load, so a gc during a
+    load could delete the version being read. A load that fails gives its lease back."""
+    from serve import endpoint
+
+    cfg = trained["cfg"]
+    reg, name = cfg["paths"]["registry"], trained["recommend"]["name"]
+    seen: list[set[str]] = []
+    real_load = endpoint.load_model
+    monkeypatch.setattr(endpoint.ModelServer, "_board_key", lambda self: "board/app/recommend/replica-1")
+    monkeypatch.setattr(endpoint, "load_model", lambda *a, **k: (seen.append(registry.leased(reg, name)),
+                                                                 real_load(*a, **k))[1])
+    rec = _server(reg, name)
+    assert seen == [{rec.loaded.version}]
+    def broken(*a: Any, **k: Any) -> Any:
+        seen.append(registry.leased(reg, name))
+        raise RuntimeError("damaged")
+
+    monkeypatch.setattr(endpoint, "load_model", broken)
+    with pytest.raises(RuntimeError, match="damaged"):
+        rec._load("v0999")
+    assert seen[-1] == {rec.loaded.version, "v0999"}      # leased while it loaded
+    assert registry.leased(reg, name) == {rec.loaded.version}   # and given back when the load failed
+    registry.release(reg, name, rec.loaded.version, "replica-1")
+
+
 def _second_version(reg: str, name: str) -> tuple[dict, str]:
     """Register a perturbed copy of the newest version: a different model to swap to."""
     old = registry.load(reg, name, None)
