@@ -5,7 +5,8 @@ Two passes, both pure functions of their inputs so that the `polars` engine (a l
 
 1. `stage_source(i)`: stream source i through `schema.validate`, tag each row with its shard (xxhash64 of
    the key) or with bucket -1 (quarantine), and sink it to `stage/src-i/_bucket=b/`. Memory is bounded by
-   Polars' streaming chunks, not by the input.
+   Polars' streaming chunks, not by the input. Consecutive small sources go through one sink together
+   (`stage_group`), each row keeping its own source position.
 2. `finalize_shard(s)`: read every source's bucket s, drop (or count) exact duplicates, sort each key's
    rows by (order_by, file, row), assign the split, write `shards/part-s.parquet` (zstd).
 
@@ -85,6 +86,72 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
         raise UserError(f"{src}: could not be read: {first}") from None
     counts = _bucket_counts(out)
     return {"source": src, "rows_in": sum(counts.values()), "buckets": counts}
+
+
+# Small sources (an hour of logs per file) are staged together when the adapter can read them as one scan
+# (`group_source`): one streaming sink for many files instead of one each, and (1 + shards) staged files per group
+# instead of per file (figures: `benchmarks/README.md#many-small-files`).
+GROUP_BYTES = 256 << 20
+
+
+def source_groups(srcs: list[str], limit: int = GROUP_BYTES) -> list[list[int]]:
+    """Consecutive source indices, grouped while their files add up to at most `limit` bytes; a larger file (or a
+    source that is not a local file) is a group of its own."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, src in enumerate(srcs):
+        b = os.path.getsize(src) if os.path.isfile(src) else limit
+        if not groups or size + b > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += b
+    return groups
+
+
+def stage_group(group: list[int], srcs: list[tuple[str, pl.LazyFrame]], schema: dict, shards: int, stage: str,
+                ts_format: str, exact: Callable[[int], Callable[[], pl.LazyFrame] | None],
+                together: Callable[[list[int]], pl.LazyFrame | None] | None = None) -> list[dict]:
+    """Pass 1 for consecutive sources. With `together` (the adapter's `group_source`: the group as one scan that
+    carries each row's `_file` and `_row`) and one timestamp format detected in every file, they are validated in
+    one streaming sink to `stage/src-<first>-<last>/_bucket=b/`: the same rows, positions and verdicts as staging
+    each alone gives. Otherwise, or if anything in the group fails, each source is staged alone (`stage_source`),
+    so an error names its file and a malformed record gets the record-by-record reader."""
+    if len(group) > 1 and together is not None:
+        out = os.path.join(stage, f"src-{group[0]:05d}-{group[-1]:05d}")
+        try:
+            lf = together(group)
+            formats: dict[str, set[str]] = {}
+            if lf is not None:
+                cols = S.text_datetime_columns(lf, schema)
+                if cols and ts_format == "auto":   # each file's own format, from its first 1,000 rows
+                    sample = lf.select("_file", *cols).group_by("_file", maintain_order=True).head(1000).collect()
+                    formats = {c: set(S.detect_ts_formats(sample, "_file", c).values()) for c in cols}
+                else:
+                    formats = {c: {ts_format} for c in cols}
+            if lf is None or any(len(f) > 1 for f in formats.values()):
+                why = "the adapter cannot read them as one scan" if lf is None else "their timestamp formats differ"
+            else:
+                checked = S.validate(lf, schema, source=f"{srcs[group[0]][0]} .. {srcs[group[-1]][0]}",
+                                     ts_format=ts_format, ts_formats={c: f.pop() for c, f in formats.items() if f})
+                bucket = pl.when(pl.col("reason").is_null()).then(S.shard_of(schema, shards)).otherwise(QUARANTINE_BUCKET)
+                checked.with_columns(bucket.cast(pl.Int32).alias("_bucket")).sink_parquet(
+                    pl.PartitionBy(out, key="_bucket", include_key=False), compression="lz4", statistics=False,
+                    mkdir=True)
+                per_file: dict[int, dict[int, int]] = {i: {} for i in group}
+                for d in sorted(glob.glob(os.path.join(out, "_bucket=*"))):
+                    b = int(d.rsplit("=", 1)[1])
+                    counts = pl.scan_parquet(os.path.join(d, "*.parquet")).group_by("_file").len().collect()
+                    for f, n in counts.iter_rows():
+                        per_file[f][b] = n
+                return [{"source": srcs[i][0], "rows_in": sum(per_file[i].values()), "buckets": per_file[i]}
+                        for i in group]
+        except (pl.exceptions.PolarsError, UserError) as err:
+            shutil.rmtree(out, ignore_errors=True)
+            why = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        log(f"  {len(group)} files ({srcs[group[0]][0]} .. {srcs[group[-1]][0]}) could not be validated as one "
+            f"({why}): one by one instead (slower)")
+    return [stage_source(i, *srcs[i], schema, shards, stage, ts_format, exact(i)) for i in group]
 
 
 def _reads(lf: pl.LazyFrame) -> bool:
@@ -374,10 +441,19 @@ def _exact_reader(dataset: dict, paths: dict, i: int, stage: str) -> Callable[[]
     return functools.partial(adapter.exact_source, dataset, paths, i, os.path.join(stage, "exact"))
 
 
-def _stage_task(i: int, dataset: dict, paths: dict, schema: dict, shards: int, stage: str, ts_format: str) -> dict:
-    """Ray-side pass 1: rebuild source i from the adapter (LazyFrames don't travel), then stage it."""
-    src, lf = _sources(dataset, paths)[i]
-    return stage_source(i, src, lf, schema, shards, stage, ts_format, _exact_reader(dataset, paths, i, stage))
+def _stage_task(group: list[int], dataset: dict, paths: dict, schema: dict, shards: int, stage: str,
+                ts_format: str) -> list[dict]:
+    """Ray-side pass 1: rebuild the sources from the adapter (LazyFrames don't travel), then stage the group."""
+    return stage_group(group, _sources(dataset, paths), schema, shards, stage, ts_format,
+                       lambda i: _exact_reader(dataset, paths, i, stage), _group_reader(dataset, paths))
+
+
+def _group_reader(dataset: dict, paths: dict) -> Callable[[list[int]], pl.LazyFrame | None] | None:
+    """The adapter's reader of several sources as one scan (an optional `group_source`), or None."""
+    adapter = load_adapter(dataset.get("adapter", "files"))
+    if not hasattr(adapter, "group_source"):
+        return None
+    return functools.partial(adapter.group_source, dataset, paths)
 
 
 def run(cfg: dict, if_missing: bool = False) -> dict:
@@ -429,16 +505,21 @@ def _run_locked(cfg: dict, dataset: dict, paths: dict, opts: dict, schema: dict,
         srcs = _sources(dataset, paths)
         names = [s for s, _ in srcs]
         log(f"{dataset['name']}: {len(srcs)} source file(s), schema {schema['name']}, {shards} shards, engine {engine}")
+        groups = source_groups(names, int(opts.get("group_bytes") or GROUP_BYTES))
         if engine == "ray":
-            staged = _run_engine(engine, _stage_task, [(i, dataset, paths, schema, shards, stage, ts_format)
-                                                      for i in range(len(srcs))], opts.get("ray_num_cpus"),
-                                 opts.get("ray_include_dashboard"), _Progress(t0, len(srcs), "validated sources"))
+            staged = [r for rs in _run_engine(engine, _stage_task, [(g, dataset, paths, schema, shards, stage, ts_format)
+                                                                    for g in groups], opts.get("ray_num_cpus"),
+                                              opts.get("ray_include_dashboard"),
+                                              _Progress(t0, len(groups), "validated source groups"))
+                      for r in rs]
         else:
             staged = []
-            for i, (src, lf) in enumerate(srcs):
-                staged.append(stage_source(i, src, lf, schema, shards, stage, ts_format,
-                                           _exact_reader(dataset, paths, i, stage)))
-                log(f"  validated {src}: {staged[-1]['rows_in']:,} rows ({time.time() - t0:.1f}s)")
+            for g in groups:
+                done = stage_group(g, srcs, schema, shards, stage, ts_format,
+                                   lambda i: _exact_reader(dataset, paths, i, stage), _group_reader(dataset, paths))
+                staged.extend(done)
+                what = names[g[0]] if len(g) == 1 else f"{len(g)} files ({names[g[0]]} .. {names[g[-1]]})"
+                log(f"  validated {what}: {sum(r['rows_in'] for r in done):,} rows ({time.time() - t0:.1f}s)")
         rows_in = sum(s["rows_in"] for s in staged)
         if rows_in == 0:
             raise UserError(f"{dataset['name']}: the input has no rows ({', '.join(names)})")

@@ -73,15 +73,19 @@ def _fast_layout(text: pl.Expr, layout: str) -> pl.Expr:
 
 def detect_ts_format(sample: pl.Series) -> str:
     """The one format that parses every sampled value, else "mixed" (every format tried on every row)."""
-    s = sample.drop_nulls().cast(pl.Utf8).str.strip_chars()
-    s = s.filter(s != "")
-    if s.len() == 0:
-        return "mixed"
-    frame = s.to_frame("t")
-    for name, parse in TS_FORMATS.items():
-        if frame.select(parse(pl.col("t")).is_not_null().all()).item():
-            return name
-    return "mixed"
+    return detect_ts_formats(pl.DataFrame({"g": [0] * sample.len(), "t": sample.cast(pl.Utf8)}), "g", "t").get(0, "mixed")
+
+
+def detect_ts_formats(sample: pl.DataFrame, by: str, col: str) -> dict[Any, str]:
+    """`detect_ts_format` for each `by` group of `sample` at once: per group, the first format that parses every
+    non-empty value, else "mixed" (also when a group has no value at all)."""
+    t = pl.col(col).cast(pl.Utf8).str.strip_chars()
+    values = sample.select(by, t.alias("t")).filter(pl.col("t").is_not_null() & (pl.col("t") != ""))
+    found = {k: "mixed" for k in sample.get_column(by).unique().to_list()}
+    ok = values.group_by(by).agg(**{f"ok_{n}": parse(pl.col("t")).is_not_null().all() for n, parse in TS_FORMATS.items()})
+    for row in ok.iter_rows(named=True):
+        found[row[by]] = next((n for n in TS_FORMATS if row[f"ok_{n}"]), "mixed")
+    return found
 
 
 def detect_fast_layout(sample: pl.Series, fmt: str) -> str | None:
@@ -150,10 +154,21 @@ def _parse(raw: pl.Expr, kind: str, dtype: pl.DataType, ts_format: str = "mixed"
     return raw.cast(target, strict=False)
 
 
-def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", ts_format: str = "auto") -> pl.LazyFrame:
+def text_datetime_columns(lf: pl.LazyFrame, schema: dict[str, Any]) -> list[str]:
+    """The schema's datetime columns that `lf` holds as text (each parsed with a format detected per source)."""
+    present = lf.collect_schema()
+    return [n for n, spec in schema["columns"].items()
+            if spec.get("type", "str") == "datetime" and n in present and present[n] == pl.Utf8]
+
+
+def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", ts_format: str = "auto",
+             ts_formats: dict[str, str] | None = None) -> pl.LazyFrame:
     """Typed columns + `reason` (null = good). Raw text of parsed columns is kept as `_raw_<col>` on bad rows.
 
     Missing optional columns are added as nulls; a missing required column is a whole-input error.
+
+    `ts_formats` (column -> format): formats decided beforehand, for rows of several files validated together
+    (prepare's source groups) in which `detect_ts_formats` found the same format.
 
     Three steps, so that every value is parsed once however many rules read it (Polars' common-subexpression
     elimination does not reach inside the nested when/then of the rule chain): parse each column into a
@@ -176,8 +191,11 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
         fmt, layout = ts_format, None
         if kind == "datetime" and dtype == pl.Utf8:  # detect once per source, from its first 1,000 values
             sample = lf.select(pl.col(name)).head(1000).collect().to_series()
-            fmt = detect_ts_format(sample) if ts_format == "auto" else ts_format
-            layout = detect_fast_layout(sample, fmt)
+            if ts_formats and name in ts_formats:
+                fmt = ts_formats[name]
+            else:
+                fmt = detect_ts_format(sample) if ts_format == "auto" else ts_format
+            layout = detect_fast_layout(sample, fmt)   # a fast path only: any value it misses takes the general one
         tmp = "__v_" + name
         parsed.append(_parse(raw, kind, dtype, fmt, layout).alias(tmp))
         value = pl.col(tmp)

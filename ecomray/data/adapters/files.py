@@ -264,6 +264,39 @@ def _with_split(lf: pl.LazyFrame, dataset: dict, split: str | None) -> pl.LazyFr
     return lf.with_columns(pl.lit(split).alias((dataset.get("split") or {}).get("column", "split")))
 
 
+_PATH = "__ecomray_source_path"
+
+
+def group_source(dataset: dict, paths: dict, indices: list[int]) -> pl.LazyFrame | None:
+    """Sources `indices` (consecutive CSV files) as one scan, with `_file` (the source index) and `_row` (the row
+    within its own file, as `sources()` numbers it), for prepare to validate many small files in one pass. None when
+    they cannot be read as one here (another format, a per-file split); Polars refuses files whose headers differ,
+    and prepare then reads them one by one."""
+    files = _files(dataset, paths)
+    if any(files[i][1] is not None for i in indices):
+        return None
+    picked = [files[i][0] for i in indices if os.path.getsize(files[i][0]) > 0]   # an empty file adds no rows
+    if not picked or {file_format(f, dataset.get("format", "auto")) for f in picked} != {"csv"}:
+        return None
+    indices = [i for i in indices if os.path.getsize(files[i][0]) > 0]
+    csv = dataset.get("csv") or {}
+    lf = pl.scan_csv(picked, separator=csv.get("separator", ","), has_header=csv.get("has_header", True),
+                     quote_char=csv.get("quote_char", '"'), infer_schema=False, encoding="utf8",
+                     new_columns=csv.get("new_columns"), include_file_paths=_PATH)
+    lf = _canonical_names(lf, dataset.get("columns") or {})
+    rows = dict(lf.group_by(_PATH).len().collect().iter_rows())
+    offsets, start = {}, 0
+    for f in picked:                      # the group's rows come file after file: a file's rows start at its offset
+        offsets[f] = start
+        start += rows.get(f, 0)
+    path = pl.col(_PATH)
+    return (lf.with_row_index("__ecomray_group_row")
+              .with_columns(_file=path.replace_strict(dict(zip(picked, indices)), return_dtype=pl.Int32),
+                            _row=pl.col("__ecomray_group_row").cast(pl.Int64)
+                            - path.replace_strict(offsets, return_dtype=pl.Int64))
+              .drop("__ecomray_group_row", _PATH))
+
+
 def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
     """One source per input file. With `dataset.splits: {train: <file>, val: <file>, test: <file>}` (files
     relative to `dataset.path`), a published split kept in separate files, each row gets its file's split in the
