@@ -325,6 +325,39 @@ def test_the_ray_engine_validates_small_files_together_too(tmp_path: Path, capsy
     _same_prepared(tmp_path / "data" / "events", tmp_path / "alone" / "events")
 
 
+@pytest.mark.parametrize("text", [MESSY, RAGGED], ids=["messy", "malformed records"])
+def test_gzip_compressed_csv_prepares_as_the_plain_file_does(tmp_path: Path, text: str) -> None:
+    """Exported logs are often gzipped: Polars streams them, and the record-by-record reader reads them too."""
+    import gzip
+
+    (tmp_path / "plain").mkdir()
+    plain = write(tmp_path / "plain" / "e.csv", text)
+    (tmp_path / "gz").mkdir()
+    with gzip.open(tmp_path / "gz" / "e.csv.gz", "wt") as fh:
+        fh.write(text)
+    a = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={plain}", "prepare.shards=2",
+                        f"paths.data={tmp_path / 'a'}"))
+    b = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={tmp_path / 'gz'}", "prepare.shards=2",
+                        f"paths.data={tmp_path / 'b'}"))
+    assert (a["rows_in"], a["rows_out"], a["reasons"]) == (b["rows_in"], b["rows_out"], b["reasons"])
+    for f in ("shards/part-00000.parquet", "shards/part-00001.parquet"):
+        assert pl.read_parquet(tmp_path / "a" / "events" / f).equals(pl.read_parquet(tmp_path / "b" / "events" / f))
+    qa, qb = (pl.read_parquet(tmp_path / d / "events" / "quarantine.parquet").drop("source") for d in ("a", "b"))
+    assert qa.equals(qb)
+
+
+def test_gzip_with_bad_utf8_names_the_line(tmp_path: Path) -> None:
+    import gzip
+
+    src = tmp_path / "e.csv.gz"
+    with gzip.open(src, "wb") as fh:
+        fh.write(b"user_id,item_id,event,ts\nu1,i1,view,2026-01-01\nu2,\xff\xfe,view,2026-01-01\n")
+    with pytest.raises(UserError, match="invalid UTF-8 at line 3"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    with pytest.raises(UserError, match="unknown file format 'x.parquet.gz'"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={write(tmp_path / 'x.parquet.gz', 'x')}"))
+
+
 def test_timestamp_formats_detected_per_file_at_once_match_one_by_one() -> None:
     files = {0: ["2026-01-01T00:00:00", None, " 2026-01-02T10:00:00.5 "], 1: ["1767225600", "1767225600.25"],
              2: ["2026-01-01", ""], 3: ["2026-01-02 10:00:00"], 4: [None, ""], 5: ["2026-01-01T00:00:00+08:00", "Z"],

@@ -1,4 +1,5 @@
-"""Generic reader: CSV, Parquet or JSONL files in a schema's columns (a file, a folder or a glob)."""
+"""Generic reader: CSV, Parquet or JSONL files (CSV and JSONL also gzip-compressed) in a schema's columns (a file, a
+folder or a glob)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,32 @@ from ecomray.runtime import UserError
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", ".pq": "parquet",
            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+GZIP = ".gz"   # text formats may be gzip-compressed (events.csv.gz): Polars streams them, the exact readers too
+
+
+def _ext(path: str) -> str:
+    """The format extension of a file name: `.csv` for `x.csv` and for `x.csv.gz`."""
+    name = os.path.basename(path).lower()
+    if name.endswith(GZIP):
+        name = name[: -len(GZIP)]
+    return os.path.splitext(name)[1]
+
+
+def _open(path: str, mode: str = "rb", **kwargs: Any):
+    """A file, decompressed when it is gzip-compressed."""
+    if path.lower().endswith(GZIP):
+        import gzip
+
+        return gzip.open(path, mode if "b" in mode else mode.replace("r", "rt"), **kwargs)
+    return open(path, mode, **kwargs)
 
 
 def list_files(path: str) -> list[str]:
     """Expand a file, a folder (its data files, sorted) or a glob into a sorted list of files."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if os.path.splitext(f)[1].lower() in FORMATS and not f.startswith((".", "_")))
+                       if _ext(f) in FORMATS and not (f.endswith(GZIP) and _ext(f) in (".parquet", ".pq"))
+                       and not f.startswith((".", "_")))
     elif any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path, recursive=True))
     else:
@@ -39,9 +59,10 @@ def file_format(path: str, fmt: str) -> str:
         if fmt not in ("csv", "parquet", "jsonl"):
             raise UserError(f"unknown dataset.format {fmt!r}: use csv, parquet, jsonl or auto")
         return fmt
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in FORMATS:
-        raise UserError(f"{path}: unknown file format {ext or '(no extension)'!r}; set dataset.format=csv|parquet|jsonl")
+    ext = _ext(path)
+    if ext not in FORMATS or (FORMATS[ext] == "parquet" and path.lower().endswith(GZIP)):
+        raise UserError(f"{path}: unknown file format {os.path.basename(path)!r}; set dataset.format=csv|parquet|jsonl "
+                        f"(CSV and JSONL may be gzip-compressed: .csv.gz, .jsonl.gz)")
     return FORMATS[ext]
 
 
@@ -77,7 +98,7 @@ def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str]) -> pl.LazyFrame:
 
 def first_bad_utf8_line(path: str) -> int | None:
     """The first line (1-based) of a file that is not valid UTF-8, or None."""
-    with open(path, "rb") as fh:
+    with _open(path, "rb") as fh:
         for n, line in enumerate(fh, start=1):
             try:
                 line.decode("utf-8")
@@ -112,7 +133,7 @@ def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int =
 
     # utf-8-sig: a BOM is not part of the first name; newline="\n": a record ends at \n or \r\n only, as Polars
     # reads it (a lone \r stays inside its value instead of splitting the record)
-    with open(path, newline="\n", encoding="utf-8-sig") as fh:
+    with _open(path, "r", newline="\n", encoding="utf-8-sig") as fh:
         reader = pycsv.reader(_hide_lone_cr(fh), **opts)
         start = 1                                 # the line a record starts on (a quoted value may span lines)
         try:
@@ -160,7 +181,7 @@ def read_jsonl_exactly(path: str, out: str, batch_rows: int = 100_000) -> int:
     does; a line that is not a JSON object is quarantined with its line number and its text. Values become text
     (numbers and booleans in their JSON spelling, nested values as JSON): validation parses them."""
     def lines():
-        with open(path, encoding="utf-8-sig", newline="\n") as fh:   # lines end at \n, as Polars reads them
+        with _open(path, "r", encoding="utf-8-sig", newline="\n") as fh:   # lines end at \n, as Polars reads them
             for n, line in enumerate(fh, start=1):
                 if line.strip():
                     yield n, line.rstrip("\r\n")
