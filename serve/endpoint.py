@@ -110,7 +110,12 @@ class ModelServer:
         self._lease(version)      # before reading it: gc must not delete it halfway through the load
         try:
             loaded = load_model(self.root, self.name, version)   # registry._safe: names never leave the registry root
-        except BaseException:
+            if not supports(loaded.task, SERVING):
+                raise UserError(f"{self.name} {loaded.version}: task {loaded.task.__name__} does not serve "
+                                f"(it defines no {', '.join(n for n in SERVING if not hasattr(loaded.task, n))})")
+            if hasattr(loaded.task, "prepare_serving"):
+                loaded.task.prepare_serving(loaded.model, loaded.meta)
+        except BaseException:     # not loaded: give the lease back (unless this version is the one serving)
             key = self._board_key()
             if key is not None and (self.loaded is None or self.loaded.version != version):
                 try:
@@ -118,11 +123,6 @@ class ModelServer:
                 except (OSError, UserError):
                     pass
             raise
-        if not supports(loaded.task, SERVING):
-            raise UserError(f"{self.name} {loaded.version}: task {loaded.task.__name__} does not serve "
-                            f"(it defines no {', '.join(n for n in SERVING if not hasattr(loaded.task, n))})")
-        if hasattr(loaded.task, "prepare_serving"):
-            loaded.task.prepare_serving(loaded.model, loaded.meta)
         logger.info("[%s] loaded %s %s in %.2fs", self.route, loaded.name, loaded.version, time.perf_counter() - t0)
         return loaded
 

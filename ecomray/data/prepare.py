@@ -94,14 +94,20 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
 GROUP_BYTES = 256 << 20
 
 
+def _kind(path: str) -> str:
+    """A file's format extension (`.csv` for x.csv and x.csv.gz): a group holds files of one kind."""
+    name = os.path.basename(path).lower()
+    return os.path.splitext(name[:-3] if name.endswith(".gz") else name)[1]
+
+
 def source_groups(srcs: list[str], limit: int = GROUP_BYTES) -> list[list[int]]:
-    """Consecutive source indices, grouped while their files add up to at most `limit` bytes; a larger file (or a
-    source that is not a local file) is a group of its own."""
+    """Consecutive source indices of one file kind, grouped while their files add up to at most `limit` bytes; a
+    larger file (or a source that is not a local file) is a group of its own."""
     groups: list[list[int]] = []
     size = 0
     for i, src in enumerate(srcs):
         b = os.path.getsize(src) if os.path.isfile(src) else limit
-        if not groups or size + b > limit:
+        if not groups or size + b > limit or _kind(src) != _kind(srcs[groups[-1][-1]]):
             groups.append([])
             size = 0
         groups[-1].append(i)
@@ -109,49 +115,70 @@ def source_groups(srcs: list[str], limit: int = GROUP_BYTES) -> list[list[int]]:
     return groups
 
 
+SPLIT_BELOW = 4   # a failing group this small is staged file by file; a larger one is tried again in halves
+
+
 def stage_group(group: list[int], srcs: list[tuple[str, pl.LazyFrame]], schema: dict, shards: int, stage: str,
                 ts_format: str, exact: Callable[[int], Callable[[], pl.LazyFrame] | None],
                 together: Callable[[list[int]], pl.LazyFrame | None] | None = None) -> list[dict]:
     """Pass 1 for consecutive sources. With `together` (the adapter's `group_source`: the group as one scan that
-    carries each row's `_file` and `_row`) and one timestamp format detected in every file, they are validated in
-    one streaming sink to `stage/src-<first>-<last>/_bucket=b/`: the same rows, positions and verdicts as staging
-    each alone gives. Otherwise, or if anything in the group fails, each source is staged alone (`stage_source`),
-    so an error names its file and a malformed record gets the record-by-record reader."""
-    if len(group) > 1 and together is not None:
-        out = os.path.join(stage, f"src-{group[0]:05d}-{group[-1]:05d}")
-        try:
-            lf = together(group)
-            formats: dict[str, set[str]] = {}
-            if lf is not None:
-                cols = S.text_datetime_columns(lf, schema)
-                if cols and ts_format == "auto":   # each file's own format, from its first 1,000 rows
-                    sample = lf.select("_file", *cols).group_by("_file", maintain_order=True).head(1000).collect()
-                    formats = {c: set(S.detect_ts_formats(sample, "_file", c).values()) for c in cols}
-                else:
-                    formats = {c: {ts_format} for c in cols}
-            if lf is None or any(len(f) > 1 for f in formats.values()):
-                why = "the adapter cannot read them as one scan" if lf is None else "their timestamp formats differ"
-            else:
-                checked = S.validate(lf, schema, source=f"{srcs[group[0]][0]} .. {srcs[group[-1]][0]}",
-                                     ts_format=ts_format, ts_formats={c: f.pop() for c, f in formats.items() if f})
-                bucket = pl.when(pl.col("reason").is_null()).then(S.shard_of(schema, shards)).otherwise(QUARANTINE_BUCKET)
-                checked.with_columns(bucket.cast(pl.Int32).alias("_bucket")).sink_parquet(
-                    pl.PartitionBy(out, key="_bucket", include_key=False), compression="lz4", statistics=False,
-                    mkdir=True)
-                per_file: dict[int, dict[int, int]] = {i: {} for i in group}
-                for d in sorted(glob.glob(os.path.join(out, "_bucket=*"))):
-                    b = int(d.rsplit("=", 1)[1])
-                    counts = pl.scan_parquet(os.path.join(d, "*.parquet")).group_by("_file").len().collect()
-                    for f, n in counts.iter_rows():
-                        per_file[f][b] = n
-                return [{"source": srcs[i][0], "rows_in": sum(per_file[i].values()), "buckets": per_file[i]}
-                        for i in group]
-        except (pl.exceptions.PolarsError, UserError) as err:
-            shutil.rmtree(out, ignore_errors=True)
-            why = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        log(f"  {len(group)} files ({srcs[group[0]][0]} .. {srcs[group[-1]][0]}) could not be validated as one "
-            f"({why}): one by one instead (slower)")
-    return [stage_source(i, *srcs[i], schema, shards, stage, ts_format, exact(i)) for i in group]
+    carries each row's `_file` and `_row`), they are validated in one streaming sink to
+    `stage/src-<first>-<last>/_bucket=b/`: the same rows, positions and verdicts as staging each alone gives, each
+    file with the timestamp format detected from its own first 1,000 rows.
+
+    Files whose timestamp formats differ are split into runs of one format. A group that Polars cannot read as one
+    (headers that differ, a malformed record) is tried again in halves, down to `SPLIT_BELOW` files, which are
+    staged alone (`stage_source`: an error names its file, a malformed record gets the record-by-record reader).
+    A group the adapter declines (None) is staged file by file."""
+    alone = lambda g: [stage_source(i, *srcs[i], schema, shards, stage, ts_format, exact(i)) for i in g]  # noqa: E731
+    again = lambda g: stage_group(g, srcs, schema, shards, stage, ts_format, exact, together)  # noqa: E731
+    if len(group) == 1 or together is None:
+        return alone(group)
+    what = f"{len(group)} files ({srcs[group[0]][0]} .. {srcs[group[-1]][0]})"
+    out = os.path.join(stage, f"src-{group[0]:05d}-{group[-1]:05d}")
+    try:
+        lf = together(group)
+        if lf is None:
+            return alone(group)
+        cols = S.text_datetime_columns(lf, schema)
+        ts_formats = None
+        if cols and ts_format == "auto":   # each file's own format, from its first 1,000 rows
+            sample = lf.select("_file", *cols).group_by("_file", maintain_order=True).head(1000).collect()
+            by_col = {c: S.detect_ts_formats(sample, "_file", c) for c in cols}
+            found = {i: tuple(by_col[c][i] for c in cols) for i in by_col[cols[0]]}   # files with rows
+            if len(set(found.values())) > 1:
+                runs: list[list[int]] = []
+                run_format = None
+                for i in group:            # a file without rows joins the run it is in
+                    if not runs or (i in found and run_format is not None and found[i] != run_format):
+                        runs.append([])
+                        run_format = None
+                    runs[-1].append(i)
+                    run_format = run_format or found.get(i)
+                log(f"  {what}: their timestamp formats differ; validated in {len(runs)} runs of one format")
+                return [r for run in runs for r in again(run)]
+            if found:
+                ts_formats = dict(zip(cols, next(iter(found.values()))))
+        checked = S.validate(lf, schema, source=f"{srcs[group[0]][0]} .. {srcs[group[-1]][0]}",
+                             ts_format=ts_format, ts_formats=ts_formats)
+        bucket = pl.when(pl.col("reason").is_null()).then(S.shard_of(schema, shards)).otherwise(QUARANTINE_BUCKET)
+        checked.with_columns(bucket.cast(pl.Int32).alias("_bucket")).sink_parquet(
+            pl.PartitionBy(out, key="_bucket", include_key=False), compression="lz4", statistics=False, mkdir=True)
+    except (pl.exceptions.PolarsError, UserError) as err:
+        shutil.rmtree(out, ignore_errors=True)
+        why = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        if len(group) <= SPLIT_BELOW:
+            log(f"  {what} could not be validated as one ({why}): one by one instead")
+            return alone(group)
+        log(f"  {what} could not be validated as one ({why}): trying each half")
+        half = len(group) // 2
+        return again(group[:half]) + again(group[half:])
+    per_file: dict[int, dict[int, int]] = {i: {} for i in group}
+    for d in sorted(glob.glob(os.path.join(out, "_bucket=*"))):
+        b = int(d.rsplit("=", 1)[1])
+        for f, n in pl.scan_parquet(os.path.join(d, "*.parquet")).group_by("_file").len().collect().iter_rows():
+            per_file[f][b] = n
+    return [{"source": srcs[i][0], "rows_in": sum(per_file[i].values()), "buckets": per_file[i]} for i in group]
 
 
 def _reads(lf: pl.LazyFrame) -> bool:

@@ -28,6 +28,16 @@ def _ext(path: str) -> str:
     return os.path.splitext(name)[1]
 
 
+def is_empty(path: str) -> bool:
+    """No bytes at all, or (gzip) none once decompressed."""
+    if os.path.getsize(path) == 0:
+        return True
+    if path.lower().endswith(GZIP):
+        with _open(path) as fh:
+            return not fh.read(1)
+    return False
+
+
 def _open(path: str, mode: str = "rb", **kwargs: Any):
     """A file, decompressed when it is gzip-compressed."""
     if path.lower().endswith(GZIP):
@@ -41,7 +51,7 @@ def list_files(path: str) -> list[str]:
     """Expand a file, a folder (its data files, sorted) or a glob into a sorted list of files."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if _ext(f) in FORMATS and not (f.endswith(GZIP) and _ext(f) in (".parquet", ".pq"))
+                       if _ext(f) in FORMATS and not (f.lower().endswith(GZIP) and _ext(f) in (".parquet", ".pq"))
                        and not f.startswith((".", "_")))
     elif any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path, recursive=True))
@@ -68,16 +78,17 @@ def file_format(path: str, fmt: str) -> str:
 
 def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str]) -> pl.LazyFrame:
     """Lazily scan one file; CSV values stay text so that validation, not the reader, judges them."""
-    if os.path.getsize(path) == 0:
+    if is_empty(path):
         raise UserError(f"{path}: the file is empty")
+    # a listed file is read as the file it is: a name with [, * or ? is not a pattern (glob=False)
     if fmt == "csv":
         lf = pl.scan_csv(path, separator=csv.get("separator", ","), has_header=csv.get("has_header", True),
                          quote_char=csv.get("quote_char", '"'), infer_schema=False, encoding="utf8",
-                         new_columns=csv.get("new_columns"))
+                         new_columns=csv.get("new_columns"), glob=False)
     elif fmt == "parquet":
-        lf = pl.scan_parquet(path)
+        lf = pl.scan_parquet(path, glob=False)
     else:
-        lf = pl.scan_ndjson(path, infer_schema_length=None)
+        lf = pl.scan_ndjson(glob.escape(path), infer_schema_length=None)   # (no glob=False for NDJSON)
     try:
         return _canonical_names(lf, columns)
     except pl.exceptions.PolarsError:  # JSONL schema inference reads every line: a broken one fails here. Stay
@@ -137,7 +148,9 @@ def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int =
         reader = pycsv.reader(_hide_lone_cr(fh), **opts)
         start = 1                                 # the line a record starts on (a quoted value may span lines)
         try:
-            header = next(reader) if csv.get("has_header", True) else None
+            header = next(reader, None) if csv.get("has_header", True) else None
+            if header is None and csv.get("has_header", True):
+                raise UserError(f"{path}: no header line (the file holds no record)")
             start = reader.line_num + 1
             peeked = [] if header is not None else [next(reader, [])]   # no header: the first record's width
             width = len(header if header is not None else peeked[0])
@@ -296,14 +309,14 @@ def group_source(dataset: dict, paths: dict, indices: list[int]) -> pl.LazyFrame
     files = _files(dataset, paths)
     if any(files[i][1] is not None for i in indices):
         return None
-    picked = [files[i][0] for i in indices if os.path.getsize(files[i][0]) > 0]   # an empty file adds no rows
+    picked = [files[i][0] for i in indices if not is_empty(files[i][0])]   # an empty file adds no rows
     if not picked or {file_format(f, dataset.get("format", "auto")) for f in picked} != {"csv"}:
         return None
-    indices = [i for i in indices if os.path.getsize(files[i][0]) > 0]
+    indices = [i for i in indices if not is_empty(files[i][0])]
     csv = dataset.get("csv") or {}
     lf = pl.scan_csv(picked, separator=csv.get("separator", ","), has_header=csv.get("has_header", True),
                      quote_char=csv.get("quote_char", '"'), infer_schema=False, encoding="utf8",
-                     new_columns=csv.get("new_columns"), include_file_paths=_PATH)
+                     new_columns=csv.get("new_columns"), include_file_paths=_PATH, glob=False)
     lf = _canonical_names(lf, dataset.get("columns") or {})
     rows = dict(lf.group_by(_PATH).len().collect().iter_rows())
     offsets, start = {}, 0
@@ -327,7 +340,7 @@ def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
     files = _files(dataset, paths)
     out = []
     for f, split in files:
-        if len(files) > 1 and os.path.getsize(f) == 0:
+        if len(files) > 1 and is_empty(f):
             # one empty file among many (an hour with no traffic): no rows, not an error; alone it is one
             empty = pl.LazyFrame(schema={c: pl.Utf8 for c in (dataset.get("schema") or {}).get("columns", {})})
             out.append((f, _with_split(empty, dataset, split)))
