@@ -130,8 +130,12 @@ def stage_group(group: list[int], srcs: list[tuple[str, pl.LazyFrame]], schema: 
     (headers that differ, a malformed record) is tried again in halves, down to `SPLIT_BELOW` files, which are
     staged alone (`stage_source`: an error names its file, a malformed record gets the record-by-record reader).
     A group the adapter declines (None) is staged file by file."""
-    alone = lambda g: [stage_source(i, *srcs[i], schema, shards, stage, ts_format, exact(i)) for i in g]  # noqa: E731
-    again = lambda g: stage_group(g, srcs, schema, shards, stage, ts_format, exact, together)  # noqa: E731
+    def alone(g: list[int]) -> list[dict]:
+        return [stage_source(i, *srcs[i], schema, shards, stage, ts_format, exact(i)) for i in g]
+
+    def again(g: list[int]) -> list[dict]:
+        return stage_group(g, srcs, schema, shards, stage, ts_format, exact, together)
+
     if len(group) == 1 or together is None:
         return alone(group)
     what = f"{len(group)} files ({srcs[group[0]][0]} .. {srcs[group[-1]][0]})"
