@@ -14,11 +14,9 @@ report). Scores and predictions go to `<out>/scored.parquet`.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import shutil
 import time
 from collections import Counter
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ecomray.runtime import UserError, one_at_a_time, replace_dir
+from ecomray.runtime import UserError, output_folder
 
 STOP = set("""的 了 是 我 也 和 就 都 不 在 有 这 那 你 他 她 它 们 很 还 又 吧 吗 啊 呢 哦 着 给 让 说 要 会 能 到 去 来 上 下 个 一 没 对 与 及 被 把 而 但 所 以 为 之 其 或 等 这个 那个 我们 你们 他们 就是 还是 但是 因为 所以 如果 而且 然后 已经 没有 一个 什么 这样 那样 可以 觉得 感觉 东西 时候 现在 自己 真的 一下 一些 这么 那么 非常 比较 有点 不是 还有 不过 只是 一样 知道 一直 出来 起来 应该 可能 这种 那种 怎么 这次 一次 一点 看看 以后 之前 之后 的话""".split())
 _WORD = re.compile(r"^[\u4e00-\u9fffA-Za-z]+$")
@@ -98,133 +96,121 @@ def run(cfg: dict) -> dict[str, Any]:
         df = df.with_columns(category=pl.lit("(all)"))
     df = df.with_columns(pl.col("category").fill_null("(none)"))
     final = os.path.abspath(o["out"])   # written whole into a work folder, then swapped in for the old one
-    if os.path.isdir(final) and os.listdir(final) and not os.path.exists(os.path.join(final, "summary.json")):
-        raise UserError(f"opinion.out={o['out']}: {final} holds files that are not an opinion report, and a run "
-                        f"replaces its output folder whole; choose an empty or new folder")
-    out = f"{final}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    with one_at_a_time(os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.lock"),
-                       f"opinion report into {final}", lambda m: print(f"[opinion] {m}", flush=True)):
-        for left in sorted(glob.glob(f"{glob.escape(final)}.tmp-*") + glob.glob(f"{glob.escape(final)}.old-*")):
-            shutil.rmtree(left, ignore_errors=True)   # a killed run's; none is a live run's (the lock)
+    with output_folder(final, "opinion.out", "summary.json", "an opinion report",
+                       lambda m: print(f"[opinion] {m}", flush=True)) as out:
         os.makedirs(out)
-        try:
-            df.select([c for c in ("text", "category", "ts", "label_name", "predicted", "p_negative") if c in df.columns]) \
-              .write_parquet(os.path.join(out, "scored.parquet"))
+        df.select([c for c in ("text", "category", "ts", "label_name", "predicted", "p_negative") if c in df.columns]) \
+          .write_parquet(os.path.join(out, "scored.parquet"))
 
-            agg = [pl.len().alias("reviews"), (pl.col("predicted") == neg).mean().alias("negative_share")]
-            if "label_name" in df.columns:
-                agg.append((pl.col("label_name") == neg).mean().alias("labelled_negative_share"))
-                agg.append((pl.col("label_name") == pl.col("predicted")).mean().alias("accuracy"))
-            by_cat = df.group_by("category").agg(agg).sort("negative_share", descending=True)
-            cats = by_cat["category"].to_list()
-            font = cjk_font()
-            if font:
-                tick = {c: c for c in cats}
-            else:
-                tick = {c: f"C{i + 1}" for i, c in enumerate(cats)}
+        agg = [pl.len().alias("reviews"), (pl.col("predicted") == neg).mean().alias("negative_share")]
+        if "label_name" in df.columns:
+            agg.append((pl.col("label_name") == neg).mean().alias("labelled_negative_share"))
+            agg.append((pl.col("label_name") == pl.col("predicted")).mean().alias("accuracy"))
+        by_cat = df.group_by("category").agg(agg).sort("negative_share", descending=True)
+        cats = by_cat["category"].to_list()
+        font = cjk_font()
+        if font:
+            tick = {c: c for c in cats}
+        else:
+            tick = {c: f"C{i + 1}" for i, c in enumerate(cats)}
 
-            # 1. sentiment share by category (stacked)
-            fig, ax = plt.subplots(figsize=(8, 4))
-            x = np.arange(len(cats))
-            share = by_cat["negative_share"].to_numpy()
-            ax.bar(x, 1 - share, label="positive", color="#4c9a2a")
-            ax.bar(x, share, bottom=1 - share, label="negative", color="#c0392b")
-            ax.set_xticks(x, [tick[c] for c in cats])
-            ax.set_ylabel("share of reviews (predicted)")
-            ax.set_title(f"Sentiment share by category ({name} {loaded.version})")
-            ax.legend(loc="lower right")
+        # 1. sentiment share by category (stacked)
+        fig, ax = plt.subplots(figsize=(8, 4))
+        x = np.arange(len(cats))
+        share = by_cat["negative_share"].to_numpy()
+        ax.bar(x, 1 - share, label="positive", color="#4c9a2a")
+        ax.bar(x, share, bottom=1 - share, label="negative", color="#c0392b")
+        ax.set_xticks(x, [tick[c] for c in cats])
+        ax.set_ylabel("share of reviews (predicted)")
+        ax.set_title(f"Sentiment share by category ({name} {loaded.version})")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "share_by_category.png"), dpi=110)
+        plt.close(fig)
+
+        # 2. most negative categories
+        fig, ax = plt.subplots(figsize=(7, 4))
+        top = by_cat.head(int(o.get("top_categories", 10)))
+        ax.barh([tick[c] for c in top["category"].to_list()][::-1], top["negative_share"].to_numpy()[::-1], color="#c0392b",
+                label="predicted")
+        if "labelled_negative_share" in top.columns:
+            ax.scatter(top["labelled_negative_share"].to_numpy()[::-1], np.arange(top.height), color="black", zorder=3,
+                       label="labelled", s=14)
+        ax.set_xlabel("negative share")
+        ax.set_title("Most negative categories")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "most_negative.png"), dpi=110)
+        plt.close(fig)
+
+        # 3. over time
+        over_time = None
+        if "ts" in df.columns and df["ts"].null_count() < df.height:
+            over_time = (df.filter(pl.col("ts").is_not_null()).sort("ts")
+                           .group_by_dynamic("ts", every=o.get("time_bucket", "1w"))
+                           .agg(pl.len().alias("reviews"), (pl.col("predicted") == neg).mean().alias("negative_share")))
+            fig, ax = plt.subplots(figsize=(8, 3.5))
+            ax.plot(over_time["ts"].to_list(), over_time["negative_share"].to_numpy(), marker="o")
+            ax.set_ylabel("negative share")
+            ax.set_title(f"Negative share over time (per {o.get('time_bucket', '1w')})")
+            fig.autofmt_xdate()
             fig.tight_layout()
-            fig.savefig(os.path.join(out, "share_by_category.png"), dpi=110)
+            fig.savefig(os.path.join(out, "share_over_time.png"), dpi=110)
             plt.close(fig)
 
-            # 2. most negative categories
-            fig, ax = plt.subplots(figsize=(7, 4))
-            top = by_cat.head(int(o.get("top_categories", 10)))
-            ax.barh([tick[c] for c in top["category"].to_list()][::-1], top["negative_share"].to_numpy()[::-1], color="#c0392b",
-                    label="predicted")
-            if "labelled_negative_share" in top.columns:
-                ax.scatter(top["labelled_negative_share"].to_numpy()[::-1], np.arange(top.height), color="black", zorder=3,
-                           label="labelled", s=14)
-            ax.set_xlabel("negative share")
-            ax.set_title("Most negative categories")
-            ax.legend(loc="lower right")
+        # 4. top terms in negative reviews per category (jieba)
+        n_terms = int(o.get("top_terms", 10))
+        terms = {}
+        for c in cats:
+            neg_texts = df.filter((pl.col("category") == c) & (pl.col("predicted") == neg))["text"].to_list()
+            terms[c] = top_terms(neg_texts, n_terms, int(o.get("min_term_len", 2)), STOP | {c})
+        if font:
+            cols = min(3, len(cats))
+            rows = int(np.ceil(len(cats) / cols))
+            fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+            for ax, c in zip(axes.flat, cats):
+                words = terms[c][:8][::-1]
+                ax.barh([w for w, _ in words], [n for _, n in words], color="#c0392b")
+                ax.set_title(c)
+            for ax in list(axes.flat)[len(cats):]:
+                ax.axis("off")
             fig.tight_layout()
-            fig.savefig(os.path.join(out, "most_negative.png"), dpi=110)
+            fig.savefig(os.path.join(out, "negative_terms.png"), dpi=110)
             plt.close(fig)
 
-            # 3. over time
-            over_time = None
-            if "ts" in df.columns and df["ts"].null_count() < df.height:
-                over_time = (df.filter(pl.col("ts").is_not_null()).sort("ts")
-                               .group_by_dynamic("ts", every=o.get("time_bucket", "1w"))
-                               .agg(pl.len().alias("reviews"), (pl.col("predicted") == neg).mean().alias("negative_share")))
-                fig, ax = plt.subplots(figsize=(8, 3.5))
-                ax.plot(over_time["ts"].to_list(), over_time["negative_share"].to_numpy(), marker="o")
-                ax.set_ylabel("negative share")
-                ax.set_title(f"Negative share over time (per {o.get('time_bucket', '1w')})")
-                fig.autofmt_xdate()
-                fig.tight_layout()
-                fig.savefig(os.path.join(out, "share_over_time.png"), dpi=110)
-                plt.close(fig)
-
-            # 4. top terms in negative reviews per category (jieba)
-            n_terms = int(o.get("top_terms", 10))
-            terms = {}
-            for c in cats:
-                neg_texts = df.filter((pl.col("category") == c) & (pl.col("predicted") == neg))["text"].to_list()
-                terms[c] = top_terms(neg_texts, n_terms, int(o.get("min_term_len", 2)), STOP | {c})
-            if font:
-                cols = min(3, len(cats))
-                rows = int(np.ceil(len(cats) / cols))
-                fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-                for ax, c in zip(axes.flat, cats):
-                    words = terms[c][:8][::-1]
-                    ax.barh([w for w, _ in words], [n for _, n in words], color="#c0392b")
-                    ax.set_title(c)
-                for ax in list(axes.flat)[len(cats):]:
-                    ax.axis("off")
-                fig.tight_layout()
-                fig.savefig(os.path.join(out, "negative_terms.png"), dpi=110)
-                plt.close(fig)
-
-            lines = [f"# Opinion report: {cfg['dataset']['name']}", "",
-                     f"Model `{name}` {loaded.version} (task {loaded.config['task']['name']}, model "
-                     f"`{loaded.config['model']['_target_'].rsplit('.', 1)[-1]}`), {df.height:,} reviews "
-                     f"(split: {split}), scored in {time.time() - t0:.0f} s. Shares are of predicted labels.", "",
-                     "## Sentiment share by category", "", "![share by category](share_by_category.png)", ""]
-            if not font:
-                lines += ["Plot labels: " + ", ".join(f"{tick[c]} = {c}" for c in cats) + " (no CJK font found for matplotlib).", ""]
-            head = "| category | reviews | negative share (predicted) |" + (" negative share (labelled) | accuracy |" if "accuracy" in by_cat.columns else "")
-            lines += ["## Most negative categories", "", "![most negative](most_negative.png)", "", head,
-                      "|---|---:|---:|" + ("---:|---:|" if "accuracy" in by_cat.columns else "")]
-            for r in by_cat.iter_rows(named=True):
-                row = f"| {r['category']} | {r['reviews']:,} | {r['negative_share']:.1%} |"
-                if "accuracy" in r:
-                    row += f" {r['labelled_negative_share']:.1%} | {r['accuracy']:.1%} |"
-                lines.append(row)
-            lines.append("")
-            if over_time is not None:
-                lines += ["## Over time", "", "![over time](share_over_time.png)", ""]
-            else:
-                lines += ["## Over time", "", "The table has no timestamps (`ts`), so there is no time series.", ""]
-            lines += ["## Most frequent terms in negative reviews (jieba word counts)", ""]
-            if font:
-                lines += ["![negative terms](negative_terms.png)", ""]
-            lines += ["| category | top terms (count) |", "|---|---|"]
-            for c in cats:
-                lines.append(f"| {c} | " + ", ".join(f"{w} ({n})" for w, n in terms[c]) + " |")
-            with open(os.path.join(out, "report.md"), "w") as fh:
-                fh.write("\n".join(lines) + "\n")
-            summary = {"report": os.path.join(final, "report.md"), "model": f"{name}:{loaded.version}", "rows": df.height,
-                       "seconds": time.time() - t0, "by_category": by_cat.to_dicts(),
-                       "terms": {c: terms[c] for c in cats}, "plots": sorted(f for f in os.listdir(out) if f.endswith(".png"))}
-            with open(os.path.join(out, "summary.json"), "w") as fh:
-                json.dump(summary, fh, indent=2, ensure_ascii=False, default=str)
-            replace_dir(out, final)
-        except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
-            raise
+        lines = [f"# Opinion report: {cfg['dataset']['name']}", "",
+                 f"Model `{name}` {loaded.version} (task {loaded.config['task']['name']}, model "
+                 f"`{loaded.config['model']['_target_'].rsplit('.', 1)[-1]}`), {df.height:,} reviews "
+                 f"(split: {split}), scored in {time.time() - t0:.0f} s. Shares are of predicted labels.", "",
+                 "## Sentiment share by category", "", "![share by category](share_by_category.png)", ""]
+        if not font:
+            lines += ["Plot labels: " + ", ".join(f"{tick[c]} = {c}" for c in cats) + " (no CJK font found for matplotlib).", ""]
+        head = "| category | reviews | negative share (predicted) |" + (" negative share (labelled) | accuracy |" if "accuracy" in by_cat.columns else "")
+        lines += ["## Most negative categories", "", "![most negative](most_negative.png)", "", head,
+                  "|---|---:|---:|" + ("---:|---:|" if "accuracy" in by_cat.columns else "")]
+        for r in by_cat.iter_rows(named=True):
+            row = f"| {r['category']} | {r['reviews']:,} | {r['negative_share']:.1%} |"
+            if "accuracy" in r:
+                row += f" {r['labelled_negative_share']:.1%} | {r['accuracy']:.1%} |"
+            lines.append(row)
+        lines.append("")
+        if over_time is not None:
+            lines += ["## Over time", "", "![over time](share_over_time.png)", ""]
+        else:
+            lines += ["## Over time", "", "The table has no timestamps (`ts`), so there is no time series.", ""]
+        lines += ["## Most frequent terms in negative reviews (jieba word counts)", ""]
+        if font:
+            lines += ["![negative terms](negative_terms.png)", ""]
+        lines += ["| category | top terms (count) |", "|---|---|"]
+        for c in cats:
+            lines.append(f"| {c} | " + ", ".join(f"{w} ({n})" for w, n in terms[c]) + " |")
+        with open(os.path.join(out, "report.md"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        summary = {"report": os.path.join(final, "report.md"), "model": f"{name}:{loaded.version}", "rows": df.height,
+                   "seconds": time.time() - t0, "by_category": by_cat.to_dicts(),
+                   "terms": {c: terms[c] for c in cats}, "plots": sorted(f for f in os.listdir(out) if f.endswith(".png"))}
+        with open(os.path.join(out, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2, ensure_ascii=False, default=str)
     print(f"[opinion] {df.height:,} reviews scored with {name} {loaded.version}; report: {summary['report']} "
           f"({summary['seconds']:.0f}s)", flush=True)
     return summary

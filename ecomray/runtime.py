@@ -188,6 +188,37 @@ def one_at_a_time(lock_path: str, what: str, log: Callable[[str], None] = print)
         yield
 
 
+@contextlib.contextmanager
+def output_folder(out: str, setting: str, marker: str, kind: str,
+                  log: Callable[[str], None] = print) -> Iterator[str]:
+    """A job's output folder, written whole: yields a work folder (`<out>.tmp-<pid>`, not yet made) that replaces
+    `out` when the block ends, and is removed if it fails. One run per folder (a lock beside it); under the lock,
+    what killed runs left (`<out>.tmp-*`, `<out>.old-*`) is removed, and a folder holding files but no `marker` (not
+    a `kind`, which a run would replace) is refused, naming `setting`."""
+    import glob
+    import shutil
+
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{setting}: cannot create {parent} ({err.strerror})") from None
+    with one_at_a_time(os.path.join(parent, f".{os.path.basename(out)}.lock"), f"run writing {out}", log):
+        for left in sorted(glob.glob(f"{glob.escape(out)}.tmp-*") + glob.glob(f"{glob.escape(out)}.old-*")):
+            shutil.rmtree(left, ignore_errors=True)       # a killed run's; none is a live run's (the lock)
+            log(f"removed {left}: left by a killed run")
+        if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, marker)):
+            raise UserError(f"{setting}: {out} holds files that are not {kind} (no {marker}), and a run "
+                            f"replaces its output folder whole; choose an empty or new folder")
+        work = f"{out}.tmp-{os.getpid()}"
+        try:
+            yield work
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        replace_dir(work, out)
+
+
 def replace_dir(work: str, final: str) -> None:
     """Put the finished folder `work` at `final`, replacing what was there whole: the old folder is renamed aside,
     the new one renamed in, then the old one deleted. A reader sees one run's files, never a mix of two."""

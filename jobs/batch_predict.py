@@ -9,10 +9,8 @@ and a `predictions.json` summary to `<paths.root>/predictions/<registry name>/`.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 import time
 from typing import Any
 
@@ -23,7 +21,7 @@ from omegaconf import DictConfig
 
 from ecomray import registry
 from ecomray.inference import load_model
-from ecomray.runtime import UserError, one_at_a_time, replace_dir, to_plain, user_errors
+from ecomray.runtime import UserError, output_folder, to_plain, user_errors
 from ecomray.tasks import BATCH, supports
 
 MARKER = "predictions.json"
@@ -101,26 +99,17 @@ def run(cfg: DictConfig | dict) -> dict[str, Any]:
     split = str(bp.get("split", "all"))
     options = {**(vcfg["task"].get("predict") or {}), **(bp.get("options") or {})}
     out = os.path.abspath(bp.get("out") or os.path.join(plain["paths"]["root"], "predictions", name))
-    try:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    except OSError as err:
-        raise UserError(f"batch_predict.out: cannot create {os.path.dirname(out)} ({err.strerror})") from None
-    with one_at_a_time(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock"),
-                       f"batch_predict into {out}", lambda m: print(f"[batch_predict] {m}", flush=True)):
-        for left in sorted(glob.glob(f"{glob.escape(out)}.tmp-*") + glob.glob(f"{glob.escape(out)}.old-*")):
-            shutil.rmtree(left, ignore_errors=True)       # a killed run's; none is a live run's (the lock)
-            print(f"[batch_predict] removed {left}: left by a killed run", flush=True)
-        if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
-            raise UserError(f"{out} exists and is not a predictions folder: choose batch_predict.out")
-        summary = _score(plain, bp, loaded, vcfg, root, name, version, split, options, out)
+    with output_folder(out, "batch_predict.out", MARKER, "a predictions folder",
+                       lambda m: print(f"[batch_predict] {m}", flush=True)) as work:
+        summary = _score(plain, bp, loaded, vcfg, root, name, version, split, options, work)
     print(f"[batch_predict] {name} {version} ({summary['task']}, split {split}): {summary['rows']} rows -> {out} "
           f"in {summary['seconds']}s", flush=True)
     return {**summary, "out": out}
 
 
 def _score(plain: dict, bp: dict, loaded: Any, vcfg: dict, root: str, name: str, version: str, split: str,
-           options: dict, out: str) -> dict[str, Any]:
-    """Score with Ray Data into `<out>.tmp-<pid>`, then swap it in for `out`; returns the summary."""
+           options: dict, work: str) -> dict[str, Any]:
+    """Score with Ray Data into the folder `work` (with the summary in it, last); returns the summary."""
     import ray
 
     from ecomray.data import shards
@@ -148,19 +137,13 @@ def _score(plain: dict, bp: dict, loaded: Any, vcfg: dict, root: str, name: str,
                                                    "options": options, "keep": list(bp.get("keep_columns") or [])},
                             compute=ray.data.ActorPoolStrategy(size=int(bp.get("actors", 1))),
                             num_cpus=float(bp.get("num_cpus_per_actor", 1)))
-    work = f"{out}.tmp-{os.getpid()}"
-    try:
-        scored.write_parquet(work)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    scored.write_parquet(work)
     rows = sum(pq.ParquetFile(os.path.join(work, f)).metadata.num_rows
                for f in os.listdir(work) if f.endswith(".parquet"))
     summary = {"model": name, "version": version, "task": vcfg["task"]["name"], "split": split, "rows": rows,
                "options": options, "seconds": round(time.time() - t0, 2), "dataset": vcfg["dataset"]["name"]}
     with open(os.path.join(work, MARKER), "w") as fh:      # last: a folder with the marker is complete
         json.dump(summary, fh, indent=2)
-    replace_dir(work, out)
     return summary
 
 

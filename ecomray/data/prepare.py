@@ -32,7 +32,7 @@ import polars as pl
 import ecomray
 from ecomray.data import schema as S
 from ecomray.data.adapters import load_adapter
-from ecomray.data.adapters.files import first_bad_utf8_line
+from ecomray.data.adapters.files import first_bad_utf8_line, format_extension
 from ecomray.data.shards import dataset_dir, has_manifest, load_manifest
 from ecomray.runtime import UserError, is_uri, one_at_a_time
 
@@ -84,7 +84,7 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
                 f"(slower), malformed records go to quarantine")
             return stage_source(i, src, redo, schema, shards, stage, ts_format)
         raise UserError(f"{src}: could not be read: {first}") from None
-    counts = _bucket_counts(out)
+    counts = _staged_counts(out, [i])[0]
     return {"source": src, "rows_in": sum(counts.values()), "buckets": counts}
 
 
@@ -94,20 +94,14 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
 GROUP_BYTES = 256 << 20
 
 
-def _kind(path: str) -> str:
-    """A file's format extension (`.csv` for x.csv and x.csv.gz): a group holds files of one kind."""
-    name = os.path.basename(path).lower()
-    return os.path.splitext(name[:-3] if name.endswith(".gz") else name)[1]
-
-
 def source_groups(srcs: list[str], limit: int = GROUP_BYTES) -> list[list[int]]:
-    """Consecutive source indices of one file kind, grouped while their files add up to at most `limit` bytes; a
+    """Consecutive source indices of one file kind (`.csv`, `.jsonl`, ...), grouped while their files add up to at most `limit` bytes; a
     larger file (or a source that is not a local file) is a group of its own."""
     groups: list[list[int]] = []
     size = 0
     for i, src in enumerate(srcs):
         b = os.path.getsize(src) if os.path.isfile(src) else limit
-        if not groups or size + b > limit or _kind(src) != _kind(srcs[groups[-1][-1]]):
+        if not groups or size + b > limit or format_extension(src) != format_extension(srcs[groups[-1][-1]]):
             groups.append([])
             size = 0
         groups[-1].append(i)
@@ -177,12 +171,8 @@ def stage_group(group: list[int], srcs: list[tuple[str, pl.LazyFrame]], schema: 
         log(f"  {what} could not be validated as one ({why}): trying each half")
         half = len(group) // 2
         return again(group[:half]) + again(group[half:])
-    per_file: dict[int, dict[int, int]] = {i: {} for i in group}
-    for d in sorted(glob.glob(os.path.join(out, "_bucket=*"))):
-        b = int(d.rsplit("=", 1)[1])
-        for f, n in pl.scan_parquet(os.path.join(d, "*.parquet")).group_by("_file").len().collect().iter_rows():
-            per_file[f][b] = n
-    return [{"source": srcs[i][0], "rows_in": sum(per_file[i].values()), "buckets": per_file[i]} for i in group]
+    return [{"source": srcs[i][0], "rows_in": sum(c.values()), "buckets": c}
+            for i, c in zip(group, _staged_counts(out, group))]
 
 
 def _reads(lf: pl.LazyFrame) -> bool:
@@ -199,12 +189,14 @@ def _bucket_files(stage: str, bucket: int) -> list[str]:
     return sorted(glob.glob(os.path.join(stage, "src-*", f"_bucket={bucket}", "*.parquet")))
 
 
-def _bucket_counts(src_stage: str) -> dict[int, int]:
-    counts: dict[int, int] = {}
+def _staged_counts(src_stage: str, sources: list[int]) -> list[dict[int, int]]:
+    """Rows staged under `src_stage` per bucket, for each of `sources` (the `_file` values staged there)."""
+    counts: dict[int, dict[int, int]] = {i: {} for i in sources}
     for d in sorted(glob.glob(os.path.join(src_stage, "_bucket=*"))):
         b = int(d.rsplit("=", 1)[1])
-        counts[b] = pl.scan_parquet(os.path.join(d, "*.parquet")).select(pl.len()).collect().item()
-    return counts
+        for f, n in pl.scan_parquet(os.path.join(d, "*.parquet")).group_by("_file").len().collect().iter_rows():
+            counts[f][b] = n
+    return [counts[i] for i in sources]
 
 
 # ----------------------------------------------------------------------------------------------- split plan
@@ -464,12 +456,15 @@ class _Progress:
             log(f"  {self.what} {done}/{self.total} ({now - self.t0:.1f}s)")
 
 
+def _adapter_entry(dataset: dict, paths: dict, entry: str, *args: Any) -> Callable | None:
+    """An optional adapter entry (`exact_source`, `group_source`) bound to this dataset, or None."""
+    fn = getattr(load_adapter(dataset.get("adapter", "files")), entry, None)
+    return functools.partial(fn, dataset, paths, *args) if fn is not None else None
+
+
 def _exact_reader(dataset: dict, paths: dict, i: int, stage: str) -> Callable[[], pl.LazyFrame] | None:
     """The adapter's record-by-record reader of source i (an optional `exact_source`), or None."""
-    adapter = load_adapter(dataset.get("adapter", "files"))
-    if not hasattr(adapter, "exact_source"):
-        return None
-    return functools.partial(adapter.exact_source, dataset, paths, i, os.path.join(stage, "exact"))
+    return _adapter_entry(dataset, paths, "exact_source", i, os.path.join(stage, "exact"))
 
 
 def _stage_task(group: list[int], dataset: dict, paths: dict, schema: dict, shards: int, stage: str,
@@ -481,10 +476,7 @@ def _stage_task(group: list[int], dataset: dict, paths: dict, schema: dict, shar
 
 def _group_reader(dataset: dict, paths: dict) -> Callable[[list[int]], pl.LazyFrame | None] | None:
     """The adapter's reader of several sources as one scan (an optional `group_source`), or None."""
-    adapter = load_adapter(dataset.get("adapter", "files"))
-    if not hasattr(adapter, "group_source"):
-        return None
-    return functools.partial(adapter.group_source, dataset, paths)
+    return _adapter_entry(dataset, paths, "group_source")
 
 
 def run(cfg: dict, if_missing: bool = False) -> dict:

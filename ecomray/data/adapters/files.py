@@ -20,7 +20,7 @@ FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", "
 GZIP = ".gz"   # text formats may be gzip-compressed (events.csv.gz): Polars streams them, the exact readers too
 
 
-def _ext(path: str) -> str:
+def format_extension(path: str) -> str:
     """The format extension of a file name: `.csv` for `x.csv` and for `x.csv.gz`."""
     name = os.path.basename(path).lower()
     if name.endswith(GZIP):
@@ -51,7 +51,8 @@ def list_files(path: str) -> list[str]:
     """Expand a file, a folder (its data files, sorted) or a glob into a sorted list of files."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if _ext(f) in FORMATS and not (f.lower().endswith(GZIP) and _ext(f) in (".parquet", ".pq"))
+                       if format_extension(f) in FORMATS
+                       and not (f.lower().endswith(GZIP) and FORMATS[format_extension(f)] == "parquet")
                        and not f.startswith((".", "_")))
     elif any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path, recursive=True))
@@ -69,7 +70,7 @@ def file_format(path: str, fmt: str) -> str:
         if fmt not in ("csv", "parquet", "jsonl"):
             raise UserError(f"unknown dataset.format {fmt!r}: use csv, parquet, jsonl or auto")
         return fmt
-    ext = _ext(path)
+    ext = format_extension(path)
     if ext not in FORMATS or (FORMATS[ext] == "parquet" and path.lower().endswith(GZIP)):
         raise UserError(f"{path}: unknown file format {os.path.basename(path)!r}; set dataset.format=csv|parquet|jsonl "
                         f"(CSV and JSONL may be gzip-compressed: .csv.gz, .jsonl.gz)")
@@ -82,9 +83,7 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str])
         raise UserError(f"{path}: the file is empty")
     # a listed file is read as the file it is: a name with [, * or ? is not a pattern (glob=False)
     if fmt == "csv":
-        lf = pl.scan_csv(path, separator=csv.get("separator", ","), has_header=csv.get("has_header", True),
-                         quote_char=csv.get("quote_char", '"'), infer_schema=False, encoding="utf8",
-                         new_columns=csv.get("new_columns"), glob=False)
+        lf = _scan_csv(path, csv)
     elif fmt == "parquet":
         lf = pl.scan_parquet(path, glob=False)
     else:
@@ -93,6 +92,13 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str])
         return _canonical_names(lf, columns)
     except pl.exceptions.PolarsError:  # JSONL schema inference reads every line: a broken one fails here. Stay
         return lf                      # lazy: prepare meets the error again and reads the file with exact_source
+
+
+def _scan_csv(path: str | list[str], csv: dict[str, Any], **extra: Any) -> pl.LazyFrame:
+    """A CSV scan with the dataset's `csv` options, every value as text; names are files, never patterns."""
+    return pl.scan_csv(path, separator=csv.get("separator", ","), has_header=csv.get("has_header", True),
+                       quote_char=csv.get("quote_char", '"'), infer_schema=False, encoding="utf8",
+                       new_columns=csv.get("new_columns"), glob=False, **extra)
 
 
 def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str]) -> pl.LazyFrame:
@@ -309,14 +315,11 @@ def group_source(dataset: dict, paths: dict, indices: list[int]) -> pl.LazyFrame
     files = _files(dataset, paths)
     if any(files[i][1] is not None for i in indices):
         return None
-    picked = [files[i][0] for i in indices if not is_empty(files[i][0])]   # an empty file adds no rows
+    indices = [i for i in indices if not is_empty(files[i][0])]   # an empty file adds no rows
+    picked = [files[i][0] for i in indices]
     if not picked or {file_format(f, dataset.get("format", "auto")) for f in picked} != {"csv"}:
         return None
-    indices = [i for i in indices if not is_empty(files[i][0])]
-    csv = dataset.get("csv") or {}
-    lf = pl.scan_csv(picked, separator=csv.get("separator", ","), has_header=csv.get("has_header", True),
-                     quote_char=csv.get("quote_char", '"'), infer_schema=False, encoding="utf8",
-                     new_columns=csv.get("new_columns"), include_file_paths=_PATH, glob=False)
+    lf = _scan_csv(picked, dataset.get("csv") or {}, include_file_paths=_PATH)
     lf = _canonical_names(lf, dataset.get("columns") or {})
     rows = dict(lf.group_by(_PATH).len().collect().iter_rows())
     offsets, start = {}, 0
