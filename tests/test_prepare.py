@@ -339,6 +339,68 @@ def test_odd_files_only_cost_their_own_group(tmp_path: Path, capsys) -> None:
     assert "could not be validated as one" not in said
 
 
+def _as_format(files: list[str], fmt: str) -> None:
+    """The hourly CSV logs rewritten as typed Parquet (as a Spark job writes part files) or as JSONL, in place."""
+    for f in files:
+        df = pl.read_csv(f, infer_schema_length=None)
+        if fmt == "parquet":
+            df.write_parquet(f[: -len(".csv")] + ".parquet")
+        else:
+            df.write_ndjson(f[: -len(".csv")] + ".jsonl")
+        os.remove(f)
+
+
+PARQUET_ODD = {
+    "column order": lambda df: df.select(reversed(df.columns)),                # the same schema: read together
+    "price as text": lambda df: df.with_columns(pl.col("price").cast(pl.Utf8)),
+    "no quantity": lambda df: df.drop("quantity"),
+    "extra column": lambda df: df.with_columns(note=pl.lit("x")),
+    "ts as datetime": lambda df: df.with_columns(pl.col("ts").str.to_datetime()),
+}
+JSONL_ODD = {
+    "key order": '{"ts": "2026-01-01T05:00:00", "event": "view", "item_id": "i9", "user_id": "u1", "price": 1, '
+                 '"quantity": 1}\n',
+    "float quantity": '{"user_id": "u1", "item_id": "i9", "event": "view", "ts": "2026-01-01T05:00:00", "price": 1, '
+                      '"quantity": 1.5}\n',
+    "extra key": '{"user_id": "u1", "item_id": "i9", "event": "view", "ts": "2026-01-01T05:00:00", "price": 1, '
+                 '"quantity": 1, "note": "x"}\n',
+    "broken line": '{"user_id": "u1", "item_id": "i9", "event": "view", "ts": "2026-01-01T05:00:00", "price": 1, '
+                   '"quantity": 1}\n{"user_id": "u1", "item_id\n',
+    # the first file decides a multi-file JSON scan's fields: without a check, every file would lose its quantity
+    "first file without quantity": '{"user_id": "u1", "item_id": "i9", "event": "view", "ts": "2026-01-01T05:00:00", '
+                                   '"price": 1}\n',
+    "quantity always null": '{"user_id": "u1", "item_id": "i9", "event": "view", "ts": "2026-01-01T05:00:00", '
+                            '"price": 1, "quantity": null}\n',          # inferred as Null: read alike together
+    "blank lines": '\n{"user_id": "u1", "item_id": "i9", "event": "view", "ts": "2026-01-01T05:00:00", "price": 1, '
+                   '"quantity": 1}\n\n',
+}
+
+
+@pytest.mark.parametrize("fmt,odd", [("parquet", None), *(("parquet", k) for k in PARQUET_ODD),
+                                     ("jsonl", None), *(("jsonl", k) for k in JSONL_ODD)])
+def test_small_parquet_and_jsonl_files_validated_together_give_what_one_by_one_gives(
+        tmp_path: Path, fmt: str, odd: str | None, capsys) -> None:
+    """Spark's part files and JSONL dumps are many small files too. A group is read as one scan only when every
+    file reads as it does alone: a Parquet schema or inferred JSON fields that differ send it back to smaller groups."""
+    _as_format(_hourly_logs(tmp_path / "logs"), fmt)
+    odd_file = tmp_path / "logs" / f"{'00' if odd and odd.startswith('first') else '05'}.{fmt}"
+    if fmt == "parquet" and odd:
+        PARQUET_ODD[odd](pl.read_parquet(odd_file)).write_parquet(odd_file)
+    elif odd:
+        write(odd_file, JSONL_ODD[odd])
+    together = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={tmp_path / 'logs'}", "prepare.shards=3"))
+    said = capsys.readouterr().out
+    alone = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={tmp_path / 'logs'}", "prepare.shards=3",
+                            f"paths.data={tmp_path / 'alone'}", "prepare.group_bytes=1"))
+    _same_prepared(tmp_path / "data" / "events", tmp_path / "alone" / "events")
+    assert together["rows_in"] == alone["rows_in"] == sum(s["rows"] for s in together["sources"]) > 24 * 13
+    assert f"validated 24 files ({tmp_path / 'logs' / '00'}.{fmt} .. {tmp_path / 'logs' / '23'}.{fmt})" in said
+    fits = odd in (None, "column order", "key order", "quantity always null", "blank lines")
+    assert ("could not be validated as one" in said) == (not fits), said
+    if not fits:
+        assert "one by one instead" in said
+
+
 def test_the_ray_engine_validates_small_files_together_too(tmp_path: Path, capsys) -> None:
     _hourly_logs(tmp_path / "logs")
     prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={tmp_path / 'logs'}", "prepare.shards=3",

@@ -13,7 +13,8 @@ rule. An optional `exact_source(dataset, paths, i, work) -> pl.LazyFrame` re-rea
 refuses it (files: a malformed CSV record), quarantining the broken records instead of failing the file.
 An optional `group_source(dataset, paths, indices) -> pl.LazyFrame | None` reads several consecutive sources as one
 scan carrying each row's `_file` (the source index) and `_row` (its position in its own source), so that prepare
-validates many small files in one pass (files: CSV); None, or a scan Polars refuses, means one by one.
+validates many small files in one pass (files: CSV, Parquet, JSONL); None, or a scan Polars refuses, means
+smaller groups, down to one by one.
 Each source must be cheap to rebuild: the ray engine calls `sources()` again inside the task that processes source i.
 An optional `extra_manifest(dataset, paths) -> dict` adds entries to the manifest.
 

@@ -308,18 +308,27 @@ _PATH = "__ecomray_source_path"
 
 
 def group_source(dataset: dict, paths: dict, indices: list[int]) -> pl.LazyFrame | None:
-    """Sources `indices` (consecutive CSV files) as one scan, with `_file` (the source index) and `_row` (the row
-    within its own file, as `sources()` numbers it), for prepare to validate many small files in one pass. None when
-    they cannot be read as one here (another format, a per-file split); Polars refuses files whose headers differ,
-    and prepare then reads them one by one."""
+    """Sources `indices` (consecutive files of one format) as one scan, with `_file` (the source index) and `_row`
+    (the row within its own file, as `sources()` numbers it), for prepare to validate many small files in one pass.
+    None when they cannot be read as one here (formats that differ, a per-file split). A group whose files would not
+    read as they do alone is refused with a Polars error, and prepare then tries smaller groups: Polars refuses CSV
+    headers that differ and Parquet schemas that differ; JSONL files whose inferred fields or types differ are
+    refused here (one multi-file JSON scan would read every file with the first file's schema)."""
     files = _files(dataset, paths)
     if any(files[i][1] is not None for i in indices):
         return None
     indices = [i for i in indices if not is_empty(files[i][0])]   # an empty file adds no rows
     picked = [files[i][0] for i in indices]
-    if not picked or {file_format(f, dataset.get("format", "auto")) for f in picked} != {"csv"}:
+    kinds = {file_format(f, dataset.get("format", "auto")) for f in picked}
+    if len(kinds) != 1:
         return None
-    lf = _scan_csv(picked, dataset.get("csv") or {}, include_file_paths=_PATH)
+    kind = kinds.pop()
+    if kind == "csv":
+        lf = _scan_csv(picked, dataset.get("csv") or {}, include_file_paths=_PATH)
+    elif kind == "parquet":
+        lf = pl.scan_parquet(picked, glob=False, include_file_paths=_PATH)
+    else:
+        lf = _scan_jsonl_together(picked)
     lf = _canonical_names(lf, dataset.get("columns") or {})
     rows = dict(lf.group_by(_PATH).len().collect().iter_rows())
     offsets, start = {}, 0
@@ -332,6 +341,24 @@ def group_source(dataset: dict, paths: dict, indices: list[int]) -> pl.LazyFrame
                             _row=pl.col("__ecomray_group_row").cast(pl.Int64)
                             - path.replace_strict(offsets, return_dtype=pl.Int64))
               .drop("__ecomray_group_row", _PATH))
+
+
+def _scan_jsonl_together(picked: list[str]) -> pl.LazyFrame:
+    """JSONL files as one scan, read with the fields and types that each infers alone (`scan_file`): the same
+    fields for all (in any order), of the same types, except that a field that is null in every line of a file
+    (inferred as Null) takes the others' type, which reads its nulls alike. Otherwise a SchemaError."""
+    schemas = [dict(pl.scan_ndjson(glob.escape(f), infer_schema_length=None).collect_schema()) for f in picked]
+    merged = dict(schemas[0])
+    for f, schema in zip(picked[1:], schemas[1:]):
+        differ = sorted(set(merged) ^ set(schema))
+        for name in set(merged) & set(schema):
+            if merged[name] == pl.Null:
+                merged[name] = schema[name]
+            elif schema[name] not in (pl.Null, merged[name]):
+                differ.append(name)
+        if differ:
+            raise pl.exceptions.SchemaError(f"{f}: its JSON fields or types differ from {picked[0]}'s ({differ})")
+    return pl.scan_ndjson([glob.escape(f) for f in picked], schema=merged, include_file_paths=_PATH)
 
 
 def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
