@@ -124,6 +124,19 @@ def test_malformed_json_lines_are_quarantined_with_their_line(tmp_path: Path) ->
     assert rows["ts"].to_list()[1].isoformat() == "2026-01-01T00:00:00+00:00"       # epoch seconds, as text
 
 
+@pytest.mark.parametrize("broken", [False, True], ids=["polars reader", "record by record"])
+def test_a_json_boolean_is_not_a_number_on_either_reader(tmp_path: Path, broken: bool) -> None:
+    """`"quantity": true` in every line made Polars type the column Boolean and cast true to 1, while the same line
+    read record by record (a broken line elsewhere in the file) was "unparseable quantity": one verdict for both."""
+    line = '{"user_id": "u1", "item_id": "i%d", "event": "view", "ts": "2026-01-0%d", "quantity": %s}'
+    text = "\n".join(line % (k, k, v) for k, v in ((1, "true"), (2, "false"))) + "\n" + ('{"user_id": \n' if broken else "")
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={write(tmp_path / 'e.jsonl', text)}"))
+    assert m["reasons"].pop("unparseable quantity") == 2 and m["rows_out"] == 0
+    assert len(m["reasons"]) == broken             # the broken line's own reason
+    q = pl.read_parquet(tmp_path / "data" / "events" / "quarantine.parquet").drop_nulls("quantity").sort("_row")
+    assert q["quantity"].to_list() == ["true", "false"]
+
+
 def test_quarantine_of_a_folder_mixing_typed_parquet_and_csv(tmp_path: Path) -> None:
     """A typed Parquet source has no raw-text columns, a CSV source has them: their quarantined rows still meet
     in one file (the quarantine used to take the first file's columns and fail on the second's)."""

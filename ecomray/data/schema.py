@@ -147,6 +147,8 @@ def _parse(raw: pl.Expr, kind: str, dtype: pl.DataType, ts_format: str = "mixed"
         s = raw.cast(pl.Utf8)
         return pl.when(s.str.len_bytes() == 0).then(None).otherwise(s)
     target = TYPES[kind]
+    if dtype == pl.Boolean:    # JSON's true is not the number 1: unparseable, as its text "true" is
+        return pl.lit(None, dtype=target)
     if dtype == pl.Utf8:
         return raw.str.strip_chars().cast(target, strict=False)
     if kind == "int" and dtype.is_float():  # a typed 1.5 would truncate to 1: only integral values are integers
