@@ -348,12 +348,24 @@ LEASE_S = 300.0          # a lease not refreshed for this long is gone (a replic
 
 def lease(root: str, name: str, version: str, holder: str) -> None:
     """Mark `version` as being served by `holder` (a replica): `gc` never deletes a leased version. A file in
-    `<name>/.leases/`, refreshed on every health check, so it works on any shared registry storage."""
-    folder = os.path.join(_safe(root, name), ".leases")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{version}.{re.sub(r'[^A-Za-z0-9_.-]', '_', holder)}")
-    with open(path, "a"):
+    `<name>/.leases/`, refreshed on every health check, so it works on any shared registry storage.
+
+    A new (or stale) lease is taken under the alias lock, after checking that the version is still there: gc
+    chooses and deletes under that lock, so a version leased here is either one gc keeps or already gone (a
+    UserError). Refreshing a fresh lease needs no lock: gc keeps that version anyway."""
+    path = os.path.join(_safe(root, name), ".leases", f"{version}.{re.sub(r'[^A-Za-z0-9_.-]', '_', holder)}")
+    if not _older_than(path, LEASE_S / 2) and os.path.exists(path):
         os.utime(path, None)
+        return
+    where = _safe(root, name, version)
+    if not os.path.isdir(where):
+        raise UserError(f"{name} {version} is not in the registry {root} (deleted by gc, or never registered)")
+    with _alias_lock(_safe(root, name)):
+        if not os.path.isdir(where):
+            raise UserError(f"{name} {version} was deleted from the registry {root} (by gc) before it was leased")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a"):
+            os.utime(path, None)
 
 
 def release(root: str, name: str, version: str, holder: str) -> None:

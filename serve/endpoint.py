@@ -80,14 +80,19 @@ class ModelServer:
         except Exception:  # noqa: BLE001 - informative only
             logger.warning("[%s] could not report the loaded version", self.route)
 
-    def _lease(self, version: str) -> None:
-        """`jobs.registry gc` never deletes a version a replica serves, or is loading."""
+    def _lease(self, version: str, loading: bool = False) -> None:
+        """`jobs.registry gc` never deletes a version a replica serves, or is loading. `loading`: a version that gc
+        has deleted is the load's error (UserError); otherwise a lease that fails is only logged."""
         key = self._board_key()
         if key is None:
             return
         try:
             registry.lease(self.root, self.name, version, key.rsplit("/", 1)[-1])
-        except (OSError, UserError):
+        except UserError:
+            if loading:
+                raise
+            logger.warning("[%s] could not lease %s %s in the registry", self.route, self.name, version)
+        except OSError:
             logger.warning("[%s] could not lease %s %s in the registry", self.route, self.name, version)
 
     def __del__(self) -> None:
@@ -107,8 +112,8 @@ class ModelServer:
     # -- loading and hot swap ------------------------------------------------------------------------------------
     def _load(self, version: str) -> LoadedModel:
         t0 = time.perf_counter()
-        self._lease(version)      # before reading it: gc must not delete it halfway through the load
         try:
+            self._lease(version, loading=True)   # before reading it: gc must not delete it halfway through the load
             loaded = load_model(self.root, self.name, version)   # registry._safe: names never leave the registry root
             if not supports(loaded.task, SERVING):
                 raise UserError(f"{self.name} {loaded.version}: task {loaded.task.__name__} does not serve "

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,40 @@ def test_gc_keeps_aliased_served_and_newest_versions(tmp_path: Path) -> None:
     assert sorted(p.name for p in runs.iterdir()) == ["tiny"]
     registry.release(root, "m", "v0002", "replica-a")
     assert main(["--registry", root, "gc", "--keep", "2"])["m"]["deleted"] == ["v0002"]
+
+
+def test_a_lease_waits_for_a_running_gc_and_refuses_what_it_deleted(tmp_path: Path) -> None:
+    """A replica's first lease and gc's choice used to race: gc could pick a version, a replica lease and start
+    loading it, and gc delete it mid-load. A new lease is taken under gc's lock and checks the version is there."""
+    import shutil
+
+    root = str(tmp_path)
+    for k in range(2):
+        _register(root, float(k))
+    with pytest.raises(UserError, match="v0009 is not in the registry"):
+        registry.lease(root, "m", "v0009", "replica-a")
+    errors: list[Exception] = []
+
+    def take() -> None:
+        try:
+            registry.lease(root, "m", "v0001", "replica-a")
+        except UserError as err:
+            errors.append(err)
+
+    with registry._alias_lock(str(Path(root) / "m")):        # gc holds the lock, chose v0001, is deleting it
+        t = threading.Thread(target=take)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()                                  # the lease waits for gc
+        shutil.rmtree(Path(root) / "m" / "v0001")
+    t.join(5)
+    assert "deleted from the registry" in str(errors[0]) and registry.leased(root, "m") == set()
+    registry.lease(root, "m", "v0002", "replica-a")
+    lease = Path(root) / "m" / ".leases" / "v0002.replica-a"
+    os.utime(lease, (lease.stat().st_atime - 10, lease.stat().st_mtime - 10))
+    with registry._alias_lock(str(Path(root) / "m")):        # a fresh lease is refreshed without waiting
+        registry.lease(root, "m", "v0002", "replica-a")
+    assert registry.leased(root, "m") == {"v0002"} and time.time() - lease.stat().st_mtime < 5
 
 
 def test_gc_keeps_what_rollback_can_reach_and_rollback_names_a_missing_target(tmp_path: Path) -> None:

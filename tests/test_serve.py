@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -241,12 +242,17 @@ def test_a_replica_leases_a_version_before_loading_it(trained: dict[str, Any], m
         seen.append(registry.leased(reg, name))
         raise RuntimeError("damaged")
 
+    _, other = _second_version(reg, name)
     monkeypatch.setattr(endpoint, "load_model", broken)
     with pytest.raises(RuntimeError, match="damaged"):
-        rec._load("v0999")
-    assert seen[-1] == {rec.loaded.version, "v0999"}      # leased while it loaded
+        rec._load(other)
+    assert seen[-1] == {rec.loaded.version, other}        # leased while it loaded
     assert registry.leased(reg, name) == {rec.loaded.version}   # and given back when the load failed
+    with pytest.raises(UserError, match="v0999 is not in the registry"):   # gone (gc): no lease, no load
+        rec._load("v0999")
+    assert registry.leased(reg, name) == {rec.loaded.version} and len(seen) == 2
     registry.release(reg, name, rec.loaded.version, "replica-1")
+    shutil.rmtree(os.path.join(reg, name, other))         # the other tests see the versions they trained
 
 
 def _second_version(reg: str, name: str) -> tuple[dict, str]:
