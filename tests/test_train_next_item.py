@@ -307,6 +307,23 @@ def test_weights_trained_on_data_prepared_again_meanwhile_are_not_registered(tmp
     assert evaluate_checkpoint(cfg, out["checkpoint"], register=False, data_hash="f" * 64)["metrics"]
 
 
+def test_data_prepared_again_before_the_workers_read_it_stops_the_run_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A re-prepare between the driver's manifest check and the workers' first read used to train the whole run on
+    the new data, which the end-of-run check then refused. The workers check the hash as they read the data."""
+    from ecomray.data import shards
+
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
+                      "train.epochs=1")
+    manifest = write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    (tmp_path / "data" / "fake" / "manifest.json").write_text(json.dumps({**manifest, "hash": "a" * 64}))
+    real = shards.require
+    monkeypatch.setattr(shards, "require", lambda *a, **k: {**real(*a, **k), "hash": "b" * 64})   # what the driver read
+    with pytest.raises(UserError, match=r"prepared again as this run started \(manifest hash bbbbbbbbbbbb -> aaaa"):
+        fit(cfg, register=False)
+    assert "[train] epoch" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("override,message", [("paths.registry=/proc/ecomray", "paths.registry: cannot write to"),
                                                ("paths.runs=/proc/ecomray", "paths.runs: cannot write to")])
 def test_folders_written_at_the_end_are_checked_before_training(override: str, message: str, tmp_path: Path,

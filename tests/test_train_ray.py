@@ -30,3 +30,22 @@ def test_two_worker_run_survives_a_failure_with_identical_metrics(tmp_path: Path
             assert failed["metrics"][key] == pytest.approx(value, rel=1e-4), key
     assert [h["train/loss"] for h in failed["history"]] == pytest.approx([h["train/loss"] for h in clean["history"]],
                                                                           rel=1e-4)
+
+
+def test_a_workers_user_error_is_the_runs_error(tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UserError raised in a Ray Train worker (here: the data it read is not the data the driver checked) reaches
+    the job as that UserError, one clear line, not as Ray's WorkerGroupError with the message buried inside."""
+    import json
+
+    from ecomray.data import shards
+    from ecomray.runtime import UserError
+    from tests.test_train_next_item import FUNNEL, write_fake_events_shards
+
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=cpu1", "model.max_len=6", "model.dim=8",
+                      "train.epochs=1")
+    manifest = write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    (tmp_path / "data" / "fake" / "manifest.json").write_text(json.dumps({**manifest, "hash": "a" * 64}))
+    real = shards.require
+    monkeypatch.setattr(shards, "require", lambda *a, **k: {**real(*a, **k), "hash": "b" * 64})
+    with pytest.raises(UserError, match=r"prepared again as this run started"):
+        fit(cfg, register=False)

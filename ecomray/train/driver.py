@@ -16,7 +16,7 @@ from ecomray import registry
 from ecomray.data import shards
 from ecomray.runtime import UserError, alive_nodes, bundles_that_fit, check_writable, ray_started_here
 from ecomray.tasks import key_metrics, load_task
-from ecomray.train.loop import release_kept_checkpoint, train_loop
+from ecomray.train.loop import DATA_HASH, release_kept_checkpoint, train_loop
 
 
 def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict], None] | None = None):
@@ -134,7 +134,10 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     t0 = time.time()
     in_process = int(cfg["scaling"].get("num_workers", 1)) == 0
     try:
-        result = trainer(cfg, callbacks, train_fn).fit()
+        try:   # the workers check that the data they read is the data checked here (`loop.DATA_HASH`)
+            result = trainer({**cfg, DATA_HASH: data_hash}, callbacks, train_fn).fit()
+        except Exception as err:  # noqa: BLE001 - a worker's UserError is the run's error, one clear line
+            raise _worker_user_error(err) or err
         if not evaluate:   # the caller reads the checkpoint later (a Tune trial's result)
             in_process = False
             return {"run_name": cfg["run_name"], "checkpoint": result.checkpoint.path, "train_seconds": time.time() - t0}
@@ -143,6 +146,16 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     finally:
         if in_process:     # its checkpoints are temporary folders, not copies in the run folder
             release_kept_checkpoint()
+
+
+def _worker_user_error(err: BaseException) -> UserError | None:
+    """The UserError a training worker raised (a config or data problem it found), from Ray Train's
+    WorkerGroupError, where the worker's exception may arrive wrapped in a RayTaskError; None for anything else."""
+    for failure in (getattr(err, "worker_failures", None) or {}).values():
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, UserError):
+            return UserError(str(cause))
+    return err if isinstance(err, UserError) else None
 
 
 def evaluate_checkpoint(cfg: dict, checkpoint: Any, register: bool = True, train_seconds: float | None = None,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from ecomray.runtime import Progress
+from ecomray.runtime import Progress, UserError
 from ecomray.tasks import load_task
 
 
@@ -126,6 +126,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+DATA_HASH = "_data_hash"   # the manifest hash `fit` read in the driver, carried to the workers in the config
+
+
+def _check_same_data(cfg: dict) -> None:
+    """The data a worker has just read is the data `fit` checked: a dataset prepared again (`overwrite=true`) after
+    the driver read its manifest but before the workers read the shards would otherwise train the whole run and be
+    refused only at the end, when `evaluate_checkpoint` compares the hashes."""
+    expected = cfg.get(DATA_HASH)
+    if not expected:
+        return
+    from ecomray.data import shards
+
+    now = shards.load_manifest(shards.dataset_dir(cfg)).get("hash")
+    if now not in (None, expected):
+        raise UserError(f"{shards.dataset_dir(cfg)} was prepared again as this run started (manifest hash "
+                        f"{expected[:12]} -> {str(now)[:12]}): start the run again")
+
+
 def train_loop(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -146,6 +164,7 @@ def train_loop(cfg: dict) -> None:
     seed_everything(seed)
     task = load_task(cfg)
     data = task.build_data(cfg, rank, world)
+    _check_same_data(cfg)
     model = task.build_model(cfg, data)
     device = ray.train.torch.get_device() if world > 1 or torch.cuda.is_available() else torch.device("cpu")
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
