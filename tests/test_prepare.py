@@ -414,6 +414,60 @@ def test_small_parquet_and_jsonl_files_validated_together_give_what_one_by_one_g
         assert "one by one instead" in said
 
 
+def _spark_output(root: Path) -> None:
+    """A folder as Spark's `df.write.partitionBy("event", "category").parquet(root)` leaves it: the partition
+    columns only in the folder names (values %-escaped, a null as Hive's default partition), a `_SUCCESS` marker,
+    `.crc` files, a `_temporary/` folder; and an `archive/` folder beside the data that is not a partition."""
+    import datetime as dt
+
+    parts = [("view", "c1"), ("view", "c%2F2"), ("click", "c1"), ("buy", "c1"), ("__HIVE_DEFAULT_PARTITION__", "c1")]
+    for k, (event, category) in enumerate(parts):
+        folder = root / f"event={event}" / f"category={category}"
+        folder.mkdir(parents=True)
+        for f in range(3):
+            pl.DataFrame({"user_id": [f"u{(k + f + j) % 4}" for j in range(5)], "item_id": [f"i{j}" for j in range(5)],
+                          "ts": [dt.datetime(2026, 1, 1 + k, f, j) for j in range(5)], "price": [1.0] * 5}
+                         ).write_parquet(folder / f"part-{f:05d}-abc.snappy.parquet")
+            write(folder / f".part-{f:05d}-abc.snappy.parquet.crc", "crc")
+    write(root / "_SUCCESS", "")
+    (root / "_temporary" / "0").mkdir(parents=True)
+    pl.DataFrame({"user_id": ["ghost"]}).write_parquet(root / "_temporary" / "0" / "part-x.parquet")
+    (root / "archive").mkdir()
+    pl.DataFrame({"user_id": ["old"]}).write_parquet(root / "archive" / "old.parquet")
+
+
+@pytest.mark.parametrize("group_bytes", [None, 1], ids=["together", "one by one"])
+def test_hive_partition_folders_become_columns(tmp_path: Path, group_bytes: int | None) -> None:
+    """Spark's and Hive's partitioned output (`event=view/category=c1/part-*.parquet`) used to be "no input files"
+    (only the folder's own files were read), and a glob over it lost the partition columns."""
+    _spark_output(tmp_path / "events")
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={tmp_path / 'events'}", "prepare.shards=2",
+                        *([f"prepare.group_bytes={group_bytes}"] if group_bytes else [])))
+    assert len(m["sources"]) == 15 and all("/event=" in s["path"] for s in m["sources"])   # no ghost, no archive
+    assert m["rows_in"] == 75 and m["reasons"] == {"unknown event": 15, "missing event": 15}
+    rows = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet")
+    assert sorted(rows.unique(["event", "category"]).select("event", "category").rows()) == [
+        ("click", "c1"), ("view", "c/2"), ("view", "c1")]
+    q = pl.read_parquet(tmp_path / "data" / "events" / "quarantine.parquet")
+    assert set(q.filter(pl.col("reason") == "unknown event")["event"]) == {"buy"}
+    if group_bytes is None:     # validated together: the same dataset as one by one
+        alone = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={tmp_path / 'events'}", "prepare.shards=2",
+                                f"paths.data={tmp_path / 'alone'}", "prepare.group_bytes=1"))
+        _same_prepared(tmp_path / "data" / "events", tmp_path / "alone" / "events")
+        assert alone["hash"] == m["hash"]
+    # a glob over the partitions keeps their columns too; a file's own column wins over its folder's name
+    own = tmp_path / "events" / "event=view" / "category=c1" / "part-00009-own.csv"
+    write(own, "user_id,item_id,event,ts\nu1,i1,click,2026-01-09T00:00:00\n")
+    write(own.with_name("part-00010-bad.csv"),     # a malformed record: read record by record, still partitioned
+          "user_id,item_id,ts\nu1,i7,2026-01-10T00:00:00\nu1,i8,2026-01-10T00:00:00,x,y\n")
+    g = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path='{tmp_path / 'events'}/event=view/*/*'",   # quoted: Hydra reads = as an override
+                        "prepare.shards=1", f"paths.data={tmp_path / 'glob'}"))
+    rows = pl.read_parquet(tmp_path / "glob" / "events" / "shards" / "*.parquet")
+    assert g["rows_in"] == 33 and rows.filter(pl.col("item_id") == "i1", pl.col("ts").dt.day() == 9)["event"].to_list() == ["click"]
+    assert rows.filter(pl.col("item_id") == "i7")["event"].to_list() == ["view"] and g["rows_quarantined"] == 1
+    assert set(rows["event"]) == {"view", "click"} and set(rows["category"]) == {"c1", "c/2"}
+
+
 def test_the_ray_engine_validates_small_files_together_too(tmp_path: Path, capsys) -> None:
     _hourly_logs(tmp_path / "logs")
     prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={tmp_path / 'logs'}", "prepare.shards=3",

@@ -1,5 +1,6 @@
 """Generic reader: CSV, Parquet or JSONL files (CSV and JSONL also gzip-compressed) in a schema's columns (a file, a
-folder or a glob)."""
+folder or a glob). A folder may hold hive-style partition folders (`event=view/dt=2026-01-01/part-0.parquet`, as
+Spark's `partitionBy` writes them): their `key=value` names become columns of the rows below them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import glob
 import itertools
 import json
 import os
+import re
 from typing import Any
+from urllib.parse import unquote
 
 import polars as pl
 
@@ -48,12 +51,10 @@ def _open(path: str, mode: str = "rb", **kwargs: Any):
 
 
 def list_files(path: str) -> list[str]:
-    """Expand a file, a folder (its data files, sorted) or a glob into a sorted list of files."""
+    """Expand a file, a folder (its data files and those of its partition folders, sorted) or a glob into a sorted
+    list of files."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if format_extension(f) in FORMATS
-                       and not (f.lower().endswith(GZIP) and FORMATS[format_extension(f)] == "parquet")
-                       and not f.startswith((".", "_")))
+        files = _folder_files(path)
     elif any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path, recursive=True))
     else:
@@ -61,8 +62,50 @@ def list_files(path: str) -> list[str]:
             raise UserError(f"input not found: {path}")
         files = [path]
     if not files:
-        raise UserError(f"no input files found at {path} (expected .csv, .parquet or .jsonl files)")
+        raise UserError(f"no input files found at {path} (expected .csv, .parquet or .jsonl files, or hive-style "
+                        f"partition folders such as dt=2026-01-01/ holding them)")
     return files
+
+
+PARTITION = re.compile(r"^([^=]+)=(.*)$")     # a hive-style partition folder: key=value
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"       # how Hive and Spark name the folder of a null value
+
+
+def _folder_files(folder: str) -> list[str]:
+    """A folder's data files, and those of its hive-style partition folders (nested), in name order level by level.
+    Names that start with . or _ are skipped (Spark's `_SUCCESS`, `.crc` files, `_temporary/`), and so are folders
+    that are not partitions: a folder of old files beside the data is not read."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith((".", "_")):
+            continue
+        full = os.path.join(folder, name)
+        if os.path.isdir(full):
+            if PARTITION.match(name):
+                out.extend(_folder_files(full))
+        elif format_extension(name) in FORMATS and not (name.lower().endswith(GZIP)
+                                                        and FORMATS[format_extension(name)] == "parquet"):
+            out.append(full)
+    return out
+
+
+def partition_values(path: str) -> dict[str, str | None]:
+    """The `key=value` folders on a file's path (values %-decoded, as Spark escapes them; Hive's default partition
+    is null), outermost first: whether the input was the partitioned folder, a glob inside it or one of its files."""
+    out: dict[str, str | None] = {}
+    for part in os.path.dirname(os.path.abspath(path)).split(os.sep):
+        m = PARTITION.match(part)
+        if m:
+            out[unquote(m[1])] = None if m[2] == HIVE_NULL else unquote(m[2])
+    return out
+
+
+def _with_partitions(lf: pl.LazyFrame, values: dict[str, str | None]) -> pl.LazyFrame:
+    """A file's partition values as text columns (validation parses them, as it parses CSV text); a column the
+    file itself holds wins."""
+    have = set(lf.collect_schema().names())
+    add = [pl.lit(v, dtype=pl.Utf8).alias(k) for k, v in values.items() if k not in have]
+    return lf.with_columns(add) if add else lf
 
 
 def file_format(path: str, fmt: str) -> str:
@@ -77,8 +120,10 @@ def file_format(path: str, fmt: str) -> str:
     return FORMATS[ext]
 
 
-def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str]) -> pl.LazyFrame:
-    """Lazily scan one file; CSV values stay text so that validation, not the reader, judges them."""
+def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str],
+              partitions: dict[str, str | None] | None = None) -> pl.LazyFrame:
+    """Lazily scan one file (with its `partitions`: `partition_values`); CSV values stay text so that validation,
+    not the reader, judges them."""
     if is_empty(path):
         raise UserError(f"{path}: the file is empty")
     # a listed file is read as the file it is: a name with [, * or ? is not a pattern (glob=False)
@@ -89,7 +134,7 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str])
     else:
         lf = pl.scan_ndjson(glob.escape(path), infer_schema_length=None)   # (no glob=False for NDJSON)
     try:
-        return _canonical_names(lf, columns)
+        return _canonical_names(_with_partitions(lf, partitions or {}), columns)
     except pl.exceptions.PolarsError:  # JSONL schema inference reads every line: a broken one fails here. Stay
         return lf                      # lazy: prepare meets the error again and reads the file with exact_source
 
@@ -280,7 +325,8 @@ def exact_source(dataset: dict, paths: dict, i: int, work: str) -> pl.LazyFrame 
     except UnicodeDecodeError:
         raise UserError(f"{path}: invalid UTF-8 at line {first_bad_utf8_line(path)}; ecomray never replaces bytes "
                         f"silently: re-encode the file (for example `iconv -f GBK -t UTF-8`)") from None
-    return _with_split(_canonical_names(pl.scan_parquet(out), dataset.get("columns") or {}), dataset, split)
+    exact = _with_partitions(pl.scan_parquet(out), partition_values(path))
+    return _with_split(_canonical_names(exact, dataset.get("columns") or {}), dataset, split)
 
 
 def _files(dataset: dict, paths: dict) -> list[tuple[str, str | None]]:
@@ -329,6 +375,12 @@ def group_source(dataset: dict, paths: dict, indices: list[int]) -> pl.LazyFrame
         lf = pl.scan_parquet(picked, glob=False, include_file_paths=_PATH)
     else:
         lf = _scan_jsonl_together(picked)
+    parts = [partition_values(f) for f in picked]
+    if any(p.keys() != parts[0].keys() for p in parts):
+        raise pl.exceptions.SchemaError(f"their partition folders differ ({picked[0]} .. {picked[-1]})")
+    have = set(lf.collect_schema().names())
+    lf = lf.with_columns(pl.col(_PATH).replace_strict({f: p[k] for f, p in zip(picked, parts)}, return_dtype=pl.Utf8)
+                         .alias(k) for k in parts[0] if k not in have)
     lf = _canonical_names(lf, dataset.get("columns") or {})
     rows = dict(lf.group_by(_PATH).len().collect().iter_rows())
     offsets, start = {}, 0
@@ -375,5 +427,6 @@ def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
             empty = pl.LazyFrame(schema={c: pl.Utf8 for c in (dataset.get("schema") or {}).get("columns", {})})
             out.append((f, _with_split(empty, dataset, split)))
             continue
-        out.append((f, _with_split(scan_file(f, file_format(f, fmt), csv, columns), dataset, split)))
+        lf = scan_file(f, file_format(f, fmt), csv, columns, partition_values(f))
+        out.append((f, _with_split(lf, dataset, split)))
     return out
