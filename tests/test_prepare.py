@@ -468,6 +468,20 @@ def test_hive_partition_folders_become_columns(tmp_path: Path, group_bytes: int 
     assert set(rows["event"]) == {"view", "click"} and set(rows["category"]) == {"c1", "c/2"}
 
 
+def test_partition_folder_names_and_links(tmp_path: Path) -> None:
+    """Odd partition names are read as Hive writes them, and a link back up the tree is not walked forever."""
+    from ecomray.data.adapters.files import list_files, partition_values
+
+    assert partition_values("/d/a=1/b=x%3Dy/c=/e=__HIVE_DEFAULT_PARTITION__/notkey/f.csv") == {
+        "a": "1", "b": "x=y", "c": "", "e": None}
+    assert partition_values("/d/k=1/k=2/f.csv") == {"k": "2"}           # the innermost folder wins
+    leaf = tmp_path / "ev" / "a=1"
+    leaf.mkdir(parents=True)
+    write(leaf / "f.csv", "user_id\n")
+    (leaf / "b=2").symlink_to("..")                                      # a=1/b=2 -> ev
+    assert list_files(str(tmp_path / "ev")) == [str(leaf / "f.csv")]
+
+
 def test_the_ray_engine_validates_small_files_together_too(tmp_path: Path, capsys) -> None:
     _hourly_logs(tmp_path / "logs")
     prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={tmp_path / 'logs'}", "prepare.shards=3",

@@ -71,18 +71,20 @@ PARTITION = re.compile(r"^([^=]+)=(.*)$")     # a hive-style partition folder: k
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"       # how Hive and Spark name the folder of a null value
 
 
-def _folder_files(folder: str) -> list[str]:
+def _folder_files(folder: str, seen: frozenset[str] = frozenset()) -> list[str]:
     """A folder's data files, and those of its hive-style partition folders (nested), in name order level by level.
     Names that start with . or _ are skipped (Spark's `_SUCCESS`, `.crc` files, `_temporary/`), and so are folders
-    that are not partitions: a folder of old files beside the data is not read."""
+    that are not partitions: a folder of old files beside the data is not read. A link back to a folder above
+    (`seen`) is not followed twice."""
+    seen = seen | {os.path.realpath(folder)}
     out = []
     for name in sorted(os.listdir(folder)):
         if name.startswith((".", "_")):
             continue
         full = os.path.join(folder, name)
         if os.path.isdir(full):
-            if PARTITION.match(name):
-                out.extend(_folder_files(full))
+            if PARTITION.match(name) and os.path.realpath(full) not in seen:
+                out.extend(_folder_files(full, seen))
         elif format_extension(name) in FORMATS and not (name.lower().endswith(GZIP)
                                                         and FORMATS[format_extension(name)] == "parquet"):
             out.append(full)
