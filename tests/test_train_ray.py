@@ -32,20 +32,40 @@ def test_two_worker_run_survives_a_failure_with_identical_metrics(tmp_path: Path
                                                                           rel=1e-4)
 
 
-def test_a_workers_user_error_is_the_runs_error(tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A UserError raised in a Ray Train worker (here: the data it read is not the data the driver checked) reaches
-    the job as that UserError, one clear line, not as Ray's WorkerGroupError with the message buried inside."""
+@pytest.mark.parametrize("scaling", ["cpu1", "cpu2"])
+def test_data_prepared_again_stops_real_workers_once(tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch,
+                                                    scaling: str) -> None:
+    """Workers that find the dataset prepared again since the driver checked it stop before the first step, without
+    an exception (Ray Train would retry one up to train.max_failures times, forever with -1, each retry reading the
+    data again), and the run's error says why. Two workers agree (all-reduce), so neither waits on the other."""
     import json
 
     from ecomray.data import shards
     from ecomray.runtime import UserError
     from tests.test_train_next_item import FUNNEL, write_fake_events_shards
 
-    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=cpu1", "model.max_len=6", "model.dim=8",
-                      "train.epochs=1")
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", f"scaling={scaling}", "model.max_len=6", "model.dim=8",
+                      "train.epochs=1", "train.max_failures=-1")
     manifest = write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
     (tmp_path / "data" / "fake" / "manifest.json").write_text(json.dumps({**manifest, "hash": "a" * 64}))
     real = shards.require
-    monkeypatch.setattr(shards, "require", lambda *a, **k: {**real(*a, **k), "hash": "b" * 64})
-    with pytest.raises(UserError, match=r"prepared again as this run started"):
+    monkeypatch.setattr(shards, "require", lambda *a, **k: {**real(*a, **k), "hash": "b" * 64})   # what the driver read
+    with pytest.raises(UserError, match=r"prepared again as this run started .*nothing was trained"):
         fit(cfg, register=False)
+
+
+def test_a_workers_user_error_is_the_runs_error(tmp_path: Path, ray_session) -> None:
+    """A UserError raised in a Ray Train worker reaches the job as that UserError (one clear line), not as Ray's
+    WorkerGroupError with the message buried in a traceback."""
+    from ecomray.runtime import UserError
+    from tests.test_train_next_item import FUNNEL, write_fake_events_shards
+
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=cpu1", "model.max_len=6", "model.dim=8",
+                      "train.epochs=1", "train.max_failures=0")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+
+    def refuses(config: dict) -> None:
+        raise UserError("task.vocab: 12 is not a vocabulary file")
+
+    with pytest.raises(UserError, match=r"^task.vocab: 12 is not a vocabulary file$"):
+        fit(cfg, register=False, train_fn=refuses)

@@ -16,7 +16,7 @@ from ecomray import registry
 from ecomray.data import shards
 from ecomray.runtime import UserError, alive_nodes, bundles_that_fit, check_writable, ray_started_here
 from ecomray.tasks import key_metrics, load_task
-from ecomray.train.loop import DATA_HASH, release_kept_checkpoint, train_loop
+from ecomray.train.loop import DATA_HASH, data_changed, release_kept_checkpoint, train_loop
 
 
 def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict], None] | None = None):
@@ -138,6 +138,12 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
             result = trainer({**cfg, DATA_HASH: data_hash}, callbacks, train_fn).fit()
         except Exception as err:  # noqa: BLE001 - a worker's UserError is the run's error, one clear line
             raise _worker_user_error(err) or err
+        if result.checkpoint is None:     # the workers stopped before the first step
+            now = data_changed({**cfg, DATA_HASH: data_hash})
+            if now:
+                raise UserError(f"{shards.dataset_dir(cfg)} was prepared again as this run started (manifest hash "
+                                f"{str(data_hash)[:12]} -> {now[:12]}): nothing was trained; start the run again")
+            raise RuntimeError(f"run {cfg['run_name']} ended without a checkpoint")
         if not evaluate:   # the caller reads the checkpoint later (a Tune trial's result)
             in_process = False
             return {"run_name": cfg["run_name"], "checkpoint": result.checkpoint.path, "train_seconds": time.time() - t0}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from ecomray.runtime import Progress, UserError
+from ecomray.runtime import Progress
 from ecomray.tasks import load_task
 
 
@@ -129,19 +129,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 DATA_HASH = "_data_hash"   # the manifest hash `fit` read in the driver, carried to the workers in the config
 
 
-def _check_same_data(cfg: dict) -> None:
-    """The data a worker has just read is the data `fit` checked: a dataset prepared again (`overwrite=true`) after
-    the driver read its manifest but before the workers read the shards would otherwise train the whole run and be
-    refused only at the end, when `evaluate_checkpoint` compares the hashes."""
+def data_changed(cfg: dict, world: int = 1, device: Any = None) -> str | None:
+    """The dataset's manifest hash now, when it is not the one `fit` read (`DATA_HASH`): the dataset was prepared
+    again (`overwrite=true`) after the driver checked it, perhaps while the workers read their shards. With several
+    workers they agree (any rank that saw a change counts for all), so that all of them stop, or none."""
     expected = cfg.get(DATA_HASH)
     if not expected:
-        return
+        return None
     from ecomray.data import shards
 
     now = shards.load_manifest(shards.dataset_dir(cfg)).get("hash")
-    if now not in (None, expected):
-        raise UserError(f"{shards.dataset_dir(cfg)} was prepared again as this run started (manifest hash "
-                        f"{expected[:12]} -> {str(now)[:12]}): start the run again")
+    changed = now not in (None, expected)
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(changed)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        changed = bool(flag.item())
+    return str(now) if changed else None
 
 
 def train_loop(cfg: dict) -> None:
@@ -164,9 +169,14 @@ def train_loop(cfg: dict) -> None:
     seed_everything(seed)
     task = load_task(cfg)
     data = task.build_data(cfg, rank, world)
-    _check_same_data(cfg)
-    model = task.build_model(cfg, data)
     device = ray.train.torch.get_device() if world > 1 or torch.cuda.is_available() else torch.device("cpu")
+    if data_changed(cfg, world, device):
+        # Not an exception: Ray Train retries every worker error (up to train.max_failures, forever with -1), and
+        # each retry would read the data again to stop again. `fit` sees the run end without a checkpoint and says why.
+        if rank == 0:
+            print("[train] the dataset was prepared again as this run started: stopping before the first step", flush=True)
+        return
+    model = task.build_model(cfg, data)
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     optimizer = instantiate(cfg["optim"])(params=model.parameters())
     amp = bool(tcfg.get("bf16", False)) and device.type == "cuda"
