@@ -32,13 +32,19 @@ def format_extension(path: str) -> str:
 
 
 def is_empty(path: str) -> bool:
-    """No bytes at all, or (gzip) none once decompressed."""
+    """No bytes at all, or (gzip) none once decompressed, or (JSONL) nothing but blank lines: no records."""
     if os.path.getsize(path) == 0:
         return True
-    if path.lower().endswith(GZIP):
-        with _open(path) as fh:
+    jsonl = FORMATS.get(format_extension(path)) == "jsonl"
+    if not (jsonl or path.lower().endswith(GZIP)):
+        return False
+    with _open(path) as fh:
+        if not jsonl:
             return not fh.read(1)
-    return False
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _open(path: str, mode: str = "rb", **kwargs: Any):
@@ -56,7 +62,16 @@ def list_files(path: str) -> list[str]:
     if os.path.isdir(path):
         files = _folder_files(path)
     elif any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path, recursive=True))
+        # a folder the pattern matches is read as a folder; what lies in hidden folders below the pattern's fixed
+        # part (`_temporary/`) and hidden files (`_SUCCESS`) are not data
+        fixed = os.path.dirname(re.split(r"[*?\[]", path, maxsplit=1)[0])
+        files = []
+        for match in glob.glob(path, recursive=True):
+            rel = os.path.relpath(match, fixed) if fixed else match
+            if any(_hidden(part) for part in rel.split(os.sep) if part not in (".", "..")):
+                continue
+            files.extend(_folder_files(match) if os.path.isdir(match) else [match])
+        files = sorted(set(files))
     else:
         if not os.path.exists(path):
             raise UserError(f"input not found: {path}")
@@ -67,19 +82,34 @@ def list_files(path: str) -> list[str]:
     return files
 
 
+# Column names prepare uses for its own bookkeeping: a source's own column of that name (a re-exported ecomray
+# shard holds `_file` and `_row`) is dropped, never taken for prepare's.
+INTERNAL = frozenset({"_file", "_row", "_bucket", S.ADAPTER_REASON, S.RECORD_ERROR, S.RECORD_TEXT})
+
+
+def _internal(name: str) -> bool:
+    return name in INTERNAL or name.startswith("__ecomray")
+
+
+def _hidden(name: str) -> bool:
+    """Names that are not data, as Spark skips them: `.crc` files, `_SUCCESS`, `_temporary/` (but `_k=v` is a
+    partition)."""
+    return name.startswith(".") or (name.startswith("_") and "=" not in name)
+
+
 PARTITION = re.compile(r"^([^=]+)=(.*)$")     # a hive-style partition folder: key=value
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"       # how Hive and Spark name the folder of a null value
 
 
 def _folder_files(folder: str, seen: frozenset[str] = frozenset()) -> list[str]:
     """A folder's data files, and those of its hive-style partition folders (nested), in name order level by level.
-    Names that start with . or _ are skipped (Spark's `_SUCCESS`, `.crc` files, `_temporary/`), and so are folders
+    Hidden names are skipped (Spark's `_SUCCESS`, `.crc` files, `_temporary/`: `_hidden`), and so are folders
     that are not partitions: a folder of old files beside the data is not read. A link back to a folder above
     (`seen`) is not followed twice."""
     seen = seen | {os.path.realpath(folder)}
     out = []
     for name in sorted(os.listdir(folder)):
-        if name.startswith((".", "_")):
+        if _hidden(name):
             continue
         full = os.path.join(folder, name)
         if os.path.isdir(full):
@@ -98,16 +128,12 @@ def partition_values(path: str) -> dict[str, str | None]:
     for part in os.path.dirname(os.path.abspath(path)).split(os.sep):
         m = PARTITION.match(part)
         if m:
-            out[unquote(m[1])] = None if m[2] == HIVE_NULL else unquote(m[2])
+            try:
+                out[unquote(m[1], errors="strict")] = None if m[2] == HIVE_NULL else unquote(m[2], errors="strict")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: the partition folder {part!r} %-escapes bytes that are not UTF-8; "
+                                f"ecomray never replaces bytes silently: rename the folder") from None
     return out
-
-
-def _with_partitions(lf: pl.LazyFrame, values: dict[str, str | None]) -> pl.LazyFrame:
-    """A file's partition values as text columns (validation parses them, as it parses CSV text); a column the
-    file itself holds wins."""
-    have = set(lf.collect_schema().names())
-    add = [pl.lit(v, dtype=pl.Utf8).alias(k) for k, v in values.items() if k not in have]
-    return lf.with_columns(add) if add else lf
 
 
 def file_format(path: str, fmt: str) -> str:
@@ -123,9 +149,10 @@ def file_format(path: str, fmt: str) -> str:
 
 
 def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str],
-              partitions: dict[str, str | None] | None = None) -> pl.LazyFrame:
+              partitions: dict[str, str | None] | None = None, needed: set[str] | None = None) -> pl.LazyFrame:
     """Lazily scan one file (with its `partitions`: `partition_values`); CSV values stay text so that validation,
-    not the reader, judges them."""
+    not the reader, judges them. `needed`: the source columns validation reads (`_needed`), so that a CSV with
+    others is still read whole (`_canonical_names`)."""
     if is_empty(path):
         raise UserError(f"{path}: the file is empty")
     # a listed file is read as the file it is: a name with [, * or ? is not a pattern (glob=False)
@@ -136,7 +163,7 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str],
     else:
         lf = pl.scan_ndjson(glob.escape(path), infer_schema_length=None)   # (no glob=False for NDJSON)
     try:
-        return _canonical_names(_with_partitions(lf, partitions or {}), columns)
+        return _canonical_names(lf, columns, partitions, needed=needed if fmt == "csv" else None)
     except pl.exceptions.PolarsError:  # JSONL schema inference reads every line: a broken one fails here. Stay
         return lf                      # lazy: prepare meets the error again and reads the file with exact_source
 
@@ -148,15 +175,46 @@ def _scan_csv(path: str | list[str], csv: dict[str, Any], **extra: Any) -> pl.La
                        new_columns=csv.get("new_columns"), glob=False, **extra)
 
 
-def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str]) -> pl.LazyFrame:
+def _needed(dataset: dict) -> set[str]:
+    """The source column names validation reads: the schema's, and the sources of `dataset.columns` renames."""
+    schema = set((dataset.get("schema") or {}).get("columns", {}))
+    return schema | {src for src, dst in (dataset.get("columns") or {}).items() if dst in schema}
+
+
+def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str], partitions: dict[str, str | None] | None = None,
+                     ours: tuple[str, ...] = (), needed: set[str] | None = None) -> pl.LazyFrame:
+    """A source's columns under their canonical names: stray BOM and whitespace cleaned, internal names dropped
+    (except `ours`: the columns the reader itself added), `dataset.columns` renames applied; then its partition
+    values (`partition_values`) as text columns, under their renamed names too, where the file has no such column
+    (validation parses them, as it parses CSV text).
+
+    `needed` (CSV): Polars' CSV reader checks a record's field count only when it reads every column; with the
+    columns validation does not read pruned from the scan, a record with too many fields (an unquoted separator
+    in a value) was read without a word, its extra fields dropped and shifted values judged as if in place. So
+    when the file has columns beyond `needed`, an always-null adapter reason (`_reason`) that reads every column
+    keeps them all in the scan: such a record makes the reader refuse the file, and the record-by-record reader
+    quarantines it."""
     names = lf.collect_schema().names()
     # A BOM that the reader left on the first header, or stray whitespace/CR around names.
     clean = {n: n.lstrip("\ufeff").strip() for n in names if n != n.lstrip("\ufeff").strip()}
     if clean:
         lf = lf.rename(clean)
+        names = [clean.get(n, n) for n in names]
+    if needed is not None and not set(names) <= needed:
+        never = pl.any_horizontal([pl.col(n).is_null() & pl.col(n).is_not_null() for n in names])
+        lf = lf.with_columns(pl.when(never).then(pl.lit("unreachable")).alias(S.ADAPTER_REASON))
+        ours = (*ours, S.ADAPTER_REASON)
+    theirs = [n for n in lf.collect_schema().names() if _internal(n) and n not in ours]
+    if theirs:
+        lf = lf.drop(theirs)
     if columns:
         have = set(lf.collect_schema().names())
         lf = lf.rename({src: dst for src, dst in columns.items() if src in have})
+    if partitions:
+        have = set(lf.collect_schema().names())
+        add = {columns.get(k, k): v for k, v in partitions.items()}
+        lf = lf.with_columns(pl.lit(v, dtype=pl.Utf8).alias(k) for k, v in add.items()
+                             if k not in have and not _internal(k))
     return lf
 
 
@@ -285,12 +343,15 @@ def _write_text_rows(out: str, names: list[str], records, batch_rows: int) -> in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    arrow = pa.schema([("_row", pa.int64()), *((n, pa.string()) for n in names),
+    keep = [k for k, n in enumerate(names) if not _internal(n.lstrip("\ufeff").strip())]   # as _canonical_names
+    width = len(names)
+    arrow = pa.schema([("_row", pa.int64()), *((names[k], pa.string()) for k in keep),
                        (S.RECORD_ERROR, pa.string()), (S.RECORD_TEXT, pa.string())])
     rows = 0
     with pq.ParquetWriter(out, arrow, compression="lz4") as writer:
         for batch in _batched(records, batch_rows):
             cols = list(zip(*batch))
+            cols = [cols[k] for k in keep] + cols[width:]
             arrays = [pa.array(range(rows, rows + len(batch)), type=pa.int64())]
             arrays += [pa.array(c, type=pa.string()) for c in cols]
             writer.write_table(pa.table(arrays, schema=arrow))
@@ -327,8 +388,9 @@ def exact_source(dataset: dict, paths: dict, i: int, work: str) -> pl.LazyFrame 
     except UnicodeDecodeError:
         raise UserError(f"{path}: invalid UTF-8 at line {first_bad_utf8_line(path)}; ecomray never replaces bytes "
                         f"silently: re-encode the file (for example `iconv -f GBK -t UTF-8`)") from None
-    exact = _with_partitions(pl.scan_parquet(out), partition_values(path))
-    return _with_split(_canonical_names(exact, dataset.get("columns") or {}), dataset, split)
+    exact = _canonical_names(pl.scan_parquet(out), dataset.get("columns") or {}, partition_values(path),
+                             ours=("_row", S.RECORD_ERROR, S.RECORD_TEXT))
+    return _with_split(exact, dataset, split)
 
 
 def _files(dataset: dict, paths: dict) -> list[tuple[str, str | None]]:
@@ -380,10 +442,12 @@ def group_source(dataset: dict, paths: dict, indices: list[int]) -> pl.LazyFrame
     parts = [partition_values(f) for f in picked]
     if any(p.keys() != parts[0].keys() for p in parts):
         raise pl.exceptions.SchemaError(f"their partition folders differ ({picked[0]} .. {picked[-1]})")
+    columns = dataset.get("columns") or {}
+    lf = _canonical_names(lf, columns, ours=(_PATH,), needed=_needed(dataset) | {_PATH} if kind == "csv" else None)
     have = set(lf.collect_schema().names())
     lf = lf.with_columns(pl.col(_PATH).replace_strict({f: p[k] for f, p in zip(picked, parts)}, return_dtype=pl.Utf8)
-                         .alias(k) for k in parts[0] if k not in have)
-    lf = _canonical_names(lf, dataset.get("columns") or {})
+                         .alias(columns.get(k, k)) for k in parts[0]
+                         if columns.get(k, k) not in have and not _internal(columns.get(k, k)))
     rows = dict(lf.group_by(_PATH).len().collect().iter_rows())
     offsets, start = {}, 0
     for f in picked:                      # the group's rows come file after file: a file's rows start at its offset
@@ -429,6 +493,6 @@ def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
             empty = pl.LazyFrame(schema={c: pl.Utf8 for c in (dataset.get("schema") or {}).get("columns", {})})
             out.append((f, _with_split(empty, dataset, split)))
             continue
-        lf = scan_file(f, file_format(f, fmt), csv, columns, partition_values(f))
+        lf = scan_file(f, file_format(f, fmt), csv, columns, partition_values(f), _needed(dataset))
         out.append((f, _with_split(lf, dataset, split)))
     return out
