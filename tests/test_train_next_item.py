@@ -307,18 +307,25 @@ def test_weights_trained_on_data_prepared_again_meanwhile_are_not_registered(tmp
     assert evaluate_checkpoint(cfg, out["checkpoint"], register=False, data_hash="f" * 64)["metrics"]
 
 
-def test_data_prepared_again_before_the_workers_read_it_stops_the_run_at_once(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """A re-prepare between the driver's manifest check and the workers' first read used to train the whole run on
-    the new data, which the end-of-run check then refused. The workers check the hash as they read the data."""
+def prepared_again_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> dict:
+    """A tiny fake dataset whose manifest hash is not the one fit's driver reads: as if `jobs.prepare ...
+    overwrite=true` ran between the driver's check and the workers' first read. Returns the train config."""
     from ecomray.data import shards
 
-    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
-                      "train.epochs=1")
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "model.max_len=6", "model.dim=8", "train.epochs=1",
+                      *overrides)
     manifest = write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
     (tmp_path / "data" / "fake" / "manifest.json").write_text(json.dumps({**manifest, "hash": "a" * 64}))
     real = shards.require
     monkeypatch.setattr(shards, "require", lambda *a, **k: {**real(*a, **k), "hash": "b" * 64})   # what the driver read
+    return cfg
+
+
+def test_data_prepared_again_before_the_workers_read_it_stops_the_run_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A re-prepare between the driver's manifest check and the workers' first read used to train the whole run on
+    the new data, which the end-of-run check then refused. The workers check the hash as they read the data."""
+    cfg = prepared_again_meanwhile(tmp_path, monkeypatch, "scaling=inproc")
     with pytest.raises(UserError, match=r"prepared again as this run started \(manifest hash bbbbbbbbbbbb -> aaaa"):
         fit(cfg, register=False)
     assert "[train] epoch" not in capsys.readouterr().out

@@ -38,18 +38,10 @@ def test_data_prepared_again_stops_real_workers_once(tmp_path: Path, ray_session
     """Workers that find the dataset prepared again since the driver checked it stop before the first step, without
     an exception (Ray Train would retry one up to train.max_failures times, forever with -1, each retry reading the
     data again), and the run's error says why. Two workers agree (all-reduce), so neither waits on the other."""
-    import json
-
-    from ecomray.data import shards
     from ecomray.runtime import UserError
-    from tests.test_train_next_item import FUNNEL, write_fake_events_shards
+    from tests.test_train_next_item import prepared_again_meanwhile
 
-    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", f"scaling={scaling}", "model.max_len=6", "model.dim=8",
-                      "train.epochs=1", "train.max_failures=-1")
-    manifest = write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
-    (tmp_path / "data" / "fake" / "manifest.json").write_text(json.dumps({**manifest, "hash": "a" * 64}))
-    real = shards.require
-    monkeypatch.setattr(shards, "require", lambda *a, **k: {**real(*a, **k), "hash": "b" * 64})   # what the driver read
+    cfg = prepared_again_meanwhile(tmp_path, monkeypatch, f"scaling={scaling}", "train.max_failures=-1")
     with pytest.raises(UserError, match=r"prepared again as this run started .*nothing was trained"):
         fit(cfg, register=False)
 
