@@ -137,6 +137,18 @@ def test_a_json_boolean_is_not_a_number_on_either_reader(tmp_path: Path, broken:
     assert q["quantity"].to_list() == ["true", "false"]
 
 
+@pytest.mark.parametrize("broken", [False, True], ids=["polars reader", "record by record"])
+def test_a_json_number_in_a_text_column_reads_alike_on_either_reader(tmp_path: Path, broken: bool) -> None:
+    """`"user_id": 12345.0` was "12345.0" from Polars' typed column and "12345" from the record-by-record reader."""
+    line = '{"user_id": %s, "item_id": %s, "event": "view", "ts": "2026-01-0%d"}'
+    text = "\n".join(line % (u, i, k + 1) for k, (u, i) in enumerate((("12345.0", "1.5"), ("7.0", "-2.0"))))
+    m = prepare(cfg_for(tmp_path, "dataset=events", "prepare.shards=1",
+                        f"dataset.path={write(tmp_path / 'e.jsonl', text + chr(10) + ('{' + chr(10) if broken else ''))}"))
+    rows = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet").sort("_row")
+    assert rows.select("user_id", "item_id").rows() == [("12345", "1.5"), ("7", "-2")]
+    assert m["rows_quarantined"] == broken
+
+
 def test_quarantine_of_a_folder_mixing_typed_parquet_and_csv(tmp_path: Path) -> None:
     """A typed Parquet source has no raw-text columns, a CSV source has them: their quarantined rows still meet
     in one file (the quarantine used to take the first file's columns and fail on the second's)."""
