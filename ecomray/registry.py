@@ -172,10 +172,11 @@ def _alias_stack(history: list[dict], alias: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _alias_lock(folder: str):
-    """The model's alias lock: alias moves, and gc's choice and deletion of versions, happen one at a time."""
+def _alias_lock(folder: str, wait: bool = True):
+    """The model's alias lock: alias moves, and gc's choice and deletion of versions, happen one at a time.
+    `wait=False`: BlockingIOError when another process holds it."""
     with open(os.path.join(folder, ".aliases.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         yield
 
 
@@ -346,13 +347,15 @@ def rewrite_meta(root: str, name: str, version: str, meta: dict, info: dict) -> 
 LEASE_S = 300.0          # a lease not refreshed for this long is gone (a replica refreshes it every health check)
 
 
-def lease(root: str, name: str, version: str, holder: str) -> None:
+def lease(root: str, name: str, version: str, holder: str, wait: bool = True) -> None:
     """Mark `version` as being served by `holder` (a replica): `gc` never deletes a leased version. A file in
     `<name>/.leases/`, refreshed on every health check, so it works on any shared registry storage.
 
     A new (or stale) lease is taken under the alias lock, after checking that the version is still there: gc
     chooses and deletes under that lock, so a version leased here is either one gc keeps or already gone (a
-    UserError). Refreshing a fresh lease needs no lock: gc keeps that version anyway."""
+    UserError). Refreshing a fresh lease needs no lock: gc keeps that version anyway. `wait=False` (a health check
+    refreshing the version it already holds in memory): while gc holds the lock, skip this refresh rather than
+    stall the health check; the next one tries again."""
     path = os.path.join(_safe(root, name), ".leases", f"{version}.{re.sub(r'[^A-Za-z0-9_.-]', '_', holder)}")
     if not _older_than(path, LEASE_S / 2) and os.path.exists(path):
         os.utime(path, None)
@@ -360,12 +363,15 @@ def lease(root: str, name: str, version: str, holder: str) -> None:
     where = _safe(root, name, version)
     if not os.path.isdir(where):
         raise UserError(f"{name} {version} is not in the registry {root} (deleted by gc, or never registered)")
-    with _alias_lock(_safe(root, name)):
-        if not os.path.isdir(where):
-            raise UserError(f"{name} {version} was deleted from the registry {root} (by gc) before it was leased")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a"):
-            os.utime(path, None)
+    try:
+        with _alias_lock(_safe(root, name), wait=wait):
+            if not os.path.isdir(where):
+                raise UserError(f"{name} {version} was deleted from the registry {root} (by gc) before it was leased")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a"):
+                os.utime(path, None)
+    except BlockingIOError:     # only with wait=False
+        return
 
 
 def release(root: str, name: str, version: str, holder: str) -> None:

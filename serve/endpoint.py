@@ -82,12 +82,13 @@ class ModelServer:
 
     def _lease(self, version: str, loading: bool = False) -> None:
         """`jobs.registry gc` never deletes a version a replica serves, or is loading. `loading`: a version that gc
-        has deleted is the load's error (UserError); otherwise a lease that fails is only logged."""
+        has deleted is the load's error (UserError); otherwise (a health check's refresh of the version in memory)
+        a lease that fails is only logged, and one that would wait for a running gc is left to the next check."""
         key = self._board_key()
         if key is None:
             return
         try:
-            registry.lease(self.root, self.name, version, key.rsplit("/", 1)[-1])
+            registry.lease(self.root, self.name, version, key.rsplit("/", 1)[-1], wait=loading)
         except UserError:
             if loading:
                 raise

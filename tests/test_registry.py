@@ -263,6 +263,14 @@ def test_a_lease_waits_for_a_running_gc_and_refuses_what_it_deleted(tmp_path: Pa
     with registry._alias_lock(str(Path(root) / "m")):        # a fresh lease is refreshed without waiting
         registry.lease(root, "m", "v0002", "replica-a")
     assert registry.leased(root, "m") == {"v0002"} and time.time() - lease.stat().st_mtime < 5
+    os.utime(lease, (lease.stat().st_atime - 200, lease.stat().st_mtime - 200))
+    with registry._alias_lock(str(Path(root) / "m")):        # a health check's refresh never waits for gc
+        t = threading.Thread(target=registry.lease, args=(root, "m", "v0002", "replica-a"), kwargs={"wait": False})
+        t.start()
+        t.join(5)
+        assert not t.is_alive() and time.time() - lease.stat().st_mtime > 150       # skipped, not waiting
+    registry.lease(root, "m", "v0002", "replica-a", wait=False)                   # and done once gc is gone
+    assert time.time() - lease.stat().st_mtime < 5
 
 
 def test_gc_keeps_what_rollback_can_reach_and_rollback_names_a_missing_target(tmp_path: Path) -> None:
