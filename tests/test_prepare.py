@@ -560,6 +560,44 @@ def test_a_record_with_extra_fields_is_caught_when_the_file_has_columns_the_sche
     assert list(m["reasons"]) == ["malformed CSV record at line 3: 7 fields, expected 6"]
 
 
+def test_extra_fields_are_caught_through_renames_and_without_a_header(tmp_path: Path) -> None:
+    """Second review: a schema column renamed away (`price` -> `list_price`) still counted as read, so the extra
+    field went unnoticed; and the record-by-record reader named header-less columns column_1.. where Polars says
+    column_0.., so a file sent to it had every value shifted by one column."""
+    src = write(tmp_path / "a.csv", "user_id,item_id,event,ts,price,sale\nu1,i1,view,2026-01-01,9,5\n"
+                                    "u2,i2,view,2026-01-01,9,5,EXTRA\n")
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "dataset.columns={price: list_price, sale: price}"))
+    assert (m["rows_out"], m["rows_quarantined"]) == (1, 1)
+    src = write(tmp_path / "b.csv", "7,u1,i1,view,2026-01-01,1\n8,u2,i2,view,2026-01-02,1\n9,u3,i3,view,2026-01-03,1,x\n")
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "dataset.csv.has_header=false",
+                        "dataset.columns={column_1: user_id, column_2: item_id, column_3: event, column_4: ts, "
+                        "column_5: price}", f"paths.data={tmp_path / 'b'}"))
+    assert (m["rows_out"], m["rows_quarantined"]) == (2, 1) and list(m["reasons"])[0].startswith("malformed CSV")
+    rows = pl.read_parquet(tmp_path / "b" / "events" / "shards" / "*.parquet").sort("_row")
+    assert rows.select("user_id", "event").rows() == [("u1", "view"), ("u2", "view")]
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "dataset.csv.has_header=false",
+                        "dataset.columns={column_1: user_id, column_2: item_id, column_3: event, column_4: ts, "
+                        "column_5: price}", "dataset.csv.check_width=false", f"paths.data={tmp_path / 'c'}"))
+    assert m["rows_out"] == 3      # the knob: only the schema's columns are read, and the extra field goes unseen
+
+
+def test_a_folder_and_a_glob_over_it_read_the_same_files_in_the_same_order(tmp_path: Path) -> None:
+    """Second review: a glob sorted its files as text (`src=a-b/x` before `src=a/x`) where the folder walk goes
+    by name at each level, so the two chose different duplicates to quarantine; a file reached through a link was
+    read twice (and a link back up, under `**`, many times)."""
+    from ecomray.data.adapters.files import list_files
+
+    root = tmp_path / "in"
+    for part in ("src=a", "src=a-b", "src=a%2Fc"):
+        (root / part).mkdir(parents=True)
+        write(root / part / "x.csv", "user_id,item_id,event,ts\nu1,i1,view,2026-01-01\n")
+    (root / "latest").symlink_to(root / "src=a-b")
+    (root / "src=a" / "back").symlink_to(root)
+    folder = list_files(str(root))
+    assert [Path(f).parent.name for f in folder] == ["src=a", "src=a%2Fc", "src=a-b"]
+    assert list_files(f"{root}/*/*.csv") == list_files(f"{root}/**/*.csv") == list_files(f"{root}/*") == folder
+
+
 def test_a_jsonl_file_of_blank_lines_is_an_empty_file(tmp_path: Path) -> None:
     """Among many files it adds no rows (as a 0-byte file does; it used to abort the prepare with "required
     columns missing"); alone it is "the file is empty"."""

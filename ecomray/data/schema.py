@@ -145,7 +145,7 @@ def _parse(raw: pl.Expr, kind: str, dtype: pl.DataType, ts_format: str = "mixed"
         return pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False).otherwise(None)
     if kind == "str":
         s = raw.cast(pl.Utf8)
-        if dtype.is_float():   # a typed 12345.0 is the text "12345", as the record-by-record JSON reader spells it
+        if dtype == pl.Float64:   # a typed 12345.0 is the text "12345", as the record-by-record JSON reader spells it
             whole = (raw == raw.round(0)) & (raw.abs() < 2.0**53)
             s = pl.when(whole).then(raw.cast(pl.Int64, strict=False).cast(pl.Utf8)).otherwise(s)
         return pl.when(s.str.len_bytes() == 0).then(None).otherwise(s)

@@ -71,11 +71,18 @@ def list_files(path: str) -> list[str]:
             if any(_hidden(part) for part in rel.split(os.sep) if part not in (".", "..")):
                 continue
             files.extend(_folder_files(match) if os.path.isdir(match) else [match])
-        files = sorted(set(files))
     else:
         if not os.path.exists(path):
             raise UserError(f"input not found: {path}")
         files = [path]
+    # A file reached through links too is read once: under its real path if that was found, else the shortest
+    # (its partition folders are those on that path). One order for a folder and any glob that finds the same
+    # files: by path component, as the folder walk goes (as text, `a-b/x` would sort before `a/x`).
+    best: dict[str, tuple] = {}
+    for f in files:
+        rank = (os.path.abspath(f) != os.path.realpath(f), len(f.split(os.sep)), f.split(os.sep))
+        best[os.path.realpath(f)] = min(best.get(os.path.realpath(f), (rank, f)), (rank, f))
+    files = sorted((f for _, f in best.values()), key=lambda f: f.split(os.sep))
     if not files:
         raise UserError(f"no input files found at {path} (expected .csv, .parquet or .jsonl files, or hive-style "
                         f"partition folders such as dt=2026-01-01/ holding them)")
@@ -175,10 +182,12 @@ def _scan_csv(path: str | list[str], csv: dict[str, Any], **extra: Any) -> pl.La
                        new_columns=csv.get("new_columns"), glob=False, **extra)
 
 
-def _needed(dataset: dict) -> set[str]:
-    """The source column names validation reads: the schema's, and the sources of `dataset.columns` renames."""
-    schema = set((dataset.get("schema") or {}).get("columns", {}))
-    return schema | {src for src, dst in (dataset.get("columns") or {}).items() if dst in schema}
+def _needed(dataset: dict) -> set[str] | None:
+    """The (canonical) column names validation reads, or None when `dataset.csv.check_width` is false: then a CSV
+    scan reads only those columns (faster on a wide file, but a record with extra fields goes unnoticed)."""
+    if not (dataset.get("csv") or {}).get("check_width", True):
+        return None
+    return set((dataset.get("schema") or {}).get("columns", {}))
 
 
 def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str], partitions: dict[str, str | None] | None = None,
@@ -188,10 +197,10 @@ def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str], partitions: dict
     values (`partition_values`) as text columns, under their renamed names too, where the file has no such column
     (validation parses them, as it parses CSV text).
 
-    `needed` (CSV): Polars' CSV reader checks a record's field count only when it reads every column; with the
-    columns validation does not read pruned from the scan, a record with too many fields (an unquoted separator
+    `needed` (CSV: the canonical names validation reads): Polars' CSV reader checks a record's field count only
+    when it reads every column; with the columns validation does not read pruned from the scan, a record with too many fields (an unquoted separator
     in a value) was read without a word, its extra fields dropped and shifted values judged as if in place. So
-    when the file has columns beyond `needed`, an always-null adapter reason (`_reason`) that reads every column
+    when the file has columns that are not (renamed to) one of `needed`, an always-null adapter reason (`_reason`) that reads every column
     keeps them all in the scan: such a record makes the reader refuse the file, and the record-by-record reader
     quarantines it."""
     names = lf.collect_schema().names()
@@ -200,7 +209,7 @@ def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str], partitions: dict
     if clean:
         lf = lf.rename(clean)
         names = [clean.get(n, n) for n in names]
-    if needed is not None and not set(names) <= needed:
+    if needed is not None and any(columns.get(n, n) not in needed for n in names):
         never = pl.any_horizontal([pl.col(n).is_null() & pl.col(n).is_not_null() for n in names])
         lf = lf.with_columns(pl.when(never).then(pl.lit("unreachable")).alias(S.ADAPTER_REASON))
         ours = (*ours, S.ADAPTER_REASON)
@@ -265,7 +274,9 @@ def read_csv_exactly(path: str, csv: dict[str, Any], out: str, batch_rows: int =
             start = reader.line_num + 1
             peeked = [] if header is not None else [next(reader, [])]   # no header: the first record's width
             width = len(header if header is not None else peeked[0])
-            names = list(csv.get("new_columns") or header or [f"column_{k + 1}" for k in range(width)])
+            # without a header, the names Polars gives (column_0, column_1, ...), so that a file read either way
+            # has the same columns for `dataset.columns` to map
+            names = list(csv.get("new_columns") or header or [f"column_{k}" for k in range(width)])
             if len(names) != width:
                 raise UserError(f"{path}: dataset.csv.new_columns names {len(names)} columns, the file has {width}")
 
@@ -443,7 +454,8 @@ def group_source(dataset: dict, paths: dict, indices: list[int]) -> pl.LazyFrame
     if any(p.keys() != parts[0].keys() for p in parts):
         raise pl.exceptions.SchemaError(f"their partition folders differ ({picked[0]} .. {picked[-1]})")
     columns = dataset.get("columns") or {}
-    lf = _canonical_names(lf, columns, ours=(_PATH,), needed=_needed(dataset) | {_PATH} if kind == "csv" else None)
+    needed = _needed(dataset) if kind == "csv" else None
+    lf = _canonical_names(lf, columns, ours=(_PATH,), needed=None if needed is None else needed | {_PATH})
     have = set(lf.collect_schema().names())
     lf = lf.with_columns(pl.col(_PATH).replace_strict({f: p[k] for f, p in zip(picked, parts)}, return_dtype=pl.Utf8)
                          .alias(columns.get(k, k)) for k in parts[0]
