@@ -80,8 +80,9 @@ def list_files(path: str) -> list[str]:
     # files: by path component, as the folder walk goes (as text, `a-b/x` would sort before `a/x`).
     best: dict[str, tuple] = {}
     for f in files:
-        rank = (os.path.abspath(f) != os.path.realpath(f), len(f.split(os.sep)), f.split(os.sep))
-        best[os.path.realpath(f)] = min(best.get(os.path.realpath(f), (rank, f)), (rank, f))
+        real = os.path.realpath(f)
+        rank = (os.path.abspath(f) != real, len(f.split(os.sep)), f.split(os.sep))
+        best[real] = min(best.get(real, (rank, f)), (rank, f))
     files = sorted((f for _, f in best.values()), key=lambda f: f.split(os.sep))
     if not files:
         raise UserError(f"no input files found at {path} (expected .csv, .parquet or .jsonl files, or hive-style "
@@ -122,8 +123,7 @@ def _folder_files(folder: str, seen: frozenset[str] = frozenset()) -> list[str]:
         if os.path.isdir(full):
             if PARTITION.match(name) and os.path.realpath(full) not in seen:
                 out.extend(_folder_files(full, seen))
-        elif format_extension(name) in FORMATS and not (name.lower().endswith(GZIP)
-                                                        and FORMATS[format_extension(name)] == "parquet"):
+        elif _known_format(name):
             out.append(full)
     return out
 
@@ -148,11 +148,16 @@ def file_format(path: str, fmt: str) -> str:
         if fmt not in ("csv", "parquet", "jsonl"):
             raise UserError(f"unknown dataset.format {fmt!r}: use csv, parquet, jsonl or auto")
         return fmt
-    ext = format_extension(path)
-    if ext not in FORMATS or (FORMATS[ext] == "parquet" and path.lower().endswith(GZIP)):
+    if not _known_format(path):
         raise UserError(f"{path}: unknown file format {os.path.basename(path)!r}; set dataset.format=csv|parquet|jsonl "
                         f"(CSV and JSONL may be gzip-compressed: .csv.gz, .jsonl.gz)")
-    return FORMATS[ext]
+    return FORMATS[format_extension(path)]
+
+
+def _known_format(name: str) -> bool:
+    """A data file by its name: a known extension (CSV and JSONL also gzipped; never Parquet)."""
+    ext = format_extension(name)
+    return ext in FORMATS and not (FORMATS[ext] == "parquet" and name.lower().endswith(GZIP))
 
 
 def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str],
@@ -190,12 +195,13 @@ def _needed(dataset: dict) -> set[str] | None:
     return set((dataset.get("schema") or {}).get("columns", {}))
 
 
-def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str], partitions: dict[str, str | None] | None = None,
-                     ours: tuple[str, ...] = (), needed: set[str] | None = None) -> pl.LazyFrame:
+def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str],
+                     partitions: dict[str, str | None | pl.Expr] | None = None, ours: tuple[str, ...] = (),
+                     needed: set[str] | None = None) -> pl.LazyFrame:
     """A source's columns under their canonical names: stray BOM and whitespace cleaned, internal names dropped
     (except `ours`: the columns the reader itself added), `dataset.columns` renames applied; then its partition
-    values (`partition_values`) as text columns, under their renamed names too, where the file has no such column
-    (validation parses them, as it parses CSV text).
+    values (`partition_values`; for several files, an expression per key) as text columns, under their renamed
+    names too, where the file has no such column (validation parses them, as it parses CSV text).
 
     `needed` (CSV: the canonical names validation reads): Polars' CSV reader checks a record's field count only
     when it reads every column; with the columns validation does not read pruned from the scan, a record with too many fields (an unquoted separator
@@ -209,7 +215,7 @@ def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str], partitions: dict
     if clean:
         lf = lf.rename(clean)
         names = [clean.get(n, n) for n in names]
-    if needed is not None and any(columns.get(n, n) not in needed for n in names):
+    if needed is not None and any(columns.get(n, n) not in needed and n not in ours for n in names):
         never = pl.any_horizontal([pl.col(n).is_null() & pl.col(n).is_not_null() for n in names])
         lf = lf.with_columns(pl.when(never).then(pl.lit("unreachable")).alias(S.ADAPTER_REASON))
         ours = (*ours, S.ADAPTER_REASON)
@@ -221,9 +227,9 @@ def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str], partitions: dict
         lf = lf.rename({src: dst for src, dst in columns.items() if src in have})
     if partitions:
         have = set(lf.collect_schema().names())
-        add = {columns.get(k, k): v for k, v in partitions.items()}
-        lf = lf.with_columns(pl.lit(v, dtype=pl.Utf8).alias(k) for k, v in add.items()
-                             if k not in have and not _internal(k))
+        add = {columns.get(k, k): v if isinstance(v, pl.Expr) else pl.lit(v, dtype=pl.Utf8)
+               for k, v in partitions.items()}
+        lf = lf.with_columns(v.alias(k) for k, v in add.items() if k not in have and not _internal(k))
     return lf
 
 
@@ -453,13 +459,10 @@ def group_source(dataset: dict, paths: dict, indices: list[int]) -> pl.LazyFrame
     parts = [partition_values(f) for f in picked]
     if any(p.keys() != parts[0].keys() for p in parts):
         raise pl.exceptions.SchemaError(f"their partition folders differ ({picked[0]} .. {picked[-1]})")
-    columns = dataset.get("columns") or {}
-    needed = _needed(dataset) if kind == "csv" else None
-    lf = _canonical_names(lf, columns, ours=(_PATH,), needed=None if needed is None else needed | {_PATH})
-    have = set(lf.collect_schema().names())
-    lf = lf.with_columns(pl.col(_PATH).replace_strict({f: p[k] for f, p in zip(picked, parts)}, return_dtype=pl.Utf8)
-                         .alias(columns.get(k, k)) for k in parts[0]
-                         if columns.get(k, k) not in have and not _internal(columns.get(k, k)))
+    by_file = {k: pl.col(_PATH).replace_strict({f: p[k] for f, p in zip(picked, parts)}, return_dtype=pl.Utf8)
+               for k in parts[0]}
+    lf = _canonical_names(lf, dataset.get("columns") or {}, by_file, ours=(_PATH,),
+                          needed=_needed(dataset) if kind == "csv" else None)
     rows = dict(lf.group_by(_PATH).len().collect().iter_rows())
     offsets, start = {}, 0
     for f in picked:                      # the group's rows come file after file: a file's rows start at its offset
