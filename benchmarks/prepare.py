@@ -47,6 +47,7 @@ def ensure_csv(rows: int, work: str) -> dict:
     """
     from ecomray.data import synthetic
 
+    work = os.path.abspath(work)   # the sides run with their own working folder
     os.makedirs(work, exist_ok=True)
     path = os.path.join(work, f"events-{rows}.csv")
     meta_path = path + ".json"

@@ -908,3 +908,34 @@ def test_sorted_takes_the_stable_path_only_in_source_order() -> None:
     assert _sorted(shuffled, schema).equals(df.sort(full))
     assert _sorted(shuffled, schema).select("_file", "_row").rows() == [(1, 0), (0, 1), (1, 2), (0, 0), (0, 2), (1, 1)]
 
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sorted_equals_the_full_sort_on_any_rows(seed: int) -> None:
+    """The fast paths (a text key ranked through an Enum, its time order checked instead of sorted on) give exactly
+    the full sort's frame: null keys and times, ties, keys whose rows are out of time order, a float or missing
+    `order_by`, an integer key, rows in and out of source order."""
+    import random
+
+    from ecomray.data.prepare import _sorted
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 60)
+    kind = rng.choice(["str", "int"])
+    keys = [None if rng.random() < 0.1 else rng.choice("abcde") for _ in range(n)]
+    keys = [k if k is None or kind == "str" else "abcde".index(k) for k in keys]
+    in_time = rng.random() < 0.6      # each key's rows already in time order, as most logs are
+    t_kind = rng.choice(["int", "float", "none"])
+    t = sorted(rng.randint(0, 5) for _ in range(n)) if in_time else [rng.randint(0, 5) for _ in range(n)]
+    t = [None if rng.random() < 0.1 else v for v in t]
+    if t_kind == "float":
+        t = [None if v is None else rng.choice([float(v), -0.0, 0.0, float("nan")]) for v in t]
+    files = sorted(rng.randint(0, 2) for _ in range(n))
+    df = pl.DataFrame({"_file": pl.Series(files, dtype=pl.Int32), "_row": pl.Series(range(n), dtype=pl.Int64),
+                       "u": keys, "t": t}, strict=False)
+    if rng.random() < 0.3:
+        df = df.sample(fraction=1.0, shuffle=True, seed=seed)
+    order_by = [] if t_kind == "none" else ["t"]
+    schema = {"key": "u", "order_by": order_by, "columns": {"u": {}, "t": {}}}
+    full = ["u", *order_by, "_file", "_row"]
+    assert _sorted(df, schema).equals(df.sort(full)), df
+
