@@ -29,10 +29,8 @@ def serve_config(plain: dict[str, Any]) -> dict[str, Any]:
     """A Serve config file (`serve deploy`) for this app, every route pinned to the exact version resolved now. The
     API key is never written: the ingress reads ECOMRAY_API_KEY from its environment (set it on the nodes or in
     the runtime_env)."""
-    from serve.settings import app_args
-
     d = plain["deploy"]
-    args = app_args(plain)
+    args = checked_app_args(plain)
     args["api_key"] = None
     # Per-route user_config: edit `version` here (a version id; `ref`, an alias, is resolved by each replica) and
     # `serve deploy` again to hot-swap (reconfigure, no replica restart); the builder's user_config is the same.
@@ -47,6 +45,36 @@ def serve_config(plain: dict[str, Any]) -> dict[str, Any]:
                               "deployments": deployments}]}
 
 
+def checked_app_args(plain: dict[str, Any]) -> dict[str, Any]:
+    """`serve.settings.app_args`, refused when no route has a model (an app that would answer only 503s), and a
+    warning when `task.serve` as composed now differs from the one saved with the served version: batching and
+    limits come from the version (what it was trained with), deploy-time changes go in `serve.routes.<route>`."""
+    from ecomray import registry
+    from ecomray.tasks import load_task
+    from serve.settings import app_args
+
+    args = app_args(plain)
+    endpoints = args.get("endpoints") or {}
+    if not any("version" in e for e in endpoints.values()):
+        why = "; ".join(f"/v1/{r}: {e.get('unavailable')}" for r, e in endpoints.items())
+        raise UserError(f"nothing to serve: no route has a model ({why or 'no routes configured'}) in the registry "
+                        f"{args['registry']} (paths.root, or the ECOMRAY_HOME environment variable); train one "
+                        f"(`python -m jobs.train experiment=<name>`) or choose registered models with "
+                        f"deploy.endpoints={{<route>: {{model: <name>}}}}")
+    if (plain.get("deploy") or {}).get("endpoints") is None and plain.get("task"):   # the experiment's own model
+        route = load_task(plain).ROUTE
+        e = endpoints.get(route) or {}
+        if "version" in e:
+            saved = registry.load(args["registry"], e["model"], e["version"], state=False)["config"]
+            given = plain["task"].get("serve") or {}
+            if given != ((saved.get("task") or {}).get("serve") or {}):
+                print(f"[deploy] note: task.serve here differs from the one saved with {e['model']} {e['version']}; "
+                      f"the saved one applies (put deploy-time batching or limits in "
+                      f"serve.routes.{route}, e.g. 'serve.routes={{{route}: {{batching: {{max_batch_size: 64}}}}}}')",
+                      flush=True)
+    return args
+
+
 def start(plain: dict[str, Any]) -> dict[str, Any]:
     """Start Ray (when needed) and Serve, deploy the app; returns {"url", "models", "mode", "started_ray"}."""
     import httpx
@@ -56,7 +84,7 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
     from ecomray.runtime import init_ray
     from serve.app import build_app
     from ecomray.runtime import alive_nodes, ray_started_here
-    from serve.settings import (api_key, app_args, apply_env, check_bind, free_port, is_loopback, placement_problems,
+    from serve.settings import (api_key, apply_env, check_bind, free_port, is_loopback, placement_problems,
                                 replica_demand, throughput_env)
 
     d, sc = plain["deploy"], plain.get("serve") or {}
@@ -69,11 +97,7 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"deploy.port={d.get('port')!r}: a TCP port, 0-65535 (0: a free one)")
     key = api_key(d)
     check_bind(host, key)
-    args = app_args(plain)   # reads the registry only: what would be served is known before Ray starts
-    if not any("version" in e for e in (args.get("endpoints") or {}).values()):
-        why = "; ".join(f"/v1/{r}: {e.get('unavailable')}" for r, e in (args.get("endpoints") or {}).items())
-        raise UserError(f"nothing to serve: no route has a model ({why or 'no routes configured'}); train one "
-                        f"(`python -m jobs.train experiment=<name>`) or point serve.routes at registered models")
+    args = checked_app_args(plain)   # reads the registry only: what would be served is known before Ray starts
     started_ray = not ray.is_initialized()
     env: dict[str, str] = {}
     if started_ray and not os.environ.get("RAY_ADDRESS"):
@@ -187,12 +211,12 @@ def rollout(plain: dict[str, Any]) -> dict[str, Any]:
     from ray import serve
 
     from serve.app import build_app
-    from serve.settings import api_key, app_args
+    from serve.settings import api_key
 
     d = plain["deploy"]
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
-    args = app_args(plain)
+    args = checked_app_args(plain)
     args["api_key"] = api_key(d)
     name = d.get("app_name", "ecomray")
     if name not in serve.status().applications:

@@ -50,10 +50,10 @@ except ImportError:  # pragma: no cover - older Ray
     _RETRYABLE = (RayActorError,)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "the body is not valid UTF-8 JSON, or a bad Content-Length"},
+    400: {"description": "the body is not UTF-8, or a bad Content-Length header"},
     401: {"description": "missing or wrong X-API-Key (when the server has a key)"},
     413: {"description": "body over serve.max_body_bytes"},
-    422: {"description": "a field is missing, has the wrong type, or a value the model can't take"},
+    422: {"description": "malformed JSON, or a field is missing, has the wrong type, or a value the model can't take"},
     503: {"description": "the route's model is not available (not in the registry, overloaded, replica lost)"},
 }
 

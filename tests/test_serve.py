@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -403,6 +404,34 @@ def test_deploy_with_no_model_for_any_route_is_one_error(trained: dict[str, Any]
     cfg["deploy"]["endpoints"] = {"recommend": {"model": "no_such_model"}, "sentiment": {"model": "nor_this"}}
     with pytest.raises(UserError, match=r"nothing to serve: no route has a model \(/v1/recommend: no versions"):
         deploy_job.start(cfg)
+
+
+def test_serve_config_with_no_model_is_one_error_naming_the_registry(trained: dict[str, Any], tmp_path: Path) -> None:
+    """`deploy.write_config` run in a shell that lacks the job's ECOMRAY_HOME read an empty registry and wrote a
+    config with no deployments, without a word: `serve deploy` of it then answered 503 on every route."""
+    import jobs.deploy as deploy_job
+
+    cfg = json.loads(json.dumps(trained["cfg"]))
+    cfg["paths"]["registry"] = str(tmp_path / "registry")
+    with pytest.raises(UserError, match=rf"nothing to serve: .* in the registry {re.escape(str(tmp_path))}/registry "
+                                        r"\(paths.root, or the ECOMRAY_HOME"):
+        deploy_job.serve_config(cfg)
+    assert deploy_job.serve_config(json.loads(json.dumps(trained["cfg"])))["applications"][0]["deployments"]
+
+
+def test_deploy_says_a_task_serve_override_does_not_apply(trained: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
+    """Batching and limits come from the version's saved `task.serve`; a `task.serve.*` override at deploy time
+    used to be dropped silently. The job now says so, and names the knob that does apply."""
+    import jobs.deploy as deploy_job
+
+    cfg = json.loads(json.dumps(trained["cfg"]))
+    assert cfg["deploy"].get("endpoints") is None            # the experiment's own model
+    args = deploy_job.checked_app_args(cfg)
+    assert "task.serve here differs" not in capsys.readouterr().out
+    cfg["task"]["serve"]["batching"]["max_batch_size"] = 64
+    assert deploy_job.checked_app_args(cfg)["endpoints"] == args["endpoints"]   # the saved settings still apply
+    out = capsys.readouterr().out
+    assert "task.serve here differs from the one saved with" in out and "serve.routes.recommend" in out
 
 
 def test_endpoint_table_refuses_a_name_outside_the_registry(trained: dict[str, Any]) -> None:
