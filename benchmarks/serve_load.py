@@ -123,6 +123,9 @@ def train_models(root: Path) -> dict[str, str]:
     return names
 
 
+IDLE_GAP_S = 0.005
+
+
 def model_time(root: Path, name: str, n: int = 100) -> dict[str, Any]:
     """Median milliseconds of the model's own predict: one history, and a batch of 32 histories. One torch thread,
     as in a replica (Ray sets OMP_NUM_THREADS=1 for a replica with less than one CPU)."""
@@ -151,8 +154,20 @@ def model_time(root: Path, name: str, n: int = 100) -> dict[str, Any]:
         b32.append(time.perf_counter() - t)
         if t > deadline:
             break
+    # At concurrency 1 a replica idles between requests (a request spends most of its time in the client and the
+    # proxy): the same predict, each call after IDLE_GAP_S of sleep, is what the replica's forward meets there.
+    idle = []
+    deadline = time.perf_counter() + 10
+    for _ in range(n):
+        time.sleep(IDLE_GAP_S)
+        t = time.perf_counter()
+        lm.task.predict(lm.model, lm.meta, [hist], k=10)
+        idle.append(time.perf_counter() - t)
+        if t > deadline:
+            break
     m = lm.model
     return {"predict_1_ms": statistics.median(one) * 1e3, "predict_32_ms": statistics.median(b32) * 1e3,
+            "predict_1_after_idle_ms": statistics.median(idle) * 1e3, "idle_gap_ms": IDLE_GAP_S * 1e3,
             "num_items": int(lm.meta["num_items"]), "params": int(sum(p.numel() for p in m.parameters())),
             "dim": int(m.item_emb.embedding_dim) if hasattr(m, "item_emb") else None,
             "version": lm.version}
@@ -559,7 +574,8 @@ def main() -> None:
     forward = {tag: model_time(root, name) for tag, name in names.items()}
     for tag, f in forward.items():
         print(f"model {tag}: {f['num_items']} items, dim {f['dim']}, {f['params'] / 1e6:.1f}M params: predict "
-              f"1 row {f['predict_1_ms']:.2f} ms, 32 rows {f['predict_32_ms']:.2f} ms (in-process, 1 thread)",
+              f"1 row {f['predict_1_ms']:.2f} ms ({f['predict_1_after_idle_ms']:.2f} ms after {f['idle_gap_ms']:.0f} ms "
+              f"idle), 32 rows {f['predict_32_ms']:.2f} ms (in-process, 1 thread)",
               flush=True)
     modes = []
     for mode in args.modes.split(","):
@@ -624,6 +640,13 @@ def main() -> None:
                     "on_req_per_s": on["req_per_s"], "off_req_per_s": off["req_per_s"], "ratio": ratio,
                     "forward_1_ms": forward["big"]["predict_1_ms"], "forward_32_ms": forward["big"]["predict_32_ms"],
                     "met": ratio >= 3.0 and forward["big"]["predict_1_ms"] >= 10.0}
+    idle_ms = forward["tiny"].get("predict_1_after_idle_ms") if "tiny" in forward else None
+    for check in checks.values():   # the c=1 bounds (the tiny forward in them) again with the forward as it runs
+        if idle_ms is not None and "bound_ms" in check:   # between requests: reported beside, `met` unchanged
+            p50 = check.get("recommend_p50_ms", check.get("inline_p50_ms", check.get("model_p50_ms")))
+            check["forward_after_idle_ms"] = idle_ms
+            check["bound_with_forward_after_idle_ms"] = check["bound_ms"] - forward["tiny"]["predict_1_ms"] + idle_ms
+            check["met_with_forward_after_idle"] = p50 <= check["bound_with_forward_after_idle_ms"]
     if "big" in forward:
         checks["big model's single-row forward >= 10 ms (in-process, 1 thread)"] = {
             "forward_1_ms": forward["big"]["predict_1_ms"], "met": forward["big"]["predict_1_ms"] >= 10.0}
