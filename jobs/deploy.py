@@ -25,12 +25,12 @@ from omegaconf import DictConfig
 from ecomray.runtime import UserError, to_plain, user_errors
 
 
-def serve_config(plain: dict[str, Any]) -> dict[str, Any]:
+def serve_config(plain: dict[str, Any], ignored: list[str] | None = None) -> dict[str, Any]:
     """A Serve config file (`serve deploy`) for this app, every route pinned to the exact version resolved now. The
     API key is never written: the ingress reads ECOMRAY_API_KEY from its environment (set it on the nodes or in
     the runtime_env)."""
     d = plain["deploy"]
-    args = checked_app_args(plain)
+    args = checked_app_args(plain, ignored)
     args["api_key"] = None
     # Per-route user_config: edit `version` here (a version id; `ref`, an alias, is resolved by each replica) and
     # `serve deploy` again to hot-swap (reconfigure, no replica restart); the builder's user_config is the same.
@@ -45,12 +45,12 @@ def serve_config(plain: dict[str, Any]) -> dict[str, Any]:
                               "deployments": deployments}]}
 
 
-def checked_app_args(plain: dict[str, Any]) -> dict[str, Any]:
-    """`serve.settings.app_args`, refused when no route has a model (an app that would answer only 503s), and a
-    warning when `task.serve` as composed now differs from the one saved with the served version: batching and
-    limits come from the version (what it was trained with), deploy-time changes go in `serve.routes.<route>`."""
-    from ecomray import registry
-    from ecomray.tasks import load_task
+def checked_app_args(plain: dict[str, Any], ignored: list[str] | None = None) -> dict[str, Any]:
+    """`serve.settings.app_args`, refused when no route has a model (an app that would answer only 503s).
+
+    `ignored`: command-line overrides of `task.serve` (`main` passes them). A route's batching and limits come from
+    the `task.serve` saved with its model version (what it was trained with), so such an override changes nothing:
+    the job says so and names the knob that does, `serve.routes.<route>`."""
     from serve.settings import app_args
 
     args = app_args(plain)
@@ -61,21 +61,20 @@ def checked_app_args(plain: dict[str, Any]) -> dict[str, Any]:
                         f"{args['registry']} (paths.root, or the ECOMRAY_HOME environment variable); train one "
                         f"(`python -m jobs.train experiment=<name>`) or choose registered models with "
                         f"deploy.endpoints={{<route>: {{model: <name>}}}}")
-    if (plain.get("deploy") or {}).get("endpoints") is None and plain.get("task"):   # the experiment's own model
-        route = load_task(plain).ROUTE
-        e = endpoints.get(route) or {}
-        if "version" in e:
-            saved = registry.load(args["registry"], e["model"], e["version"], state=False)["config"]
-            given = plain["task"].get("serve") or {}
-            if given != ((saved.get("task") or {}).get("serve") or {}):
-                print(f"[deploy] note: task.serve here differs from the one saved with {e['model']} {e['version']}; "
-                      f"the saved one applies (put deploy-time batching or limits in "
-                      f"serve.routes.{route}, e.g. 'serve.routes={{{route}: {{batching: {{max_batch_size: 64}}}}}}')",
-                      flush=True)
+    if ignored:
+        route = next(iter(endpoints))
+        print(f"[deploy] note: {' '.join(ignored)} changes nothing here: each route serves with the task.serve saved "
+              f"with its model version; deploy-time batching and limits go in serve.routes.<route>, e.g. "
+              f"'serve.routes={{{route}: {{batching: {{max_batch_size: 64}}}}}}'", flush=True)
     return args
 
 
-def start(plain: dict[str, Any]) -> dict[str, Any]:
+def task_serve_overrides(overrides: list[str]) -> list[str]:
+    """The command-line overrides (`HydraConfig.get().overrides.task`) that set `task.serve` or a key below it."""
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".")[:2] == ["task", "serve"]]
+
+
+def start(plain: dict[str, Any], ignored: list[str] | None = None) -> dict[str, Any]:
     """Start Ray (when needed) and Serve, deploy the app; returns {"url", "models", "mode", "started_ray"}."""
     import httpx
     import ray
@@ -97,7 +96,7 @@ def start(plain: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"deploy.port={d.get('port')!r}: a TCP port, 0-65535 (0: a free one)")
     key = api_key(d)
     check_bind(host, key)
-    args = checked_app_args(plain)   # reads the registry only: what would be served is known before Ray starts
+    args = checked_app_args(plain, ignored)   # reads the registry only: what would be served is known before Ray starts
     started_ray = not ray.is_initialized()
     env: dict[str, str] = {}
     if started_ray and not os.environ.get("RAY_ADDRESS"):
@@ -202,7 +201,7 @@ def _kill_haproxy(folder: str) -> None:
             time.sleep(0.5)
 
 
-def rollout(plain: dict[str, Any]) -> dict[str, Any]:
+def rollout(plain: dict[str, Any], ignored: list[str] | None = None) -> dict[str, Any]:
     """Re-resolve every route's ref (a promotion moved `prod`, say) and roll the running app onto the versions:
     Serve replaces the changed deployments' replicas one by one (requests keep being answered), and every new
     replica loads exactly the resolved version. Connects to RAY_ADDRESS, else to the Ray running on this machine."""
@@ -216,7 +215,7 @@ def rollout(plain: dict[str, Any]) -> dict[str, Any]:
     d = plain["deploy"]
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
-    args = checked_app_args(plain)
+    args = checked_app_args(plain, ignored)
     args["api_key"] = api_key(d)
     name = d.get("app_name", "ecomray")
     if name not in serve.status().applications:
@@ -245,20 +244,22 @@ def _one_request(plain: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(cfg: DictConfig | dict) -> dict[str, Any]:
+def run(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict[str, Any]:
+    """`overrides`: the command line's (for the note on `task.serve` overrides, which do not apply here)."""
     plain = to_plain(cfg)
+    ignored = task_serve_overrides(overrides or [])
     d = plain["deploy"]
     if d.get("write_config"):
         import yaml
 
         path = os.path.abspath(str(d["write_config"]))
         with open(path, "w") as fh:
-            yaml.safe_dump(serve_config(plain), fh, sort_keys=False)
+            yaml.safe_dump(serve_config(plain, ignored), fh, sort_keys=False)
         print(f"[deploy] wrote {path}: serve deploy {path} -a http://HEAD:8265", flush=True)
         return {"config": path}
     if d.get("rollout"):
-        return rollout(plain)
-    info = start(plain)
+        return rollout(plain, ignored)
+    info = start(plain, ignored)
     try:
         if d.get("once"):
             return {"url": info["url"], "models": info["models"], "response": _one_request(plain, info)}
@@ -287,7 +288,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="deploy")
 @user_errors
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    run(cfg, list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":

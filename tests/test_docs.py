@@ -1,7 +1,8 @@
 """The docs' commands compose: every `python -m jobs.<job> <overrides>` in README.md, docs/, benchmarks/README.md and
 the jobs' own docstrings is composed by Hydra exactly as the job would (a key that does not exist or a config group
 option that is not there fails here), so a renamed or removed option cannot stay documented. Placeholders
-(`experiment=<name>`) are left out and the rest of the command is still checked."""
+(`experiment=<name>`) are left out and the rest of the command is still checked. Inline overrides in the prose
+(`prepare.shards=16`) are checked as a shell and Hydra would read them."""
 
 from __future__ import annotations
 
@@ -69,3 +70,40 @@ def test_the_docs_have_commands_to_check() -> None:
 def test_documented_command_composes(where: str, job: str, overrides: list[str]) -> None:
     with initialize_config_dir(version_base="1.3", config_dir=CONF):
         compose(config_name=job, overrides=overrides)
+
+
+# An inline override in the prose (`prepare.shards=16`, `'serve.routes={recommend: {num_replicas: 2}}'`) is copied
+# into a shell as it is: a value with spaces must be quoted, and each override must be one Hydra can parse.
+OVERRIDE_WORD = re.compile(r"^[+~]{0,2}[a-z_][\w.@/]*=")
+DOTTED_OVERRIDE = re.compile(r"^[+~]{0,2}[a-z_]\w*\.[\w.]*=")
+
+
+def documented_override_spans() -> list[tuple[str, str]]:
+    found = []
+    for doc in DOCS:
+        for part in re.split(r"^[ \t]*```[^\n]*\n", doc.read_text(), flags=re.M)[::2]:   # prose, not fenced blocks
+            for span in re.findall(r"`([^`]+)`", part):
+                span = " ".join(span.split())
+                try:
+                    words = shlex.split(span)
+                except ValueError:
+                    continue
+                if words and OVERRIDE_WORD.match(words[0]) and not PLACEHOLDER.search(span):
+                    found.append((f"{doc.relative_to(ROOT)}: {span}", span))
+    return found
+
+
+OVERRIDE_SPANS = documented_override_spans()
+
+
+def test_the_docs_have_inline_overrides_to_check() -> None:
+    assert len(OVERRIDE_SPANS) > 50
+
+
+@pytest.mark.parametrize("where,span", OVERRIDE_SPANS, ids=[w for w, _ in OVERRIDE_SPANS])
+def test_an_inline_override_survives_the_shell(where: str, span: str) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    words = shlex.split(span)
+    assert all(OVERRIDE_WORD.match(w) for w in words), f"{where}: quote the override, the shell splits it: {words}"
+    OverridesParser.create().parse_overrides([w for w in words if DOTTED_OVERRIDE.match(w)])

@@ -419,20 +419,31 @@ def test_serve_config_with_no_model_is_one_error_naming_the_registry(trained: di
     assert deploy_job.serve_config(json.loads(json.dumps(trained["cfg"])))["applications"][0]["deployments"]
 
 
-def test_deploy_says_a_task_serve_override_does_not_apply(trained: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
-    """Batching and limits come from the version's saved `task.serve`; a `task.serve.*` override at deploy time
-    used to be dropped silently. The job now says so, and names the knob that does apply."""
-    import jobs.deploy as deploy_job
+def test_deploy_says_a_task_serve_override_does_not_apply(trained: dict[str, Any], tmp_path: Path) -> None:
+    """Batching and limits come from the version's saved `task.serve`; a `task.serve.*` override on the deploy
+    command line used to be dropped silently. The job now says so, and names the knob that does apply."""
+    import subprocess
+    import sys
 
-    cfg = json.loads(json.dumps(trained["cfg"]))
-    assert cfg["deploy"].get("endpoints") is None            # the experiment's own model
-    args = deploy_job.checked_app_args(cfg)
-    assert "task.serve here differs" not in capsys.readouterr().out
-    cfg["task"]["serve"]["batching"]["max_batch_size"] = 64
-    assert deploy_job.checked_app_args(cfg)["endpoints"] == args["endpoints"]   # the saved settings still apply
-    out = capsys.readouterr().out
-    assert "task.serve here differs from the one saved with" in out and "serve.routes.recommend" in out
+    import yaml
 
+    from jobs.deploy import task_serve_overrides
+
+    def deploy(*extra: str) -> tuple[str, dict]:
+        out = tmp_path / "serve_config.yaml"
+        cmd = [sys.executable, "-m", "jobs.deploy", "experiment=tiny", "dataset.synthetic.users=400",
+               f"paths.root={trained['root']}", f"deploy.write_config={out}", *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout, yaml.safe_load(out.read_text())
+
+    quiet, config = deploy()
+    assert "changes nothing here" not in quiet
+    noted, same = deploy("task.serve.batching.max_batch_size=64")
+    assert "task.serve.batching.max_batch_size=64 changes nothing here" in noted and "serve.routes" in noted
+    assert same == config                                       # the saved settings still apply
+    assert task_serve_overrides(["+task.serve.x=1", "task.serve={}", "task.name=x", "task.server=1", "serve.a=1"]) \
+        == ["+task.serve.x=1", "task.serve={}"]
 
 def test_endpoint_table_refuses_a_name_outside_the_registry(trained: dict[str, Any]) -> None:
     from serve.app import build_app
