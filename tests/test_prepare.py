@@ -124,17 +124,42 @@ def test_malformed_json_lines_are_quarantined_with_their_line(tmp_path: Path) ->
     assert rows["ts"].to_list()[1].isoformat() == "2026-01-01T00:00:00+00:00"       # epoch seconds, as text
 
 
+def test_a_prepare_that_quarantines_every_row_publishes_nothing(tmp_path: Path) -> None:
+    """`overwrite=true` with a `ts_format` that matches nothing used to swap a good dataset for an empty one, and
+    training then registered a model trained on no rows. Now the good dataset stays, and the error says why."""
+    from ecomray.config import compose as compose_job
+    from ecomray.data.shards import load_manifest
+    from ecomray.train.driver import fit
+
+    src = write(tmp_path / "e.csv", "user_id,item_id,event,ts\n" + "".join(
+        f"u{k % 3},i{k},view,2026-01-{k + 1:02d}\n" for k in range(9)))
+    good = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    with pytest.raises(UserError, match=r"all 9 rows were quarantined \('unparseable ts' x 9\); .*events is unchanged; "
+                                        r"every row and its reason: .*events.rejected-quarantine.parquet"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "dataset.ts_format=%d/%m/%Y", "overwrite=true"))
+    assert load_manifest(str(tmp_path / "data" / "events"))["hash"] == good["hash"]
+    assert pl.read_parquet(tmp_path / "data" / "events.rejected-quarantine.parquet").height == 9
+    prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "overwrite=true"))   # fixed: published,
+    assert not (tmp_path / "data" / "events.rejected-quarantine.parquet").exists()         # the old rejects gone
+
+    manifest = tmp_path / "data" / "events" / "manifest.json"     # a dataset published before the rule
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "split": {**m["split"], "rows": {"val": 3, "test": 3}}}))
+    with pytest.raises(UserError, match=r"events has no training rows .*nothing to train on"):
+        fit(compose_job("train", [f"paths.root={tmp_path}", "dataset=events", f"dataset.path={src}", "scaling=inproc"]))
+
+
 @pytest.mark.parametrize("broken", [False, True], ids=["polars reader", "record by record"])
 def test_a_json_boolean_is_not_a_number_on_either_reader(tmp_path: Path, broken: bool) -> None:
     """`"quantity": true` in every line made Polars type the column Boolean and cast true to 1, while the same line
     read record by record (a broken line elsewhere in the file) was "unparseable quantity": one verdict for both."""
     line = '{"user_id": "u1", "item_id": "i%d", "event": "view", "ts": "2026-01-0%d", "quantity": %s}'
     text = "\n".join(line % (k, k, v) for k, v in ((1, "true"), (2, "false"))) + "\n" + ('{"user_id": \n' if broken else "")
-    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={write(tmp_path / 'e.jsonl', text)}"))
-    assert m["reasons"].pop("unparseable quantity") == 2 and m["rows_out"] == 0
-    assert len(m["reasons"]) == broken             # the broken line's own reason
-    q = pl.read_parquet(tmp_path / "data" / "events" / "quarantine.parquet").drop_nulls("quantity").sort("_row")
-    assert q["quantity"].to_list() == ["true", "false"]
+    with pytest.raises(UserError, match=r"events: all \d rows were quarantined \('unparseable quantity' x 2"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={write(tmp_path / 'e.jsonl', text)}"))
+    q = pl.read_parquet(tmp_path / "data" / "events.rejected-quarantine.parquet")   # kept, since nothing was published
+    assert q.height == 2 + broken and q["reason"].null_count() == 0
+    assert q.drop_nulls("quantity").sort("_row")["quantity"].to_list() == ["true", "false"]
 
 
 @pytest.mark.parametrize("broken", [False, True], ids=["polars reader", "record by record"])

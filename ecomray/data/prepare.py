@@ -584,6 +584,8 @@ def _run_locked(cfg: dict, dataset: dict, paths: dict, opts: dict, schema: dict,
         rows_out = sum(f["rows"] for f in finished)
         if rows_in != rows_out + n_quarantined:
             raise RuntimeError(f"row accounting broke: in {rows_in} != out {rows_out} + quarantined {n_quarantined}")
+        if rows_out == 0:
+            _refuse_empty(dataset["name"], rows_in, reasons, out, final, local_root)
         splits: dict[str, int] = {}
         for f in finished:
             for k, v in f["splits"].items():
@@ -613,12 +615,33 @@ def _run_locked(cfg: dict, dataset: dict, paths: dict, opts: dict, schema: dict,
         with open(os.path.join(out, "manifest.json"), "w") as fh:
             json.dump(manifest, fh, indent=2, default=str)
         _publish(out, final, work)
+        if not is_uri(final):   # an earlier run's rejected rows (`_refuse_empty`): this run's quarantine replaces them
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(_rejected_path(local_root, final))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if is_uri(final):
             shutil.rmtree(local_root, ignore_errors=True)
     print_summary(manifest, final, time.time() - t0)
     return manifest
+
+
+def _rejected_path(local_root: str, final: str) -> str:
+    return os.path.join(local_root, f"{os.path.basename(final)}.rejected-quarantine.parquet")
+
+
+def _refuse_empty(name: str, rows_in: int, reasons: dict[str, int], out: str, final: str, local_root: str) -> None:
+    """Every row was quarantined: publish nothing (a dataset prepared before stays as it was, so an `overwrite=true`
+    with a wrong `ts_format` cannot swap good shards for none), keep the quarantine beside it, and say why."""
+    kept = None
+    if not is_uri(final):
+        kept = _rejected_path(local_root, final)
+        os.replace(os.path.join(out, "quarantine.parquet"), kept)
+    top = ", ".join(f"{r!r} x {n:,}" for r, n in list(reasons.items())[:3])
+    before = f"{final} is unchanged" if has_manifest(final) else "nothing was published"
+    raise UserError(f"{name}: all {rows_in:,} rows were quarantined ({top}{', ...' if len(reasons) > 3 else ''}); "
+                    f"{before}" + (f"; every row and its reason: {kept}" if kept else "")
+                    + "; check dataset.path, dataset.columns and dataset.ts_format against the data")
 
 
 # ----------------------------------------------------------------------------------------------- one run at a time

@@ -123,7 +123,12 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry.model_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
     check_train_config(cfg)        # so do numbers no run can start from
     load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
-    data_hash = shards.require(cfg).get("hash")   # so does a dataset never prepared (with the command to run)
+    manifest = shards.require(cfg)   # so does a dataset never prepared (with the command to run)
+    data_hash = manifest.get("hash")
+    split_rows = (manifest.get("split") or {}).get("rows") or {}
+    if manifest.get("rows_out") == 0 or (split_rows and not split_rows.get("train")):   # nothing to train on
+        raise UserError(f"{shards.dataset_dir(cfg)} has no training rows (rows out {manifest.get('rows_out')}, "
+                        f"split {split_rows}): nothing to train on")
     check_writable(cfg["paths"]["runs"], "paths.runs")    # and folders it would write to only at the end
     if register and evaluate:
         check_writable(cfg["paths"]["registry"], "paths.registry")
