@@ -245,6 +245,25 @@ def test_timestamps_iso_offsets_and_epoch_are_utc(tmp_path: Path) -> None:
                                                   "2026-01-02T02:00:02+00:00", "2026-01-02T02:00:03.500000+00:00"]
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_epoch_numbers_in_any_unit_are_the_same_instant(tmp_path: Path, fmt: str) -> None:
+    """Epoch milliseconds (JavaScript, Kafka) were read as seconds: the year 55969, with nothing quarantined."""
+    s = 1767319202                                   # 2026-01-02T02:00:02Z
+    ts = [s, s * 1000 + 1, s * 1_000_000 + 2, s * 1_000_000_000 + 3_000, 1767319202.5]
+    rows = {"user_id": ["u"] * 5, "item_id": list("abcde"), "event": ["view"] * 5}
+    if fmt == "csv":
+        src = write(tmp_path / "t.csv", "user_id,item_id,event,ts\n" + "".join(
+            f"u,{i},view,{t}\n" for i, t in zip("abcde", ts)))
+    else:
+        src = str(tmp_path / "t.parquet")
+        pl.DataFrame({**rows, "ts": [float(t) for t in ts]}).write_parquet(src)
+    prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.shards=1", "split@dataset.split=none"))
+    df = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "part-00000.parquet")
+    assert [t.isoformat() for t in df.sort("item_id")["ts"]] == [
+        "2026-01-02T02:00:02+00:00", "2026-01-02T02:00:02.001000+00:00", "2026-01-02T02:00:02.000002+00:00",
+        "2026-01-02T02:00:02.000003+00:00", "2026-01-02T02:00:02.500000+00:00"]
+
+
 def test_csv_variants_bom_crlf_delimiter_mapping(tmp_path: Path) -> None:
     body = "\ufeffuid;sku;action;when\r\nu1;i1;view;2026-01-01\r\nu1;i2;cart;2026-01-02\r\n"
     src = write(tmp_path / "v.csv", body)

@@ -56,7 +56,7 @@ TS_FORMATS = {  # name -> parser of a stripped string column
                              .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us", strict=False)
                              .dt.convert_time_zone("UTC")),
     "date": lambda t: t.str.to_datetime("%Y-%m-%d", time_unit="us", strict=False).dt.replace_time_zone("UTC"),
-    "epoch": lambda t: _from_epoch_seconds(pl.when(t.str.contains(r"^-?\d+(\.\d+)?$")).then(t).cast(pl.Float64, strict=False)),
+    "epoch": lambda t: _from_epoch(pl.when(t.str.contains(r"^-?\d+(\.\d+)?$")).then(t).cast(pl.Float64, strict=False)),
 }
 
 
@@ -99,7 +99,8 @@ def detect_fast_layout(sample: pl.Series, fmt: str) -> str | None:
 
 
 def _parse_datetime(raw: pl.Expr, dtype: pl.DataType, fmt: str = "mixed", layout: str | None = None) -> pl.Expr:
-    """ISO-8601 (naive means UTC, offsets converted) or epoch seconds -> Datetime(us, UTC).
+    """ISO-8601 (naive means UTC, offsets converted) or an epoch number (seconds, ms, us or ns, by magnitude:
+    `EPOCH_UNIT_BOUNDS`) -> Datetime(us, UTC).
 
     Text is parsed with one detected format per source (fast), or with every format in turn ("mixed"). With a
     fixed-width `layout` (`detect_fast_layout`), the values that fit it take the fast path and only the others
@@ -113,7 +114,7 @@ def _parse_datetime(raw: pl.Expr, dtype: pl.DataType, fmt: str = "mixed", layout
     if dtype == pl.Date:
         return raw.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
     if dtype.is_numeric():
-        return _from_epoch_seconds(raw.cast(pl.Float64))
+        return _from_epoch(raw.cast(pl.Float64))
     text = raw.cast(pl.Utf8)
     if layout is None:
         return _parse_text(text.str.strip_chars(), fmt)
@@ -131,8 +132,20 @@ def _parse_text(s: pl.Expr, fmt: str) -> pl.Expr:
     return pl.coalesce(*(parse(s) for parse in TS_FORMATS.values()))
 
 
-def _from_epoch_seconds(seconds: pl.Expr) -> pl.Expr:
-    return pl.from_epoch((seconds * 1_000_000).round(0).cast(pl.Int64, strict=False), time_unit="us").dt.replace_time_zone("UTC")
+# Epoch numbers in seconds, milliseconds, microseconds or nanoseconds, told apart by magnitude: seconds below 1e11
+# (up to the year 5138), milliseconds below 1e14, microseconds below 1e17, nanoseconds above. Exports in
+# milliseconds (JavaScript, Kafka, many trackers) were read as seconds, 1000x too far: the year 55969.
+EPOCH_UNIT_BOUNDS = ((1e11, 1e6), (1e14, 1e3), (1e17, 1.0))   # (|value| below, microseconds per unit)
+
+
+def _from_epoch(value: pl.Expr) -> pl.Expr:
+    """An epoch number (any of the units of `EPOCH_UNIT_BOUNDS`) -> Datetime(us, UTC)."""
+    size = value.abs()
+    micros = pl.when(size < EPOCH_UNIT_BOUNDS[0][0]).then(value * EPOCH_UNIT_BOUNDS[0][1])
+    for bound, scale in EPOCH_UNIT_BOUNDS[1:]:
+        micros = micros.when(size < bound).then(value * scale)
+    micros = micros.otherwise(value / 1e3)                          # nanoseconds
+    return pl.from_epoch(micros.round(0).cast(pl.Int64, strict=False), time_unit="us").dt.replace_time_zone("UTC")
 
 
 def _parse(raw: pl.Expr, kind: str, dtype: pl.DataType, ts_format: str = "mixed", layout: str | None = None) -> pl.Expr:
