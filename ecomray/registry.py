@@ -175,6 +175,8 @@ def _alias_stack(history: list[dict], alias: str) -> list[str]:
 def _alias_lock(folder: str, wait: bool = True):
     """The model's alias lock: alias moves, and gc's choice and deletion of versions, happen one at a time.
     `wait=False`: BlockingIOError when another process holds it."""
+    if not os.path.isdir(folder):
+        raise UserError(f"no model {os.path.basename(folder)!r} in registry {os.path.dirname(folder)}")
     with open(os.path.join(folder, ".aliases.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         yield

@@ -173,7 +173,12 @@ def one_at_a_time(lock_path: str, what: str, log: Callable[[str], None] = print)
     import fcntl
     import socket
 
-    with open(lock_path, "a+") as fh:
+    try:
+        fh = open(lock_path, "a+")
+    except OSError as err:   # its folder is missing or not writable: name it, not a traceback
+        raise UserError(f"cannot lock {lock_path} for the {what}: {err.strerror}; check the folder exists and is "
+                        f"writable") from None
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -86,9 +86,25 @@ def _try_first_rows(loaded: Any, inputs: Any, options: dict, given: dict, n: int
                         f"{type(err).__name__}: {err}") from None
 
 
+def _check_numbers(bp: dict) -> None:
+    """Settings no run can start from fail here, before Ray starts (Ray Data said `Batch size can't be negative or 0`
+    with a traceback, seconds in)."""
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, default, ok, want in (("batch_size", 512, lambda v: integer(v) and v >= 1, "an integer >= 1"),
+                                   ("actors", 1, lambda v: integer(v) and v >= 1, "an integer >= 1"),
+                                   ("num_cpus_per_actor", 1, lambda v: isinstance(v, (int, float))
+                                    and not isinstance(v, bool) and 0 < v < float("inf"), "a number > 0")):
+        value = bp.get(key, default)
+        if not ok(value):
+            raise UserError(f"batch_predict.{key}={value!r}: must be {want}")
+
+
 def run(cfg: DictConfig | dict) -> dict[str, Any]:
     plain = to_plain(cfg)
     bp = plain["batch_predict"]
+    _check_numbers(bp)
     root = plain["paths"]["registry"]
     name, ref = registry.parse_ref(bp.get("model") or registry.model_name(plain))
     version = registry.resolve(root, name, bp.get("version") or ref)
@@ -138,8 +154,12 @@ def _score(plain: dict, bp: dict, loaded: Any, vcfg: dict, root: str, name: str,
                             compute=ray.data.ActorPoolStrategy(size=int(bp.get("actors", 1))),
                             num_cpus=float(bp.get("num_cpus_per_actor", 1)))
     scored.write_parquet(work)
+    os.makedirs(work, exist_ok=True)       # Ray Data writes no folder for no rows
     rows = sum(pq.ParquetFile(os.path.join(work, f)).metadata.num_rows
                for f in os.listdir(work) if f.endswith(".parquet"))
+    if rows == 0:
+        raise UserError(f"{vcfg['dataset']['name']}: no rows to score in split {split!r} (batch_predict.split: "
+                        f"train, val, test or all)")
     summary = {"model": name, "version": version, "task": vcfg["task"]["name"], "split": split, "rows": rows,
                "options": options, "seconds": round(time.time() - t0, 2), "dataset": vcfg["dataset"]["name"]}
     with open(os.path.join(work, MARKER), "w") as fh:      # last: a folder with the marker is complete

@@ -80,3 +80,16 @@ def test_batch_predict_propensity_matches_predict(ray_session, tmp_path: Path) -
     loaded = load_model(cfg["paths"]["registry"], trained["name"], trained["version"])
     want = loaded.task.predict(loaded.model, loaded.meta, test.to_arrow())
     np.testing.assert_allclose(df["probability"].to_numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["batch_size=0", "batch_size=1.5", "actors=0", "num_cpus_per_actor=0",
+                                     "num_cpus_per_actor=-1"])
+def test_batch_predict_settings_no_run_can_use_fail_before_ray(tmp_path: Path, setting: str) -> None:
+    """`batch_predict.batch_size=0` failed in Ray Data with a traceback, after Ray had started."""
+    from ecomray.config import compose
+    from ecomray.runtime import UserError
+    from jobs.batch_predict import run
+
+    key = setting.split("=")[0]
+    with pytest.raises(UserError, match=rf"batch_predict\.{key}=.*: must be"):
+        run(compose("batch_predict", [f"paths.root={tmp_path}", f"batch_predict.{setting}"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import polars as pl
@@ -262,6 +263,24 @@ def test_epoch_numbers_in_any_unit_are_the_same_instant(tmp_path: Path, fmt: str
     assert [t.isoformat() for t in df.sort("item_id")["ts"]] == [
         "2026-01-02T02:00:02+00:00", "2026-01-02T02:00:02.001000+00:00", "2026-01-02T02:00:02.000002+00:00",
         "2026-01-02T02:00:02.000003+00:00", "2026-01-02T02:00:02.500000+00:00"]
+
+
+@pytest.mark.parametrize("damage", ["cut early", "cut late", "not gzip", "two bytes"])
+def test_a_broken_gzip_file_is_one_error_naming_it(tmp_path: Path, damage: str) -> None:
+    """A truncated or mislabelled .gz gave Python's gzip traceback (OSError, EOFError), with no file named."""
+    import gzip
+    import random
+
+    rng = random.Random(0)
+    text = "user_id,item_id,event,ts\n" + "".join(f"u{k},i{rng.randint(0, 10**6)},view,2026-01-01\n" for k in range(50000))
+    packed = gzip.compress(text.encode())
+    body = {"cut early": packed[:2000], "cut late": packed[: len(packed) * 9 // 10], "not gzip": text.encode(),
+            "two bytes": packed[:2]}[damage]
+    src = tmp_path / "e.csv.gz"
+    src.write_bytes(body)
+    with pytest.raises(UserError, match=rf"{re.escape(str(src))}: a broken (or mislabelled )?gzip file \("):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    assert not list((tmp_path / "data").glob(".events.tmp-*"))
 
 
 def test_csv_variants_bom_crlf_delimiter_mapping(tmp_path: Path) -> None:

@@ -332,3 +332,15 @@ def test_gc_keeps_only_the_last_rollback_steps_of_each_alias(tmp_path: Path) -> 
 def test_an_alias_on_a_model_that_does_not_exist_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no model 'nope' in registry"):
         registry.set_alias(str(tmp_path), "nope", "prod", "v0001")
+
+
+def test_missing_model_and_unwritable_lock_folder_are_one_error(tmp_path: Path) -> None:
+    """`registry rollback <missing model>` and a job whose output folder's parent is missing raised
+    FileNotFoundError on the lock file: a traceback instead of a line naming the model or the folder."""
+    from ecomray.runtime import one_at_a_time
+
+    with pytest.raises(UserError, match=r"no model 'nope' in registry"):
+        registry.rollback(str(tmp_path / "registry"), "nope")
+    with pytest.raises(UserError, match=r"cannot lock .*/missing/\.out\.lock for the batch scoring: .*writable"):
+        with one_at_a_time(str(tmp_path / "missing" / ".out.lock"), "batch scoring"):
+            pass

@@ -84,6 +84,10 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
                 f"(slower), malformed records go to quarantine")
             return stage_source(i, src, redo, schema, shards, stage, ts_format)
         raise UserError(f"{src}: could not be read: {first}") from None
+    except (OSError, EOFError) as err:     # a .gz cut short past its first block, an I/O error
+        shutil.rmtree(out, ignore_errors=True)
+        what = "a broken gzip file" if src.lower().endswith(".gz") else "could not be read"
+        raise UserError(f"{src}: {what} ({err})") from None
     counts = _staged_counts(out, [i])[0]
     return {"source": src, "rows_in": sum(counts.values()), "buckets": counts}
 
@@ -162,7 +166,7 @@ def stage_group(group: list[int], srcs: list[tuple[str, pl.LazyFrame]], schema: 
         bucket = pl.when(pl.col("reason").is_null()).then(S.shard_of(schema, shards)).otherwise(QUARANTINE_BUCKET)
         checked.with_columns(bucket.cast(pl.Int32).alias("_bucket")).sink_parquet(
             pl.PartitionBy(out, key="_bucket", include_key=False), compression="lz4", statistics=False, mkdir=True)
-    except (pl.exceptions.PolarsError, UserError) as err:
+    except (pl.exceptions.PolarsError, UserError, OSError, EOFError) as err:   # which file: staged alone, it says
         shutil.rmtree(out, ignore_errors=True)
         why = (str(err).splitlines() or [type(err).__name__])[0][:200]
         if len(group) <= SPLIT_BELOW:

@@ -4,6 +4,7 @@ Spark's `partitionBy` writes them): their `key=value` names become columns of th
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
@@ -503,11 +504,23 @@ def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
     files = _files(dataset, paths)
     out = []
     for f, split in files:
-        if len(files) > 1 and is_empty(f):
-            # one empty file among many (an hour with no traffic): no rows, not an error; alone it is one
-            empty = pl.LazyFrame(schema={c: pl.Utf8 for c in (dataset.get("schema") or {}).get("columns", {})})
-            out.append((f, _with_split(empty, dataset, split)))
-            continue
-        lf = scan_file(f, file_format(f, fmt), csv, columns, partition_values(f), _needed(dataset))
+        with unreadable_as_user_error(f):
+            if len(files) > 1 and is_empty(f):
+                # one empty file among many (an hour with no traffic): no rows, not an error; alone it is one
+                empty = pl.LazyFrame(schema={c: pl.Utf8 for c in (dataset.get("schema") or {}).get("columns", {})})
+                out.append((f, _with_split(empty, dataset, split)))
+                continue
+            lf = scan_file(f, file_format(f, fmt), csv, columns, partition_values(f), _needed(dataset))
         out.append((f, _with_split(lf, dataset, split)))
     return out
+
+
+@contextlib.contextmanager
+def unreadable_as_user_error(path: str):
+    """A file the OS or its compression refuses (a truncated or mislabelled `.gz`, an unreadable device) is one
+    error line naming it, not a traceback."""
+    try:
+        yield
+    except (OSError, EOFError) as err:   # gzip.BadGzipFile is an OSError
+        what = "a broken or mislabelled gzip file" if path.lower().endswith(GZIP) else "could not be read"
+        raise UserError(f"{path}: {what} ({err})") from None
