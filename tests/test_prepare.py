@@ -283,6 +283,24 @@ def test_a_broken_gzip_file_is_one_error_naming_it(tmp_path: Path, damage: str) 
     assert not list((tmp_path / "data").glob(".events.tmp-*"))
 
 
+@pytest.mark.parametrize("encoding,expect", [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16 or another"),
+                                             ("utf-32", "UTF-32")])
+def test_a_utf16_or_utf32_file_says_so(tmp_path: Path, encoding: str, expect: str) -> None:
+    """Excel's "Unicode text" export (UTF-16) gave "required column(s) missing (found ['\\x00u\\x00s...'])"."""
+    src = tmp_path / "e.csv"
+    src.write_bytes("user_id,item_id,event,ts\nu1,i1,view,2026-01-01\n".encode(encoding))
+    with pytest.raises(UserError, match=rf"e\.csv: the text is {expect}.*not UTF-8; .*iconv"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    """Polars kept the first `user_id` and renamed the second `user_id_duplicated_0`, which nothing read: its
+    values vanished without a word."""
+    src = write(tmp_path / "e.csv", "user_id,item_id,event,ts,user_id\nu1,i1,view,2026-01-01,u9\n")
+    with pytest.raises(UserError, match=r"e\.csv: the header names 'user_id' twice \(columns 1 and 5\)"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+
+
 def test_csv_variants_bom_crlf_delimiter_mapping(tmp_path: Path) -> None:
     body = "\ufeffuid;sku;action;when\r\nu1;i1;view;2026-01-01\r\nu1;i2;cart;2026-01-02\r\n"
     src = write(tmp_path / "v.csv", body)

@@ -169,8 +169,11 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str],
     if is_empty(path):
         raise UserError(f"{path}: the file is empty")
     # a listed file is read as the file it is: a name with [, * or ? is not a pattern (glob=False)
+    if fmt in ("csv", "jsonl"):
+        _refuse_other_encodings(path)
     if fmt == "csv":
         lf = _scan_csv(path, csv)
+        _refuse_repeated_names(path, lf.collect_schema().names())
     elif fmt == "parquet":
         lf = pl.scan_parquet(path, glob=False)
     else:
@@ -232,6 +235,34 @@ def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str],
                for k, v in partitions.items()}
         lf = lf.with_columns(v.alias(k) for k, v in add.items() if k not in have and not _internal(k))
     return lf
+
+
+def _refuse_repeated_names(path: str, names: list[str]) -> None:
+    """A header that names a column twice: Polars keeps the first and calls the other `<name>_duplicated_0`, which
+    validation never reads, so the second column's values vanished without a word."""
+    for k, name in enumerate(names):
+        m = re.fullmatch(r"(.*)_duplicated_\d+", name)
+        if m and m.group(1) in names:
+            raise UserError(f"{path}: the header names {m.group(1)!r} twice (columns {names.index(m.group(1)) + 1} "
+                            f"and {k + 1}); rename or remove one of them in the file")
+
+
+# Byte-order marks of encodings other than UTF-8 (UTF-32 first: its little-endian mark starts with UTF-16's).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+               (b"\xfe\xff", "UTF-16"))
+
+
+def _refuse_other_encodings(path: str) -> None:
+    """A UTF-16 or UTF-32 text file (as Excel's "Unicode text" export writes) read as UTF-8 gave a header of
+    `\x00`-riddled names and a "required columns missing" error that never said why."""
+    with _open(path, "rb") as fh:
+        head = fh.read(4096)
+    found = next((enc for bom, enc in _OTHER_BOMS if head.startswith(bom)), None)
+    if found is None and b"\x00" in head.split(b"\n", 1)[0]:
+        found = "UTF-16 or another encoding with NUL bytes (or binary data)"
+    if found:
+        raise UserError(f"{path}: the text is {found}, not UTF-8; ecomray reads UTF-8 only: re-encode it (for "
+                        f"example `iconv -f UTF-16 -t UTF-8 in.csv > out.csv`)")
 
 
 def first_bad_utf8_line(path: str) -> int | None:
