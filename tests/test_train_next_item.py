@@ -486,3 +486,23 @@ def test_a_scaling_no_node_can_hold_is_an_error_before_training(monkeypatch: pyt
         check_placement({"scaling": gpu1})
     monkeypatch.setattr(driver, "ray_started_here", lambda: False)                # a cluster, or a Tune trial
     check_placement({"scaling": gpu1})                                             # a warning only
+
+
+def test_a_model_config_no_model_can_be_built_from_names_the_config() -> None:
+    """`model.dim=0` failed in every worker with Hydra's InstantiationException around the layer's own message
+    (`embed_dim and num_heads must be greater than 0`), naming neither the model nor the setting."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from ecomray.runtime import UserError
+    from ecomray.train.loop import built_model
+
+    cfg = {"model": {"_target_": "torch.nn.MultiheadAttention", "embed_dim": 0, "num_heads": 1}}
+    task = SimpleNamespace(build_model=lambda cfg, data: instantiate(cfg["model"]))
+    with pytest.raises(UserError, match=r"model torch.nn.MultiheadAttention cannot be built from this config "
+                                        r"\(model.embed_dim=0, model.num_heads=1\): ValueError: embed_dim and num_heads"):
+        built_model(task, cfg, None)
+    ok = {"model": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 1}}
+    assert isinstance(built_model(SimpleNamespace(build_model=lambda cfg, data: instantiate(cfg["model"])), ok, None),
+                      torch.nn.Linear)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from ecomray.runtime import Progress
+from ecomray.runtime import Progress, UserError
 from ecomray.tasks import load_task
 
 
@@ -35,6 +35,23 @@ def seed_everything(seed: int) -> None:
 
 def _better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
+
+
+def built_model(task: Any, cfg: dict, data: Any) -> torch.nn.Module:
+    """`task.build_model`, with a model config no model can be built from (`model.dim=0`) named as the config it is:
+    the layer's own error (`embed_dim and num_heads must be greater than 0`) names neither the setting nor the model."""
+    try:
+        return task.build_model(cfg, data)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any construction error is the config's
+        inner = err
+        while inner.__cause__ is not None or inner.__context__ is not None:   # Hydra wraps the constructor's error
+            inner = inner.__cause__ or inner.__context__
+        settings = ", ".join(f"model.{k}={v!r}" for k, v in (cfg.get("model") or {}).items()
+                             if not k.startswith("_") and isinstance(v, (int, float, str, bool)))
+        raise UserError(f"model {cfg.get('model', {}).get('_target_', '?')} cannot be built from this config "
+                        f"({settings}): {type(inner).__name__}: {inner}") from None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -176,7 +193,7 @@ def train_loop(cfg: dict) -> None:
         if rank == 0:
             print("[train] the dataset was prepared again as this run started: stopping before the first step", flush=True)
         return
-    model = task.build_model(cfg, data)
+    model = built_model(task, cfg, data)
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     optimizer = instantiate(cfg["optim"])(params=model.parameters())
     amp = bool(tcfg.get("bf16", False)) and device.type == "cuda"
