@@ -120,8 +120,7 @@ def set_alias(root: str, name: str, alias: str, version: str) -> None:
     if not os.path.isdir(_safe(root, name)):
         raise UserError(f"no model {name!r} in registry {root} (models: {models(root)})")
     _safe(root, name, version)
-    if not _NAME.match(alias) or alias in ("latest", "auto") or re.fullmatch(r"v\d{4,}", alias):
-        raise UserError(f"invalid alias {alias!r}: letters, digits, '_', '-', '.'; not 'latest' or a version id")
+    _check_alias(alias)
 
     def step(aliases: dict[str, str], history: list[dict]) -> tuple[str, str]:
         if version not in versions(root, name):  # under the lock: gc deletes under it too
@@ -131,11 +130,17 @@ def set_alias(root: str, name: str, alias: str, version: str) -> None:
     _update_alias(root, name, alias, step)
 
 
+def _check_alias(alias: str) -> None:
+    if not _NAME.match(alias) or alias in ("latest", "auto") or re.fullmatch(r"v\d{4,}", alias):
+        raise UserError(f"invalid alias {alias!r}: letters, digits, '_', '-', '.'; not 'latest' or a version id")
+
+
 def rollback(root: str, name: str, alias: str = "prod") -> tuple[str | None, str]:
     """Move `alias` back to the version it pointed to before its current one; returns (from, to).
 
     The alias's past is replayed from `aliases_history.jsonl` as a stack: a `set` pushes (unless it repeats the top), a
     `rollback` pops. So rolling back twice goes two versions back, not back and forth between the last two."""
+    _check_alias(alias)
     moved: dict[str, str | None] = {}
 
     def step(aliases: dict[str, str], history: list[dict]) -> tuple[str, str]:

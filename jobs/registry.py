@@ -148,23 +148,29 @@ def collect(root: str, only: str | None, keep: int, dry_run: bool, runs: str | N
 
 def main(argv: list[str] | None = None) -> dict | list | None:
     p = argparse.ArgumentParser(prog="python -m jobs.registry", description=__doc__.split("\n")[0])
-    p.add_argument("--registry", default=None,
-                   help="registry root (default: paths.registry, i.e. $ECOMRAY_HOME/registry or ./runs/registry)")
+    where = argparse.ArgumentParser(add_help=False)   # --registry before or after the command, as users type it
+    where.add_argument("--registry", default=argparse.SUPPRESS,
+                       help="registry root (default: paths.registry, i.e. $ECOMRAY_HOME/registry or ./runs/registry)")
+    p.add_argument("--registry", default=None, help="registry root (also accepted after the command)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    ls = sub.add_parser("list", help="models, versions, key metrics, aliases")
+
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[where], **kwargs)
+
+    ls = command("list", help="models, versions, key metrics, aliases")
     ls.add_argument("model", nargs="?")
-    pr = sub.add_parser("promote", help="point an alias (default prod) at a version")
+    pr = command("promote", help="point an alias (default prod) at a version")
     pr.add_argument("model")
     pr.add_argument("version", help="v0003, or an alias such as best")
     pr.add_argument("--alias", default="prod")
-    rb = sub.add_parser("rollback", help="move an alias (default prod) back to its previous version")
+    rb = command("rollback", help="move an alias (default prod) back to its previous version")
     rb.add_argument("model")
     rb.add_argument("--alias", default="prod")
-    hi = sub.add_parser("history", help="every alias move of a model")
+    hi = command("history", help="every alias move of a model")
     hi.add_argument("model")
-    mi = sub.add_parser("migrate", help="upgrade versions of an older registry format in place")
+    mi = command("migrate", help="upgrade versions of an older registry format in place")
     mi.add_argument("model", nargs="?")
-    gc = sub.add_parser("gc", help="delete old versions: keeps aliased, served and the newest --keep")
+    gc = command("gc", help="delete old versions: keeps aliased, served and the newest --keep")
     gc.add_argument("model", nargs="?")
     gc.add_argument("--keep", type=int, default=5, help="newest versions kept per model (default 5)")
     gc.add_argument("--keep-rollback", type=int, default=3,
@@ -194,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict | list | None:
         if args.keep < 0 or args.keep_rollback < 0:
             raise UserError(f"gc: --keep and --keep-rollback must be >= 0 (got {args.keep}, {args.keep_rollback})")
         return collect(root, args.model, args.keep, args.dry_run, args.runs, args.keep_rollback)
+    if not registry.versions(root, args.model):
+        raise UserError(f"no model {args.model!r} in registry {root}")
     moves = registry.alias_history(root, args.model)
     for h in moves:
         print(f"{h['ts']}  {h['action']:8s}  {h['alias']:8s}  {h.get('previous') or '-':>6} -> {h['version']}")

@@ -344,3 +344,17 @@ def test_missing_model_and_unwritable_lock_folder_are_one_error(tmp_path: Path) 
     with pytest.raises(UserError, match=r"cannot lock .*/missing/\.out\.lock for the batch scoring: .*writable"):
         with one_at_a_time(str(tmp_path / "missing" / ".out.lock"), "batch scoring"):
             pass
+
+
+def test_registry_cli_takes_registry_after_the_command_and_refuses_missing_models(tmp_path: Path, capsys) -> None:
+    """`list --registry DIR` read DIR as a model name; `history <missing>` printed nothing and exited 0;
+    `rollback --alias ../x` was not checked as an alias name."""
+    from jobs.registry import main
+
+    reg = str(tmp_path / "reg")
+    assert main(["list", "--registry", reg]) == main(["--registry", reg, "list"]) == []
+    assert f"(no models in {reg})" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"no model 'nope' in registry"):
+        main(["history", "nope", "--registry", reg])
+    with pytest.raises(UserError, match=r"invalid alias '\.\./x'"):
+        registry.rollback(reg, "nope", alias="../x")
