@@ -912,6 +912,10 @@ def test_a_damaged_shard_set_is_one_clear_error(tmp_path: Path) -> None:
     (Path(folder) / "manifest.json").write_text("{")
     with pytest.raises(UserError, match=r"manifest.json is damaged .*jobs.prepare dataset=events.* overwrite=true"):
         shards.scan(cfg)
+    with pytest.raises(UserError) as err:     # the command to run is this run's: its root and its input files
+        shards.require(cfg)
+    command = f"python -m jobs.prepare dataset=events paths.root={tmp_path} dataset.path={src} overwrite=true"
+    assert command in str(err.value)
 
 
 def test_console_script_runs_the_same_job(tmp_path: Path) -> None:
@@ -1020,3 +1024,13 @@ def test_sorted_equals_the_full_sort_on_any_rows(seed: int) -> None:
     full = ["u", *order_by, "_file", "_row"]
     assert _sorted(df, schema).equals(df.sort(full)), df
 
+
+
+def test_a_relative_dataset_path_is_found_from_the_working_folder_too(tmp_path: Path, monkeypatch) -> None:
+    """`dataset.path=events.csv`, typed next to the file, was looked for under paths.datasets only: "input not
+    found: ../shared/datasets/events.csv"."""
+    (tmp_path / "here").mkdir()
+    write(tmp_path / "here" / "mine.csv", "user_id,item_id,event,ts\nu1,i1,view,2026-01-01\n")
+    monkeypatch.chdir(tmp_path / "here")
+    m = prepare(cfg_for(tmp_path, "dataset=events", "dataset.path=mine.csv"))
+    assert m["rows_out"] == 1 and m["sources"][0]["path"] == str(tmp_path / "here" / "mine.csv")

@@ -31,7 +31,7 @@ import polars as pl
 
 import ecomray
 from ecomray.data import schema as S
-from ecomray.data.adapters import load_adapter
+from ecomray.data.adapters import dataset_path, load_adapter
 from ecomray.data.adapters.files import first_bad_utf8_line, format_extension
 from ecomray.data.shards import dataset_dir, has_manifest, load_manifest
 from ecomray.runtime import UserError, is_uri, one_at_a_time
@@ -553,6 +553,8 @@ def run(cfg: dict, if_missing: bool = False) -> dict:
 def _run_locked(cfg: dict, dataset: dict, paths: dict, opts: dict, schema: dict, shards: int, engine: str,
                 compression: str, final: str, local_root: str | None, t0: float) -> dict:
     ts_format = dataset.get("ts_format", "auto")
+    if dataset.get("path") not in (None, "???"):   # resolved here, once: Ray tasks may run from another folder
+        dataset = {**dataset, "path": dataset_path(dataset, paths)}
     local_root = local_root or tempfile.mkdtemp(prefix="ecomray-prepare-")
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=local_root)
     out, stage = os.path.join(work, "out"), os.path.join(work, "stage")

@@ -30,10 +30,16 @@ def dataset_dir(cfg: dict, name: str | None = None) -> str:
 
 def prepare_command(cfg: dict, name: str | None = None) -> str:
     """The exact command that prepares the dataset a job is missing."""
+    import shlex
+
+    own = name in (None, cfg["dataset"]["name"])
     name = name or cfg["dataset"]["name"]
     root = cfg["paths"].get("root")
-    where = f" paths.root={root}" if root and root != os.path.abspath("runs") else ""
-    return f"python -m jobs.prepare dataset={name}{where}"
+    where = f" paths.root={shlex.quote(str(root))}" if root and root != os.path.abspath("runs") else ""
+    path = cfg["dataset"].get("path") if own else None      # a user's files (dataset=events): where they are
+    choice = (cfg.get("choices") or {}).get("dataset") if own else None   # the config that names it otherwise
+    which = f"dataset={choice} dataset.name={name}" if choice and choice != name else f"dataset={name}"
+    return f"python -m jobs.prepare {which}{where}" + (f" dataset.path={shlex.quote(str(path))}" if path else "")
 
 
 def _read_text(path: str) -> str | None:
@@ -103,7 +109,7 @@ def require(cfg: dict, name: str | None = None) -> dict[str, Any]:
     is one error line with the exact `jobs.prepare` command."""
     folder = dataset_dir(cfg, name)
     if has_manifest(folder):
-        return load_manifest(folder)
+        return load_manifest(folder, hint=prepare_command(cfg, name))   # a damaged one: the command with this root
     dataset = cfg["dataset"]
     if (name in (None, dataset["name"])) and dataset.get("adapter") == "synthetic" and cfg.get("prepare"):
         from ecomray.data.prepare import run as prepare

@@ -40,7 +40,9 @@ def load_adapter(name: str) -> ModuleType:
 
 
 def dataset_path(dataset: dict, paths: dict) -> str:
-    """`dataset.path`, resolved against `paths.datasets` when relative."""
+    """`dataset.path`, resolved against `paths.datasets` when relative; a relative path found there is that one,
+    else one found from the working folder (`dataset.path=events.csv` typed next to the file) is."""
+    import glob
     import os
 
     path = dataset.get("path")
@@ -48,4 +50,7 @@ def dataset_path(dataset: dict, paths: dict) -> str:
         raise UserError(f"dataset {dataset.get('name')!r}: set dataset.path=<file, folder or glob>")
     if "://" in path or os.path.isabs(path):
         return path
-    return os.path.join(paths.get("datasets", "."), path)
+    under_datasets = os.path.join(paths.get("datasets", "."), path)
+    if not glob.glob(under_datasets) and glob.glob(path):
+        return os.path.abspath(path)
+    return under_datasets
