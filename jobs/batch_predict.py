@@ -158,8 +158,8 @@ def _score(plain: dict, bp: dict, loaded: Any, vcfg: dict, root: str, name: str,
     rows = sum(pq.ParquetFile(os.path.join(work, f)).metadata.num_rows
                for f in os.listdir(work) if f.endswith(".parquet"))
     if rows == 0:
-        raise UserError(f"{vcfg['dataset']['name']}: no rows to score in split {split!r} (batch_predict.split: "
-                        f"train, val, test or all)")
+        raise UserError(f"{vcfg['dataset']['name']}: no rows to score in split {split!r}; choose another "
+                        f"batch_predict.split")
     summary = {"model": name, "version": version, "task": vcfg["task"]["name"], "split": split, "rows": rows,
                "options": options, "seconds": round(time.time() - t0, 2), "dataset": vcfg["dataset"]["name"]}
     with open(os.path.join(work, MARKER), "w") as fh:      # last: a folder with the marker is complete

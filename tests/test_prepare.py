@@ -265,7 +265,7 @@ def test_epoch_numbers_in_any_unit_are_the_same_instant(tmp_path: Path, fmt: str
         "2026-01-02T02:00:02.000003+00:00", "2026-01-02T02:00:02.500000+00:00"]
 
 
-@pytest.mark.parametrize("damage", ["cut early", "cut late", "not gzip", "two bytes"])
+@pytest.mark.parametrize("damage", ["cut early", "cut late", "not gzip", "two bytes", "corrupted"])
 def test_a_broken_gzip_file_is_one_error_naming_it(tmp_path: Path, damage: str) -> None:
     """A truncated or mislabelled .gz gave Python's gzip traceback (OSError, EOFError), with no file named."""
     import gzip
@@ -274,8 +274,9 @@ def test_a_broken_gzip_file_is_one_error_naming_it(tmp_path: Path, damage: str) 
     rng = random.Random(0)
     text = "user_id,item_id,event,ts\n" + "".join(f"u{k},i{rng.randint(0, 10**6)},view,2026-01-01\n" for k in range(50000))
     packed = gzip.compress(text.encode())
+    flipped = packed[:20] + bytes(b ^ 0xFF for b in packed[20:60]) + packed[60:]     # zlib.error, not an OSError
     body = {"cut early": packed[:2000], "cut late": packed[: len(packed) * 9 // 10], "not gzip": text.encode(),
-            "two bytes": packed[:2]}[damage]
+            "two bytes": packed[:2], "corrupted": flipped}[damage]
     src = tmp_path / "e.csv.gz"
     src.write_bytes(body)
     with pytest.raises(UserError, match=rf"{re.escape(str(src))}: a broken (or mislabelled )?gzip file \("):
@@ -295,10 +296,15 @@ def test_a_utf16_or_utf32_file_says_so(tmp_path: Path, encoding: str, expect: st
 
 def test_a_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
     """Polars kept the first `user_id` and renamed the second `user_id_duplicated_0`, which nothing read: its
-    values vanished without a word."""
+    values vanished without a word. A column really named `..._duplicated_0` is not a repeat."""
     src = write(tmp_path / "e.csv", "user_id,item_id,event,ts,user_id\nu1,i1,view,2026-01-01,u9\n")
     with pytest.raises(UserError, match=r"e\.csv: the header names 'user_id' twice \(columns 1 and 5\)"):
         prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    src = write(tmp_path / "f.csv", "user_id,item_id,event,ts,ts,ts_duplicated_0\nu1,i1,view,2026-01-01,x,y\n")
+    with pytest.raises(UserError, match=r"f\.csv: the header names 'ts' twice \(columns 4 and 5\)"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    src = write(tmp_path / "g.csv", "user_id,item_id,event,ts,price_duplicated_0\nu1,i1,view,2026-01-01,3\n")
+    assert prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "overwrite=true"))["rows_out"] == 1
 
 
 def test_csv_variants_bom_crlf_delimiter_mapping(tmp_path: Path) -> None:
@@ -1034,3 +1040,12 @@ def test_a_relative_dataset_path_is_found_from_the_working_folder_too(tmp_path: 
     monkeypatch.chdir(tmp_path / "here")
     m = prepare(cfg_for(tmp_path, "dataset=events", "dataset.path=mine.csv"))
     assert m["rows_out"] == 1 and m["sources"][0]["path"] == str(tmp_path / "here" / "mine.csv")
+
+
+def test_the_prepare_hint_never_holds_an_unset_path() -> None:
+    """`dataset=events` with no dataset.path gave `... dataset.path='???'` as the command to run."""
+    from ecomray.config import compose as compose_job
+    from ecomray.data.shards import prepare_command
+
+    assert prepare_command(compose_job("train", ["dataset=events", "paths.root=/tmp/r"])) == \
+        "python -m jobs.prepare dataset=events paths.root=/tmp/r"

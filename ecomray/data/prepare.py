@@ -32,7 +32,7 @@ import polars as pl
 import ecomray
 from ecomray.data import schema as S
 from ecomray.data.adapters import dataset_path, load_adapter
-from ecomray.data.adapters.files import first_bad_utf8_line, format_extension
+from ecomray.data.adapters.files import READ_ERRORS, first_bad_utf8_line, format_extension, is_gzip_damage
 from ecomray.data.shards import dataset_dir, has_manifest, load_manifest
 from ecomray.runtime import UserError, is_uri, one_at_a_time
 
@@ -84,10 +84,11 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
                 f"(slower), malformed records go to quarantine")
             return stage_source(i, src, redo, schema, shards, stage, ts_format)
         raise UserError(f"{src}: could not be read: {first}") from None
-    except (OSError, EOFError) as err:     # a .gz cut short past its first block, an I/O error
-        shutil.rmtree(out, ignore_errors=True)
-        what = "a broken gzip file" if src.lower().endswith(".gz") else "could not be read"
-        raise UserError(f"{src}: {what} ({err})") from None
+    except READ_ERRORS as err:     # a .gz cut short or corrupted past its first block; anything else (a full
+        shutil.rmtree(out, ignore_errors=True)    # disk under the staging folder) is not the source's fault
+        if src.lower().endswith(".gz") and is_gzip_damage(err):
+            raise UserError(f"{src}: a broken gzip file ({err})") from None
+        raise
     counts = _staged_counts(out, [i])[0]
     return {"source": src, "rows_in": sum(counts.values()), "buckets": counts}
 
@@ -166,8 +167,10 @@ def stage_group(group: list[int], srcs: list[tuple[str, pl.LazyFrame]], schema: 
         bucket = pl.when(pl.col("reason").is_null()).then(S.shard_of(schema, shards)).otherwise(QUARANTINE_BUCKET)
         checked.with_columns(bucket.cast(pl.Int32).alias("_bucket")).sink_parquet(
             pl.PartitionBy(out, key="_bucket", include_key=False), compression="lz4", statistics=False, mkdir=True)
-    except (pl.exceptions.PolarsError, UserError, OSError, EOFError) as err:   # which file: staged alone, it says
-        shutil.rmtree(out, ignore_errors=True)
+    except (pl.exceptions.PolarsError, UserError, *READ_ERRORS) as err:
+        if isinstance(err, READ_ERRORS) and not is_gzip_damage(err):
+            raise                               # not a source's fault (a full disk): no file to blame
+        shutil.rmtree(out, ignore_errors=True)   # which file: staged alone, it says
         why = (str(err).splitlines() or [type(err).__name__])[0][:200]
         if len(group) <= SPLIT_BELOW:
             log(f"  {what} could not be validated as one ({why}): one by one instead")

@@ -35,8 +35,13 @@ def prepare_command(cfg: dict, name: str | None = None) -> str:
     own = name in (None, cfg["dataset"]["name"])
     name = name or cfg["dataset"]["name"]
     root = cfg["paths"].get("root")
-    where = f" paths.root={shlex.quote(str(root))}" if root and root != os.path.abspath("runs") else ""
+    try:
+        default = os.path.abspath("runs")
+    except FileNotFoundError:       # the working folder is gone (a Ray job's, cleaned up): no default to compare
+        default = None
+    where = f" paths.root={shlex.quote(str(root))}" if root and root != default else ""
     path = cfg["dataset"].get("path") if own else None      # a user's files (dataset=events): where they are
+    path = None if path == "???" else path
     choice = (cfg.get("choices") or {}).get("dataset") if own else None   # the config that names it otherwise
     which = f"dataset={choice} dataset.name={name}" if choice and choice != name else f"dataset={name}"
     return f"python -m jobs.prepare {which}{where}" + (f" dataset.path={shlex.quote(str(path))}" if path else "")
@@ -109,7 +114,10 @@ def require(cfg: dict, name: str | None = None) -> dict[str, Any]:
     is one error line with the exact `jobs.prepare` command."""
     folder = dataset_dir(cfg, name)
     if has_manifest(folder):
-        return load_manifest(folder, hint=prepare_command(cfg, name))   # a damaged one: the command with this root
+        try:
+            return load_manifest(folder)
+        except UserError:   # a damaged one: the same error with the command for this run (built only when needed)
+            return load_manifest(folder, hint=prepare_command(cfg, name))
     dataset = cfg["dataset"]
     if (name in (None, dataset["name"])) and dataset.get("adapter") == "synthetic" and cfg.get("prepare"):
         from ecomray.data.prepare import run as prepare

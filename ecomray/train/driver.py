@@ -126,9 +126,10 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     manifest = shards.require(cfg)   # so does a dataset never prepared (with the command to run)
     data_hash = manifest.get("hash")
     split_rows = (manifest.get("split") or {}).get("rows") or {}
-    if manifest.get("rows_out") == 0 or (split_rows and not split_rows.get("train")):   # nothing to train on
+    extra = (cfg.get("task") or {}).get("extra_train")     # tasks that add other datasets' rows to the train split
+    if not extra and (manifest.get("rows_out") == 0 or (split_rows and not split_rows.get("train"))):
         raise UserError(f"{shards.dataset_dir(cfg)} has no training rows (rows out {manifest.get('rows_out')}, "
-                        f"split {split_rows}): nothing to train on")
+                        f"split {split_rows}; a given split's values must be train, val or test): nothing to train on")
     check_writable(cfg["paths"]["runs"], "paths.runs")    # and folders it would write to only at the end
     if register and evaluate:
         check_writable(cfg["paths"]["registry"], "paths.registry")

@@ -40,14 +40,14 @@ def _better(value: float, best: float | None, mode: str) -> bool:
 def built_model(task: Any, cfg: dict, data: Any) -> torch.nn.Module:
     """`task.build_model`, with a model config no model can be built from (`model.dim=0`) named as the config it is:
     the layer's own error (`embed_dim and num_heads must be greater than 0`) names neither the setting nor the model."""
+    from hydra.errors import InstantiationException
+
     try:
         return task.build_model(cfg, data)
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any construction error is the config's
+    except (InstantiationException, ValueError, AssertionError) as err:   # a bug in task code keeps its traceback
         inner = err
-        while inner.__cause__ is not None or inner.__context__ is not None:   # Hydra wraps the constructor's error
-            inner = inner.__cause__ or inner.__context__
+        while inner.__cause__ is not None or (inner.__context__ is not None and not inner.__suppress_context__):
+            inner = inner.__cause__ or inner.__context__    # Hydra wraps the constructor's own error
         settings = ", ".join(f"model.{k}={v!r}" for k, v in (cfg.get("model") or {}).items()
                              if not k.startswith("_") and isinstance(v, (int, float, str, bool)))
         raise UserError(f"model {cfg.get('model', {}).get('_target_', '?')} cannot be built from this config "

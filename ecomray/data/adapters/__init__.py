@@ -51,6 +51,6 @@ def dataset_path(dataset: dict, paths: dict) -> str:
     if "://" in path or os.path.isabs(path):
         return path
     under_datasets = os.path.join(paths.get("datasets", "."), path)
-    if not glob.glob(under_datasets) and glob.glob(path):
+    if not glob.glob(under_datasets, recursive=True) and glob.glob(path, recursive=True):
         return os.path.abspath(path)
     return under_datasets

@@ -5,12 +5,15 @@ Spark's `partitionBy` writes them): their `key=value` names become columns of th
 from __future__ import annotations
 
 import contextlib
+import csv as csvlib
 import glob
+import gzip
 import itertools
 import json
 import os
 import re
 from typing import Any
+import zlib
 from urllib.parse import unquote
 
 import polars as pl
@@ -172,8 +175,8 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str],
     if fmt in ("csv", "jsonl"):
         _refuse_other_encodings(path)
     if fmt == "csv":
+        _refuse_repeated_names(path, csv)
         lf = _scan_csv(path, csv)
-        _refuse_repeated_names(path, lf.collect_schema().names())
     elif fmt == "parquet":
         lf = pl.scan_parquet(path, glob=False)
     else:
@@ -237,14 +240,22 @@ def _canonical_names(lf: pl.LazyFrame, columns: dict[str, str],
     return lf
 
 
-def _refuse_repeated_names(path: str, names: list[str]) -> None:
+def _refuse_repeated_names(path: str, csv: dict[str, Any]) -> None:
     """A header that names a column twice: Polars keeps the first and calls the other `<name>_duplicated_0`, which
-    validation never reads, so the second column's values vanished without a word."""
+    validation never reads, so the second column's values vanished without a word. Read from the file's own first
+    record (a column really named `price_duplicated_0` is not a repeat)."""
+    if not csv.get("has_header", True) or csv.get("new_columns"):
+        return
+    try:
+        with _open(path, "r", encoding="utf-8-sig", newline="") as fh:
+            header = next(csvlib.reader(fh, delimiter=csv.get("separator", ","), quotechar=csv.get("quote_char", '"')), [])
+    except (UnicodeDecodeError, csvlib.Error):
+        return                                   # the reader and its own checks say what is wrong with it
+    names = [n.strip() for n in header]
     for k, name in enumerate(names):
-        m = re.fullmatch(r"(.*)_duplicated_\d+", name)
-        if m and m.group(1) in names:
-            raise UserError(f"{path}: the header names {m.group(1)!r} twice (columns {names.index(m.group(1)) + 1} "
-                            f"and {k + 1}); rename or remove one of them in the file")
+        if name and names.index(name) < k:
+            raise UserError(f"{path}: the header names {name!r} twice (columns {names.index(name) + 1} and {k + 1}); "
+                            f"rename or remove one of them in the file")
 
 
 # Byte-order marks of encodings other than UTF-8 (UTF-32 first: its little-endian mark starts with UTF-16's).
@@ -546,12 +557,22 @@ def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
     return out
 
 
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def is_gzip_damage(err: BaseException) -> bool:
+    """A gzip stream that is cut short, corrupted or not gzip at all (Python's gzip, or its zlib, or Polars'
+    decompressor: "unexpected end of file")."""
+    return isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)) or (
+        isinstance(err, OSError) and "end of file" in str(err))
+
+
 @contextlib.contextmanager
 def unreadable_as_user_error(path: str):
-    """A file the OS or its compression refuses (a truncated or mislabelled `.gz`, an unreadable device) is one
-    error line naming it, not a traceback."""
+    """A file the OS or its compression refuses while it is listed and its header read (a truncated, corrupted or
+    mislabelled `.gz`, a file without read permission) is one error line naming it, not a traceback."""
     try:
         yield
-    except (OSError, EOFError) as err:   # gzip.BadGzipFile is an OSError
-        what = "a broken or mislabelled gzip file" if path.lower().endswith(GZIP) else "could not be read"
-        raise UserError(f"{path}: {what} ({err})") from None
+    except READ_ERRORS as err:
+        gz = path.lower().endswith(GZIP) and is_gzip_damage(err)
+        raise UserError(f"{path}: {'a broken or mislabelled gzip file' if gz else 'could not be read'} ({err})") from None
