@@ -67,7 +67,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, no_local_ray: None) -> Any
         _wait_listening(env["RAY_ADDRESS"] + "/api/version")
         yield {"env": env, "tmp": tmp, "gcs": f"127.0.0.1:{gcs}", "dashboard": env["RAY_ADDRESS"]}
     finally:
-        _stop_cluster(ray_tmp)
+        _stop_cluster(ray_tmp, client_port=client)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -85,17 +85,25 @@ def _free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def _stop_cluster(tmp: Path) -> None:
-    """Stop this cluster's processes only (every one of them names its temp folder on its command line). `ray stop`
-    would kill every Ray process on the machine, the local Ray of this very test session included."""
+def _stop_cluster(tmp: Path, client_port: int | None = None) -> None:
+    """Stop this cluster's processes only: those that name its temp folder on their command line, the Ray client
+    server on its port, and their children. `ray stop` would kill every Ray process on the machine, the local Ray of
+    this very test session included."""
     import psutil
 
     mine = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if p.pid != os.getpid() and any(str(tmp) in a for a in (p.info["cmdline"] or [])):
+            args = p.info["cmdline"] or []
+            client = client_port is not None and "ray.util.client.server" in args and f"--port={client_port}" in args
+            if p.pid != os.getpid() and (client or any(str(tmp) in a for a in args)):
                 mine.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in list(mine):   # and their children: Ray's agents retitle themselves (`ray::DashboardAgent`), so their
+        try:               # command line no longer names the folder, and they outlived the test at 30% of a core
+            mine += [c for c in p.children(recursive=True) if c not in mine]
+        except psutil.NoSuchProcess:
             continue
     for p in mine:
         try:
