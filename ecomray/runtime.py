@@ -165,6 +165,16 @@ def alive_nodes() -> list[dict[str, float]]:
     return [node.get("Resources") or {} for node in ray.nodes() if node.get("Alive")]
 
 
+def check_number(path: str, value: Any, ok: Callable[[float], bool], rule: str, integer: bool = False) -> None:
+    """A setting that must be a finite number (an integer with `integer`) for which `ok` holds; else one error
+    naming the setting and the `rule`, before any work starts."""
+    import math
+
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value)
+    if not valid or (integer and int(value) != value):
+        raise UserError(f"{path}={value!r}: must be {'an integer ' if integer else 'a number '}{rule}")
+
+
 @contextlib.contextmanager
 def one_at_a_time(lock_path: str, what: str, log: Callable[[str], None] = print) -> Iterator[None]:
     """An exclusive lock on `lock_path` for a whole run of `what` (a prepare of one dataset, a batch scoring into

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from ecomray import registry
 from ecomray.inference import load_model
-from ecomray.runtime import UserError, output_folder, to_plain, user_errors
+from ecomray.runtime import UserError, check_number, output_folder, to_plain, user_errors
 from ecomray.tasks import BATCH, supports
 
 MARKER = "predictions.json"
@@ -89,16 +89,9 @@ def _try_first_rows(loaded: Any, inputs: Any, options: dict, given: dict, n: int
 def _check_numbers(bp: dict) -> None:
     """Settings no run can start from fail here, before Ray starts (Ray Data said `Batch size can't be negative or 0`
     with a traceback, seconds in)."""
-    def integer(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for key, default, ok, want in (("batch_size", 512, lambda v: integer(v) and v >= 1, "an integer >= 1"),
-                                   ("actors", 1, lambda v: integer(v) and v >= 1, "an integer >= 1"),
-                                   ("num_cpus_per_actor", 1, lambda v: isinstance(v, (int, float))
-                                    and not isinstance(v, bool) and 0 < v < float("inf"), "a number > 0")):
-        value = bp.get(key, default)
-        if not ok(value):
-            raise UserError(f"batch_predict.{key}={value!r}: must be {want}")
+    check_number("batch_predict.batch_size", bp.get("batch_size", 512), lambda v: v >= 1, ">= 1", integer=True)
+    check_number("batch_predict.actors", bp.get("actors", 1), lambda v: v >= 1, ">= 1", integer=True)
+    check_number("batch_predict.num_cpus_per_actor", bp.get("num_cpus_per_actor", 1), lambda v: v > 0, "> 0")
 
 
 def run(cfg: DictConfig | dict) -> dict[str, Any]:

@@ -32,7 +32,8 @@ import polars as pl
 import ecomray
 from ecomray.data import schema as S
 from ecomray.data.adapters import dataset_path, load_adapter
-from ecomray.data.adapters.files import READ_ERRORS, first_bad_utf8_line, format_extension, is_gzip_damage
+from ecomray.data.adapters.files import (READ_ERRORS, first_bad_utf8_line, format_extension, gzip_damage,
+                                         is_gzip_damage)
 from ecomray.data.shards import dataset_dir, has_manifest, load_manifest
 from ecomray.runtime import UserError, is_uri, one_at_a_time
 
@@ -86,8 +87,9 @@ def stage_source(i: int, src: str, lf: pl.LazyFrame, schema: dict, shards: int, 
         raise UserError(f"{src}: could not be read: {first}") from None
     except READ_ERRORS as err:     # a .gz cut short or corrupted past its first block; anything else (a full
         shutil.rmtree(out, ignore_errors=True)    # disk under the staging folder) is not the source's fault
-        if src.lower().endswith(".gz") and is_gzip_damage(err):
-            raise UserError(f"{src}: a broken gzip file ({err})") from None
+        damage = gzip_damage(src, err)
+        if damage:
+            raise damage from None
         raise
     counts = _staged_counts(out, [i])[0]
     return {"source": src, "rows_in": sum(counts.values()), "buckets": counts}

@@ -14,7 +14,8 @@ import torch
 
 from ecomray import registry
 from ecomray.data import shards
-from ecomray.runtime import UserError, alive_nodes, bundles_that_fit, check_writable, ray_started_here
+from ecomray.runtime import (UserError, alive_nodes, bundles_that_fit, check_number, check_writable,
+                             ray_started_here)
 from ecomray.tasks import key_metrics, load_task
 from ecomray.train.loop import DATA_HASH, data_changed, release_kept_checkpoint, train_loop
 
@@ -89,26 +90,19 @@ def check_placement(cfg: dict) -> None:
 def check_train_config(cfg: dict) -> None:
     """The numbers a run cannot start from, named before Ray starts (they used to fail deep inside a worker: a
     ZeroDivisionError for batch_size=0, torch's 'Invalid learning rate' for a negative lr)."""
-    import math
-
-    def number(path: str, value: Any, ok: Callable[[float], bool], rule: str, integer: bool = False) -> None:
-        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value)
-        if not valid or (integer and int(value) != value):
-            raise UserError(f"{path}={value!r}: must be {'an integer ' if integer else 'a number '}{rule}")
-
     t, optim, sc = cfg.get("train") or {}, cfg.get("optim") or {}, cfg.get("scaling") or {}
-    number("train.epochs", t.get("epochs"), lambda v: v >= 1, ">= 1", integer=True)
-    number("train.batch_size", t.get("batch_size"), lambda v: v >= 1, ">= 1", integer=True)
+    check_number("train.epochs", t.get("epochs"), lambda v: v >= 1, ">= 1", integer=True)
+    check_number("train.batch_size", t.get("batch_size"), lambda v: v >= 1, ">= 1", integer=True)
     if t.get("patience") is not None:
-        number("train.patience", t["patience"], lambda v: v >= 1, ">= 1", integer=True)
+        check_number("train.patience", t["patience"], lambda v: v >= 1, ">= 1", integer=True)
     if t.get("time_budget_s") is not None:
-        number("train.time_budget_s", t["time_budget_s"], lambda v: v > 0, "> 0 (or null: no limit)")
+        check_number("train.time_budget_s", t["time_budget_s"], lambda v: v > 0, "> 0 (or null: no limit)")
     if "lr" in optim:
-        number("optim.lr", optim["lr"], lambda v: v > 0, "> 0")
+        check_number("optim.lr", optim["lr"], lambda v: v > 0, "> 0")
     if optim.get("weight_decay") is not None:
-        number("optim.weight_decay", optim["weight_decay"], lambda v: v >= 0, ">= 0")
-    number("scaling.num_workers", sc.get("num_workers", 1), lambda v: v >= 0, ">= 0 (0: in the driver process)",
-           integer=True)
+        check_number("optim.weight_decay", optim["weight_decay"], lambda v: v >= 0, ">= 0")
+    check_number("scaling.num_workers", sc.get("num_workers", 1), lambda v: v >= 0,
+                 ">= 0 (0: in the driver process)", integer=True)
 
 
 def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluate: bool = True,

@@ -567,6 +567,13 @@ def is_gzip_damage(err: BaseException) -> bool:
         isinstance(err, OSError) and "end of file" in str(err))
 
 
+def gzip_damage(path: str, err: BaseException) -> UserError | None:
+    """The error line for a `.gz` source whose stream `err` shows damaged; None when it is not that."""
+    if path.lower().endswith(GZIP) and is_gzip_damage(err):
+        return UserError(f"{path}: a broken or mislabelled gzip file ({err})")
+    return None
+
+
 @contextlib.contextmanager
 def unreadable_as_user_error(path: str):
     """A file the OS or its compression refuses while it is listed and its header read (a truncated, corrupted or
@@ -574,5 +581,4 @@ def unreadable_as_user_error(path: str):
     try:
         yield
     except READ_ERRORS as err:
-        gz = path.lower().endswith(GZIP) and is_gzip_damage(err)
-        raise UserError(f"{path}: {'a broken or mislabelled gzip file' if gz else 'could not be read'} ({err})") from None
+        raise gzip_damage(path, err) or UserError(f"{path}: could not be read ({err})") from None
