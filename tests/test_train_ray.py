@@ -61,3 +61,31 @@ def test_a_workers_user_error_is_the_runs_error(tmp_path: Path, ray_session) -> 
 
     with pytest.raises(UserError, match=r"^task.vocab: 12 is not a vocabulary file$"):
         fit(cfg, register=False, train_fn=refuses)
+
+
+def test_a_monitor_no_epoch_reports_is_named_once_per_run(tmp_path: Path, ray_session) -> None:
+    """`train.monitor` with a typo ends the run at its first epoch with the metrics it could have named (it used to
+    be a KeyError), and Ray Train's retry (`train.max_failures`) stops at once on the error its first attempt left,
+    instead of reading the data and training the epoch again."""
+    import os
+
+    from ecomray.runtime import UserError
+    from ecomray.train.loop import train_loop, user_error_marker
+    from tests.test_train_next_item import FUNNEL, write_fake_events_shards
+
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=cpu1", "model.max_len=6", "model.dim=8",
+                      "train.epochs=1", "train.max_failures=1", "train.monitor=val/ndcg@100")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    cfg = {**cfg, "run_name": "typo"}
+    attempts = tmp_path / "attempts.txt"
+
+    def counted(config: dict) -> None:   # whether each attempt found the error its predecessor left
+        with open(attempts, "a") as fh:
+            fh.write(f"{os.path.exists(user_error_marker(config))}\n")
+        train_loop(config)
+
+    with pytest.raises(UserError, match=r"^train.monitor='val/ndcg@100' is not a metric this run reports; it reports "
+                                        r".*val/ndcg@10, .*: set train.monitor to one of them$"):
+        fit(cfg, register=False, train_fn=counted)
+    assert attempts.read_text().split() == ["False", "True"]
+    assert not os.path.exists(user_error_marker(cfg))     # the run's error file goes with the run

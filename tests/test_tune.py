@@ -143,6 +143,19 @@ def test_exported_experiment_composes_to_the_winning_config(tiny_sweep) -> None:
     assert retrained["metrics"]["val/ndcg@10"] == pytest.approx(out["value"], rel=0.02)
 
 
+def test_a_sweep_metric_no_trial_reports_is_the_sweeps_one_line_error(tiny_sweep) -> None:
+    """`sweep.metric` with a typo: every trial stops at its first epoch naming the metrics it reports (not Tune's
+    advice to turn its metric check off, in a traceback), and the sweep's error is that line."""
+    from jobs.tune import run
+
+    cfg, _ = tiny_sweep
+    typo = {**cfg, "sweep": {**cfg["sweep"], "name": "typo", "metric": "val/ndcg@100", "scheduler": {"name": "none"},
+                             "space": {"optim.lr": {"grid": [0.003]}}, "fixed": {"train.epochs": 1}}}
+    with pytest.raises(UserError, match=r"^sweep typo: every trial failed; trial error: sweep.metric='val/ndcg@100' "
+                                        r"is not a metric this run reports; it reports .*val/ndcg@10, "):
+        run(typo)
+
+
 def test_the_copy_sweep_selects_on_validation_bleu(tmp_path: Path, ray_session) -> None:
     """sweep=copy (Optuna + ASHA on val/bleu4) at the scale of the tests: the copy family's trials run, report
     BLEU-4, and the winner registered is the trial with the best validation BLEU-4."""

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from ecomray.data import shards
 from ecomray.runtime import (UserError, alive_nodes, bundles_that_fit, check_number, check_writable,
                              ray_started_here)
 from ecomray.tasks import key_metrics, load_task
-from ecomray.train.loop import DATA_HASH, data_changed, release_kept_checkpoint, train_loop
+from ecomray.train.loop import DATA_HASH, data_changed, release_kept_checkpoint, train_loop, user_error_marker
 
 
 def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict], None] | None = None):
@@ -133,6 +134,8 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
         check_placement(cfg)
     t0 = time.time()
     in_process = int(cfg["scaling"].get("num_workers", 1)) == 0
+    marker = user_error_marker(cfg)   # a resumed run (a Tune trial) starts without its last attempt's error
+    _remove(marker)
     try:
         try:   # the workers check that the data they read is the data checked here (`loop.DATA_HASH`)
             result = trainer({**cfg, DATA_HASH: data_hash}, callbacks, train_fn).fit()
@@ -150,8 +153,15 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
         return evaluate_checkpoint(cfg, result.checkpoint, register=register, train_seconds=time.time() - t0,
                                    data_hash=data_hash)
     finally:
+        _remove(marker)
         if in_process:     # its checkpoints are temporary folders, not copies in the run folder
             release_kept_checkpoint()
+
+
+def _remove(path: str | None) -> None:
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def _worker_user_error(err: BaseException) -> UserError | None:

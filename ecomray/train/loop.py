@@ -9,6 +9,7 @@ the same metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from ecomray.runtime import Progress, UserError
+from ecomray.runtime import Progress, UserError, is_uri
 from ecomray.tasks import load_task
 
 
@@ -166,7 +167,45 @@ def data_changed(cfg: dict, world: int = 1, device: Any = None) -> str | None:
     return str(now) if changed else None
 
 
+REPORT_METRIC = "_report_metric"   # a metric the caller reads from every report (a sweep's `sweep.metric`)
+
+
+def user_error_marker(cfg: dict) -> str | None:
+    """Where a worker leaves the UserError that ended its attempt (`<paths.runs>/<run_name>.user_error`).
+
+    Ray Train retries every worker error (`train.max_failures`): a retried config error would read the data and
+    train an epoch again only to fail the same way. The next attempt finds this file and stops at once with the
+    same message. `fit` removes it before and after a run. None on object-store run folders (they retry in full)."""
+    runs = cfg["paths"]["runs"]
+    return None if is_uri(runs) else os.path.join(runs, cfg["run_name"] + ".user_error")
+
+
 def train_loop(cfg: dict) -> None:
+    """The loop (`_train_loop`), with a config or data error (UserError) raised once per run, not per attempt."""
+    marker = user_error_marker(cfg)
+    if marker and os.path.exists(marker):
+        with open(marker, encoding="utf-8") as fh:
+            raise UserError(fh.read())
+    try:
+        _train_loop(cfg)
+    except UserError as err:
+        if marker:
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.dirname(marker), exist_ok=True)
+                with open(marker, "w", encoding="utf-8") as fh:
+                    fh.write(str(err))
+        raise
+
+
+def check_reported(metrics: dict, name: str | None, setting: str) -> None:
+    """`name` (the setting `setting` chose: train.monitor, sweep.metric) must be one of the epoch's metrics. A typo
+    used to end the first epoch with a KeyError (train) or with Tune's advice to turn its metric check off (tune)."""
+    if name and name not in metrics:
+        raise UserError(f"{setting}={name!r} is not a metric this run reports; it reports "
+                        f"{', '.join(sorted(metrics))}: set {setting} to one of them")
+
+
+def _train_loop(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
@@ -273,6 +312,7 @@ def train_loop(cfg: dict) -> None:
         metrics = {f"val/{k}": v for k, v in task.evaluate(scored, data, "val").items()}
         metrics.update({"epoch": epoch, "train/loss": loss_sum / max(n_batches, 1),
                         "samples_per_s": seen * world / max(train_s, 1e-9), "elapsed_s": time.time() - t0})
+        check_reported(metrics, monitor, "train.monitor")
         improved = _better(metrics[monitor], best, mode)
         if improved:
             best, bad_epochs = metrics[monitor], 0
@@ -284,6 +324,7 @@ def train_loop(cfg: dict) -> None:
         out_of_time = bool(budget) and _any_worker(time.time() - t0 >= float(budget), world)
         stop = stop or out_of_time
         metrics.update({"best/" + monitor: best, "stopped_early": float(stop)})
+        check_reported(metrics, cfg.get(REPORT_METRIC), "sweep.metric")
         history.append({k: v for k, v in metrics.items()})
         if tracker is not None:
             tracker.log(metrics, epoch)

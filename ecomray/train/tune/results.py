@@ -108,7 +108,7 @@ def write_results(rows: list[dict], curves: dict, spec: dict, sweep_dir: str) ->
     ax.set_ylabel(spec["metric"])
     ax.set_title(f"sweep {spec['name']}: validation curves (dashed: stopped early)")
     ax.grid(alpha=0.3)
-    if len(rows) <= 20:   # below the axes, one trial a line: the figure grows to hold it (bbox_inches="tight")
+    if 0 < len(ax.lines) <= 20:   # below the axes, one trial a line: the figure grows to hold it (bbox_inches="tight")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=1, frameon=False)
     fig.savefig(os.path.join(sweep_dir, "curves.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)

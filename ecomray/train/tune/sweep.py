@@ -83,8 +83,9 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
     print(f"[tune] sweep {spec['name']}: one trial needs {per_trial} (its driver {reserve}); cluster "
           f"{ {k: cluster.get(k, 0.0) for k in ('CPU', 'GPU')} } -> {concurrent} trial(s) at a time", flush=True)
 
-    trainable = tune.with_resources(tune.with_parameters(trial, base_cfg=base, sweep_dir=sweep_dir),
-                                    {k: v for k, v in reserve.items() if v})
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, base_cfg=base, sweep_dir=sweep_dir, metric=spec["metric"]),
+        {k: v for k, v in reserve.items() if v})
     sched = spec["scheduler"]
     scheduler = None
     if sched.get("name") == "asha":
@@ -128,13 +129,15 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
     wall = time.time() - t0
     rows, curves = trial_table(grid, spec, base)
     if not rows:
-        raise UserError(f"sweep {spec['name']}: no trial reported a metric (see the errors above)")
+        raise _trial_user_error(grid, spec["name"]) or UserError(f"sweep {spec['name']}: no trial reported a "
+                                                                 f"metric (see the errors above)")
     write_results(rows, curves, spec, sweep_dir)
     with open(os.path.join(sweep_dir, "curves.json"), "w") as fh:   # [(epoch, value, unix time)] per trial
         json.dump(curves, fh)
     scored = [r for r in rows if r["best_value"] is not None]
     if not scored:
-        raise UserError(f"sweep {spec['name']}: every trial failed before its first epoch ended")
+        raise _trial_user_error(grid, spec["name"]) or UserError(f"sweep {spec['name']}: every trial failed "
+                                                                 f"before its first epoch ended")
     sign = 1 if spec["mode"] == "max" else -1
     best = max(scored, key=lambda r: sign * r["best_value"])
     print(f"[tune] best trial {best['trial_id']}: {spec['metric']} {best['best_value']:.4f} with "
@@ -190,3 +193,18 @@ def _read_json(path: str) -> dict:
     except ValueError as err:
         raise UserError(f"{path} is damaged ({err}): restore it, or pass tune.resume=false to start the sweep "
                         f"over (the old folder is moved aside)") from None
+
+
+def _trial_user_error(grid: Any, name: str) -> UserError | None:
+    """The first config or data error (UserError) a trial ended with, as the sweep's own one-line error: every trial
+    of a sweep with a wrong `sweep.metric` (or a model config no model can be built from) fails the same way."""
+    for err in getattr(grid, "errors", None) or []:
+        cause = err
+        for _ in range(8):   # Ray's wrappers (a RayTaskError is also an instance of the error it wraps: `cause`)
+            inner = getattr(cause, "cause", None) or cause.__cause__
+            if inner is None:
+                break
+            cause = inner
+        if isinstance(cause, UserError):
+            return UserError(f"sweep {name}: every trial failed; trial error: {cause}")
+    return None

@@ -5,19 +5,22 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ecomray.train.loop import REPORT_METRIC
 from ecomray.train.tune.resources import pg_file
 from ecomray.train.tune.spec import apply_overrides
 
 
-def trial_cfg(base: dict, values: dict[str, Any], trial_id: str, sweep_dir: str) -> dict:
+def trial_cfg(base: dict, values: dict[str, Any], trial_id: str, sweep_dir: str, metric: str | None = None) -> dict:
     cfg = apply_overrides(base, values)
     cfg["paths"] = {**cfg["paths"], "runs": os.path.join(sweep_dir, "trials")}
     cfg["run_name"] = trial_id
     cfg["_tune_trial"] = True       # Tune writes the trial's TensorBoard files itself
+    if metric:
+        cfg[REPORT_METRIC] = metric  # the loop checks that its reports carry it (`sweep.metric`)
     return cfg
 
 
-def trial(config: dict, base_cfg: dict, sweep_dir: str) -> None:
+def trial(config: dict, base_cfg: dict, sweep_dir: str, metric: str | None = None) -> None:
     """Tune's trainable: the training driver with this trial's values, metrics forwarded to Tune every epoch."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -27,7 +30,7 @@ def trial(config: dict, base_cfg: dict, sweep_dir: str) -> None:
 
     quiet_termination()         # a stopped trial ends without a traceback on the console
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_cfg(base_cfg, config, trial_id, sweep_dir)
+    cfg = trial_cfg(base_cfg, config, trial_id, sweep_dir, metric)
     # Ray is already up in a trial (fit's init_ray is a no-op); the Train run is named by the trial, so a resumed
     # trial resumes its Train run from its last checkpoint.
     fit({**cfg, "_pg_file": pg_file(sweep_dir, trial_id)}, callbacks=[TuneReportCallback()], register=False,
