@@ -41,15 +41,22 @@ def _key_metrics(metrics: dict[str, Any], keys: list[str]) -> str:
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in shown if isinstance(metrics[k], (int, float)))
 
 
+def _require(root: str, name: str) -> list[str]:
+    """The versions of model `name`; a model with none (a typo, another registry) is an error naming the models
+    there, not an empty result (`gc` and `migrate` of a missing model used to exit 0)."""
+    have = registry.versions(root, name)
+    if not have:
+        raise UserError(f"no model {name!r} in registry {root} (models: {registry.models(root)})")
+    return have
+
+
 def list_models(root: str, only: str | None = None) -> list[dict[str, Any]]:
     """One row per version: {"model", "version", "aliases", "metrics", "dataset", "research_only", "sweep"}."""
     import json
 
     rows = []
     for name in [only] if only else registry.models(root):
-        have = registry.versions(root, name)
-        if not have:
-            raise UserError(f"no model {name!r} in registry {root} (models: {registry.models(root)})")
+        have = _require(root, name)
         by_version: dict[str, list[str]] = {}
         for alias, v in registry.aliases(root, name).items():
             by_version.setdefault(v, []).append(alias)
@@ -101,6 +108,8 @@ def migrate(root: str, only: str | None = None) -> list[str]:
     from ecomray.tasks import key_metrics, load_task
 
     done = []
+    if only:
+        _require(root, only)
     for name in [only] if only else registry.models(root):
         for v in registry.versions(root, name):
             if registry.read_info(root, name, v).get("format", 1) == registry.FORMAT:
@@ -129,6 +138,8 @@ def collect(root: str, only: str | None, keep: int, dry_run: bool, runs: str | N
     import shutil
 
     out: dict[str, Any] = {}
+    if only and not os.path.isdir(registry._safe(root, only)):   # (a folder of half-written versions is collected)
+        _require(root, only)
     for name in [only] if only else registry.models(root, with_leftovers=True):
         res = registry.gc(root, name, keep, dry_run, keep_rollback)
         out[name] = res
@@ -200,8 +211,7 @@ def main(argv: list[str] | None = None) -> dict | list | None:
         if args.keep < 0 or args.keep_rollback < 0:
             raise UserError(f"gc: --keep and --keep-rollback must be >= 0 (got {args.keep}, {args.keep_rollback})")
         return collect(root, args.model, args.keep, args.dry_run, args.runs, args.keep_rollback)
-    if not registry.versions(root, args.model):
-        raise UserError(f"no model {args.model!r} in registry {root}")
+    _require(root, args.model)
     moves = registry.alias_history(root, args.model)
     for h in moves:
         print(f"{h['ts']}  {h['action']:8s}  {h['alias']:8s}  {h.get('previous') or '-':>6} -> {h['version']}")

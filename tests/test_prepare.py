@@ -708,6 +708,16 @@ def test_the_ray_engine_validates_small_files_together_too(tmp_path: Path, capsy
     _same_prepared(tmp_path / "data" / "events", tmp_path / "alone" / "events")
 
 
+def test_a_ray_tasks_user_error_is_the_runs_one_line(tmp_path: Path) -> None:
+    """With prepare.engine=ray a source's error came wrapped in Ray's task traceback (`ray::stage_task() ...`)."""
+    src = write(tmp_path / "in.csv", "user_id,event,ts\nu1,view,2026-01-01\n")
+    with pytest.raises(UserError) as err:
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "prepare.engine=ray",
+                        "prepare.ray_num_cpus=2"))
+    assert str(err.value) == (f"{src}: required column(s) ['item_id'] missing (found ['user_id', 'event', 'ts']); "
+                              f"map them with dataset.columns={{source_name: canonical_name}}")
+
+
 @pytest.mark.parametrize("text", [MESSY, RAGGED], ids=["messy", "malformed records"])
 def test_gzip_compressed_csv_prepares_as_the_plain_file_does(tmp_path: Path, text: str) -> None:
     """Exported logs are often gzipped: Polars streams them, and the record-by-record reader reads them too."""
@@ -845,6 +855,20 @@ def test_whole_input_errors_are_one_clear_message(tmp_path: Path, content, match
     with pytest.raises(UserError, match=match) as err:
         prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
     assert str(src) in str(err.value)
+
+
+def test_links_nowhere_and_files_that_are_not_files_are_named_as_such(tmp_path: Path) -> None:
+    """A loop of links and a dangling link used to be "input not found" with no word of the link; /dev/zero was
+    "the file is empty" (its size is 0) and a FIFO would be read once by validation and found empty by the next."""
+    loop, dangling, fifo = tmp_path / "loop.csv", tmp_path / "dangling.csv", tmp_path / "pipe.csv"
+    loop.symlink_to(loop)
+    dangling.symlink_to(tmp_path / "gone.csv")
+    os.mkfifo(fifo)
+    for src, says in ((loop, r"symbolic link to '.*loop.csv', which loops back on itself"),
+                      (dangling, r"symbolic link to '.*gone.csv', which does not exist"),
+                      (fifo, "is not a regular file"), (Path("/dev/zero"), "is not a regular file")):
+        with pytest.raises(UserError, match=says):
+            prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
 
 
 def test_unknown_format_is_a_user_error(tmp_path: Path) -> None:

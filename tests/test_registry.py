@@ -354,7 +354,12 @@ def test_registry_cli_takes_registry_after_the_command_and_refuses_missing_model
     reg = str(tmp_path / "reg")
     assert main(["list", "--registry", reg]) == main(["--registry", reg, "list"]) == []
     assert f"(no models in {reg})" in capsys.readouterr().out
-    with pytest.raises(UserError, match=r"no model 'nope' in registry"):
-        main(["history", "nope", "--registry", reg])
+    for command in (["history", "nope"], ["gc", "nope"], ["gc", "nope", "--dry-run"], ["migrate", "nope"],
+                    ["list", "nope"]):   # gc and migrate of a missing model used to exit 0, having done nothing
+        with pytest.raises(UserError, match=r"no model 'nope' in registry .*\(models: \[\]\)"):
+            main([*command, "--registry", reg])
+    half = Path(reg) / "half"          # a model folder with only a half-written version: gc collects it
+    (half / ".tmp-1").mkdir(parents=True)
+    assert main(["gc", "half", "--registry", reg]) == {"half": {"deleted": [], "kept": [], "tmp": []}}
     with pytest.raises(UserError, match=r"invalid alias '\.\./x'"):
         registry.rollback(reg, "nope", alias="../x")

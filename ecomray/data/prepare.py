@@ -473,7 +473,12 @@ def _run_engine(engine: str, fn, calls: list[tuple], num_cpus: int | None, dashb
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        results[index[ready[0]]] = ray.get(ready[0])
+        try:
+            results[index[ready[0]]] = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as err:   # a task's UserError: its own line, not Ray's traceback
+            if isinstance(err.cause, UserError):
+                raise UserError(str(err.cause)) from None
+            raise
         if progress:
             progress(len(refs) - len(pending), results[index[ready[0]]])
     return results

@@ -196,7 +196,9 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
     present = lf.collect_schema()
     missing = [c for c, spec in cols.items() if spec.get("required") and c not in present]
     if missing:
-        raise UserError(f"{source}: required column(s) {missing} missing (found {list(present)}); "
+        found = [c for c in present if c not in ("_file", "_row", ADAPTER_REASON, RECORD_ERROR, RECORD_TEXT)
+                 and not c.startswith("__ecomray")]   # (prepare's bookkeeping, not the source's columns)
+        raise UserError(f"{source}: required column(s) {missing} missing (found {found}); "
                         f"map them with dataset.columns={{source_name: canonical_name}}")
     parsed, typed, rules, raws = [], [], [], []
     for name, spec in cols.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv as csvlib
+import errno
 import glob
 import gzip
 import itertools
@@ -77,7 +78,13 @@ def list_files(path: str) -> list[str]:
             files.extend(_folder_files(match) if os.path.isdir(match) else [match])
     else:
         if not os.path.exists(path):
+            if os.path.islink(path):    # exists() follows the link: a dangling link or a loop of links
+                raise UserError(f"input not found: {path} is a symbolic link to {os.readlink(path)!r}, which "
+                                f"{'loops back on itself' if _link_loops(path) else 'does not exist'}")
             raise UserError(f"input not found: {path}")
+        if not os.path.isfile(path):    # /dev/zero used to be "empty"; a FIFO cannot be read twice
+            raise UserError(f"{path} is not a regular file (a device, FIFO or socket); ecomray reads files, "
+                            f"folders and globs of them: copy the data into a file first")
         files = [path]
     # A file reached through links too is read once: under its real path if that was found, else the shortest
     # (its partition folders are those on that path). One order for a folder and any glob that finds the same
@@ -92,6 +99,14 @@ def list_files(path: str) -> list[str]:
         raise UserError(f"no input files found at {path} (expected .csv, .parquet or .jsonl files, or hive-style "
                         f"partition folders such as dt=2026-01-01/ holding them)")
     return files
+
+
+def _link_loops(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
 
 
 # Column names prepare uses for its own bookkeeping: a source's own column of that name (a re-exported ecomray
