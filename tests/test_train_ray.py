@@ -65,8 +65,8 @@ def test_a_workers_user_error_is_the_runs_error(tmp_path: Path, ray_session) -> 
 
 def test_a_monitor_no_epoch_reports_is_named_once_per_run(tmp_path: Path, ray_session) -> None:
     """`train.monitor` with a typo ends the run at its first epoch with the metrics it could have named (it used to
-    be a KeyError), and Ray Train's retry (`train.max_failures`) stops at once on the error its first attempt left,
-    instead of reading the data and training the epoch again."""
+    be a KeyError), and Ray Train's retry (`train.max_failures`, here -1: forever) stops at once on the error its
+    first attempt left, instead of reading the data and training the epoch again, and ends the run."""
     import os
 
     from ecomray.runtime import UserError
@@ -74,7 +74,7 @@ def test_a_monitor_no_epoch_reports_is_named_once_per_run(tmp_path: Path, ray_se
     from tests.test_train_next_item import FUNNEL, write_fake_events_shards
 
     cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=cpu1", "model.max_len=6", "model.dim=8",
-                      "train.epochs=1", "train.max_failures=1", "train.monitor=val/ndcg@100")
+                      "train.epochs=1", "train.max_failures=-1", "train.monitor=val/ndcg@100")
     write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
     cfg = {**cfg, "run_name": "typo"}
     attempts = tmp_path / "attempts.txt"
@@ -89,3 +89,4 @@ def test_a_monitor_no_epoch_reports_is_named_once_per_run(tmp_path: Path, ray_se
         fit(cfg, register=False, train_fn=counted)
     assert attempts.read_text().split() == ["False", "True"]
     assert not os.path.exists(user_error_marker(cfg))     # the run's error file goes with the run
+    assert not (tmp_path / "train" / "typo").exists()      # and so does its folder: nothing in it to resume

@@ -151,7 +151,7 @@ def test_a_sweep_metric_no_trial_reports_is_the_sweeps_one_line_error(tiny_sweep
     cfg, _ = tiny_sweep
     typo = {**cfg, "sweep": {**cfg["sweep"], "name": "typo", "metric": "val/ndcg@100", "scheduler": {"name": "none"},
                              "space": {"optim.lr": {"grid": [0.003]}}, "fixed": {"train.epochs": 1}}}
-    with pytest.raises(UserError, match=r"^sweep typo: every trial failed; trial error: sweep.metric='val/ndcg@100' "
+    with pytest.raises(UserError, match=r"^sweep typo: no trial finished an epoch; a trial's error: sweep.metric='val/ndcg@100' "
                                         r"is not a metric this run reports; it reports .*val/ndcg@10, "):
         run(typo)
 
@@ -240,3 +240,12 @@ print("still running")
     assert quiet.returncode == 0 and "still running" in quiet.stdout
     assert "SystemExit" not in quiet.stderr
     assert "ValueError: a real bug" in quiet.stderr                        # real errors still show
+
+
+def test_a_sweep_may_select_on_what_tune_adds_to_every_result() -> None:
+    """`sweep.metric: training_iteration` (or time_total_s) is Tune's own, never in the loop's report: not a typo."""
+    from ecomray.train.loop import check_reported
+
+    check_reported({"val/auc": 0.7}, "training_iteration", "sweep.metric")
+    with pytest.raises(UserError, match=r"train.monitor='training_iteration' is not a metric this run reports"):
+        check_reported({"val/auc": 0.7}, "training_iteration", "train.monitor")

@@ -15,10 +15,11 @@ import torch
 
 from ecomray import registry
 from ecomray.data import shards
-from ecomray.runtime import (UserError, alive_nodes, bundles_that_fit, check_number, check_writable,
+from ecomray.runtime import (UserError, alive_nodes, bundles_that_fit, check_number, check_writable, is_uri,
                              ray_started_here)
 from ecomray.tasks import key_metrics, load_task
-from ecomray.train.loop import DATA_HASH, data_changed, release_kept_checkpoint, train_loop, user_error_marker
+from ecomray.train.loop import (DATA_HASH, data_changed, raise_user_error, release_kept_checkpoint, train_loop,
+                                user_error_marker)
 
 
 def trainer(cfg: dict, callbacks: list | None = None, train_fn: Callable[[dict], None] | None = None):
@@ -140,8 +141,13 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
         try:   # the workers check that the data they read is the data checked here (`loop.DATA_HASH`)
             result = trainer({**cfg, DATA_HASH: data_hash}, callbacks, train_fn).fit()
         except Exception as err:  # noqa: BLE001 - a worker's UserError is the run's error, one clear line
+            _remove_empty_run(cfg)
             raise _worker_user_error(err) or err
+        if os.path.exists(marker or ""):  # an attempt's UserError; the retry stopped on it (`loop.train_loop`)
+            _remove_empty_run(cfg)
+            raise_user_error(cfg)
         if result.checkpoint is None:     # the workers stopped before the first step
+            _remove_empty_run(cfg)
             now = data_changed({**cfg, DATA_HASH: data_hash})
             if now:
                 raise UserError(f"{shards.dataset_dir(cfg)} was prepared again as this run started (manifest hash "
@@ -158,9 +164,22 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
             release_kept_checkpoint()
 
 
+def _remove_empty_run(cfg: dict) -> None:
+    """The folder of a run that failed before its first checkpoint holds nothing to resume or read (Ray's storage
+    marker, an empty TensorBoard file): removed, so failed attempts do not pile up in paths.runs. A run with a
+    checkpoint is kept (`run_name=<it>` resumes it); a Tune trial's folder is Tune's."""
+    import shutil
+
+    folder = os.path.join(cfg["paths"]["runs"], cfg["run_name"])
+    if cfg.get("_tune_trial") or is_uri(folder) or not os.path.isdir(folder):
+        return
+    if not any(name.startswith("checkpoint_") for name in os.listdir(folder)):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _remove(path: str | None) -> None:
     if path:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):   # (in a `finally`: never in place of the run's own error)
             os.remove(path)
 
 

@@ -173,34 +173,53 @@ REPORT_METRIC = "_report_metric"   # a metric the caller reads from every report
 def user_error_marker(cfg: dict) -> str | None:
     """Where a worker leaves the UserError that ended its attempt (`<paths.runs>/<run_name>.user_error`).
 
-    Ray Train retries every worker error (`train.max_failures`): a retried config error would read the data and
-    train an epoch again only to fail the same way. The next attempt finds this file and stops at once with the
-    same message. `fit` removes it before and after a run. None on object-store run folders (they retry in full)."""
+    Ray Train retries every worker error (`train.max_failures`, forever with -1): a retried config error would read
+    the data and train an epoch again only to fail the same way. A retry that finds this file returns at once
+    without reporting, and `fit` raises its message (`raise_user_error`). `fit` removes it before and after a run.
+    None on object-store run folders (they retry in full)."""
     runs = cfg["paths"]["runs"]
     return None if is_uri(runs) else os.path.join(runs, cfg["run_name"] + ".user_error")
+
+
+def raise_user_error(cfg: dict) -> None:
+    """The UserError an attempt of this run left (`user_error_marker`), raised; nothing when there is none."""
+    marker = user_error_marker(cfg)
+    try:
+        with open(marker, encoding="utf-8") as fh:   # (written whole: a temporary file renamed into place)
+            text = fh.read()
+    except (TypeError, OSError):
+        return
+    raise UserError(text)
 
 
 def train_loop(cfg: dict) -> None:
     """The loop (`_train_loop`), with a config or data error (UserError) raised once per run, not per attempt."""
     marker = user_error_marker(cfg)
     if marker and os.path.exists(marker):
-        with open(marker, encoding="utf-8") as fh:
-            raise UserError(fh.read())
+        return        # an earlier attempt's error: every worker of this one stops, `fit` raises it
     try:
         _train_loop(cfg)
     except UserError as err:
         if marker:
             with contextlib.suppress(OSError):
                 os.makedirs(os.path.dirname(marker), exist_ok=True)
-                with open(marker, "w", encoding="utf-8") as fh:
+                tmp = f"{marker}.{os.getpid()}.tmp"     # each worker its own, renamed whole: a reader never sees half
+                with open(tmp, "w", encoding="utf-8") as fh:
                     fh.write(str(err))
+                os.replace(tmp, marker)
         raise
 
 
+# What Tune adds to every result itself (training_iteration, time_total_s, ...): a sweep may select on them.
+TUNE_RESULT_KEYS = frozenset({"training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore",
+                              "iterations_since_restore", "timestamp", "timesteps_total", "episodes_total"})
+
+
 def check_reported(metrics: dict, name: str | None, setting: str) -> None:
-    """`name` (the setting `setting` chose: train.monitor, sweep.metric) must be one of the epoch's metrics. A typo
-    used to end the first epoch with a KeyError (train) or with Tune's advice to turn its metric check off (tune)."""
-    if name and name not in metrics:
+    """`name` (the setting `setting` chose: train.monitor, sweep.metric) must be one of the epoch's metrics (or, for
+    a sweep, one Tune adds itself). A typo used to end the first epoch with a KeyError (train) or with Tune's
+    advice to turn its metric check off (tune)."""
+    if name and name not in metrics and not (setting == "sweep.metric" and name in TUNE_RESULT_KEYS):
         raise UserError(f"{setting}={name!r} is not a metric this run reports; it reports "
                         f"{', '.join(sorted(metrics))}: set {setting} to one of them")
 

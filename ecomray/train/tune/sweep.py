@@ -196,8 +196,8 @@ def _read_json(path: str) -> dict:
 
 
 def _trial_user_error(grid: Any, name: str) -> UserError | None:
-    """The first config or data error (UserError) a trial ended with, as the sweep's own one-line error: every trial
-    of a sweep with a wrong `sweep.metric` (or a model config no model can be built from) fails the same way."""
+    """A config or data error (UserError) a trial ended with, as the error of a sweep none of whose trials finished an
+    epoch: with a wrong `sweep.metric` (or a model config no model can be built from) every trial fails the same way."""
     for err in getattr(grid, "errors", None) or []:
         cause = err
         for _ in range(8):   # Ray's wrappers (a RayTaskError is also an instance of the error it wraps: `cause`)
@@ -206,5 +206,5 @@ def _trial_user_error(grid: Any, name: str) -> UserError | None:
                 break
             cause = inner
         if isinstance(cause, UserError):
-            return UserError(f"sweep {name}: every trial failed; trial error: {cause}")
+            return UserError(f"sweep {name}: no trial finished an epoch; a trial's error: {cause}")
     return None
