@@ -175,6 +175,19 @@ def test_a_json_number_in_a_text_column_reads_alike_on_either_reader(tmp_path: P
     assert m["rows_quarantined"] == broken
 
 
+@pytest.mark.parametrize("broken", [False, True], ids=["polars reader", "record by record"])
+def test_a_json_object_or_array_in_every_line_is_quarantined_not_fatal(tmp_path: Path, broken: bool) -> None:
+    """`"price": {...}` on every line made Polars type the column a Struct, and validation failed the whole file
+    (`is_nan` on a struct); now each value is its JSON text, unparseable as a price, quarantined with that text."""
+    line = '{"user_id": "u%d", "item_id": "i1", "event": "view", "ts": "2026-01-0%d", "price": %s, "quantity": %s}'
+    text = "\n".join(line % (k, k, p, q) for k, p, q in ((1, '{"x": 1}', "[1, 2]"), (2, '{"x": null}', "[]"))) + "\n"
+    with pytest.raises(UserError, match=r"events: all \d rows were quarantined \('unparseable price' x 2"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={write(tmp_path / 'e.jsonl', text + ('{' if broken else ''))}"))
+    q = pl.read_parquet(tmp_path / "data" / "events.rejected-quarantine.parquet").drop_nulls("user_id").sort("_row")
+    assert [json.loads(v) for v in q["price"]] == [{"x": 1}, {"x": None}]       # the values, in JSON
+    assert [json.loads(v) for v in q["quantity"]] == [[1, 2], []]
+
+
 def test_quarantine_of_a_folder_mixing_typed_parquet_and_csv(tmp_path: Path) -> None:
     """A typed Parquet source has no raw-text columns, a CSV source has them: their quarantined rows still meet
     in one file (the quarantine used to take the first file's columns and fail on the second's)."""
