@@ -239,6 +239,7 @@ def _choose(logits: torch.Tensor, seen: torch.Tensor, seqs: list[_Seq], settings
     probs = torch.softmax(logits / max(settings.temperature, 1e-5), -1).cpu()
     sorted_p, order = probs.sort(-1, descending=True)
     keep = (sorted_p.cumsum(-1) - sorted_p) < settings.top_p           # the smallest set reaching top_p
+    keep[:, 0] = True     # the likeliest token always: a top_p below float32's range (1e-46) compared as 0
     sorted_p = sorted_p * keep
     pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=g).squeeze(1)
     return order.gather(1, pick[:, None]).squeeze(1).tolist()

@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.concurrency import run_in_threadpool
 
 from ecomray import registry, serving
 from serve import schemas
@@ -182,7 +183,9 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
         # FastAPI's default, minus the echoed input, with every location part clipped. Values no model can take
         # (a lone surrogate, a number out of range) are named by the edge checks first: pydantic would report
         # them once per member of a union type, at locations that end in the member's name.
-        bad = serving.edge_errors(err.body) if isinstance(err.body, (dict, list)) else []
+        # (in a thread: a body of up to max_body_bytes of arbitrary JSON takes a walk of some 0.1 s that the event
+        # loop, and every other request, would otherwise wait on)
+        bad = await run_in_threadpool(serving.edge_errors, err.body) if isinstance(err.body, (dict, list)) else []
         return JSONResponse({"detail": serving.clean_details(bad or list(err.errors()))}, status_code=422)
 
     @app.exception_handler(Unavailable)
@@ -258,6 +261,9 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
                 routes[route], ok = f"unhealthy: {type(err).__name__}", False
         return JSONResponse({"status": "ok" if ok else "degraded", "routes": routes},
                             status_code=200 if ok else 503)
+
+    # HEAD too (load balancers probe with it), outside the OpenAPI contract (a body-less twin of GET)
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
     return app
 

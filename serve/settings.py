@@ -96,7 +96,10 @@ def resolve_endpoint(registry_root: str, route: str, e: dict[str, Any], serve_cf
     except UserError as err:
         if "invalid registry name" in str(err) or "outside the registry root" in str(err):
             raise
-        return {"model": e["model"], "ref": e.get("ref"), "unavailable": str(err)}
+        # (clients see this in every 503: the server's folders are not theirs to know; the deploy job logs the whole)
+        return {"model": e["model"], "ref": e.get("ref"),
+                "unavailable": str(err).replace(os.path.abspath(registry_root), "the registry").replace(
+                    registry_root, "the registry")}
     merged = _merge(serve_cfg.get("common") or {}, (found["config"].get("task") or {}).get("serve") or {},
                     (serve_cfg.get("routes") or {}).get(route) or {})
     return {"model": e["model"], "ref": e.get("ref"), "version": found["version"],

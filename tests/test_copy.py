@@ -111,6 +111,9 @@ def test_decoders_follow_the_model_and_the_constraints() -> None:
     s1 = generate(_step(toy), [Prompt([2])], Settings(strategy="sample", n=3, seed=5, max_new_tokens=6), special)
     s2 = generate(_step(toy), [Prompt([2])], Settings(strategy="sample", n=3, seed=5, max_new_tokens=6), special)
     assert s1 == s2 and len(s1[0]) == 3
+    # a top_p too small for float32 (it compared as 0 and kept no token: a 500 from the server) is greedy decoding
+    tiny_p = generate(_step(toy), [Prompt([2])], Settings(strategy="sample", n=2, top_p=1e-46, max_new_tokens=10), special)
+    assert tiny_p[0] == [greedy[0][0]] * 2
     with pytest.raises(ValueError, match="greedy"):
         Settings.from_dict({"strategy": "greedy", "n": 2})
 

@@ -549,6 +549,12 @@ def test_fallback_unknown_ids_and_truncation(app: dict[str, Any], trained: dict[
     _, (want,) = _offline(trained, out["model"]["version"], [hist], k=5)
     assert out["fallback"] is False and [i["item_id"] for i in out["items"]] == [i for i, _ in want]
     assert len(out["warnings"]) == 1 and "'ghost'" in out["warnings"][0]
+    # a k past the rest of the catalogue: every other item and a warning, never the history (it came last, unscored)
+    everything = len(loaded.meta["item_ids"])
+    out = httpx.post(url, json={"history": hist, "k": min(everything, 1000)}).json()
+    assert not set(hist) & {i["item_id"] for i in out["items"]}
+    assert len(out["items"]) == min(everything, 1000) - len(set(hist)) or everything > 1000 + len(set(hist))
+    assert all(i["score"] is not None for i in out["items"])
     long = (hist * 60)[:120]                                    # max_history is 50 in this app
     out = httpx.post(url, json={"history": long, "k": 5}).json()
     assert any("only the most recent 50" in w for w in out["warnings"])
@@ -585,7 +591,21 @@ def test_bad_input_is_422_413_or_503_never_500(app: dict[str, Any]) -> None:
                                                                                  "sentiment"}
     health = httpx.get(f"{url}/healthz")
     assert health.status_code == 200 and health.json()["routes"]["recommend"] == "ok"
+    assert httpx.head(f"{url}/healthz").status_code == 200          # (load balancers' probes)
     assert httpx.get(f"{url}/docs").status_code == 200
+    # the server's folders are not in a 503 (an undeployed route's reason names "the registry", not its path)
+    assert str(app["cfg"]["paths"]["registry"]) not in json.dumps(models["unavailable"])
+    # lists nested 900 deep, and 60k numbers as categories (under this app's 200 KB body cap): 422s naming the
+    # place, with at most 20 details (the edge walk copied the path at every level: seconds on the event loop)
+    deep: Any = "x"
+    for _ in range(900):
+        deep = [deep]
+    r = httpx.post(f"{url}/v1/recommend", json={"history": ["a"], "x": [deep] * 100}, timeout=30)
+    assert r.status_code == 422 and any(d["loc"] == ["body", "x"] for d in r.json()["detail"]), r.text
+    r = httpx.post(f"{url}/v1/recommend", json={"history": ["a"], "filters": {"category": [1] * 60_000}}, timeout=30)
+    assert r.status_code == 422 and 0 < len(r.json()["detail"]) <= 20, r.text
+    r = httpx.post(f"{url}/v1/recommend", json={"history": ["a"], "filters": {"category": ["c"] * 1001}})
+    assert r.status_code == 422 and r.json()["detail"][-1]["loc"][:3] == ["body", "filters", "category"], r.text
 
 
 def test_category_filter_from_the_prepared_shards(app: dict[str, Any], trained: dict[str, Any]) -> None:
@@ -950,3 +970,17 @@ def test_promotion_rolls_out_to_every_replica_and_survives_a_restart(app: dict[s
     rec = next(m for m in models if m["route"] == "recommend")
     assert rec["version"] == newer and len(rec["replicas"]) == 2
     assert {r["version"] for r in rec["replicas"]} == {newer}
+
+
+def test_text_of_only_invisible_characters_is_blank() -> None:
+    """A text of zero-width spaces, joiners or control characters (NUL) says nothing: 422, as whitespace is (they
+    were classified, and copy was written for them, with no warning)."""
+    from pydantic import ValidationError
+
+    from ecomray.tasks import sentiment
+
+    request, _ = sentiment.api({}, {})
+    for blank in ("\u200b", "\x00\x00", " \u2060\ufeff\u200d ", "\x7f"):
+        with pytest.raises(ValidationError):
+            request.model_validate({"texts": [blank]})
+    assert request.model_validate({"texts": ["\u200b好"]}).texts == ["\u200b好"]

@@ -279,6 +279,11 @@ def test_predict_serves_the_registered_model(tiny_trained) -> None:
     offline = next_item.score_histories(model, [np.array([4, 8])], found["meta"]["max_len"])[0]
     offline[[3, 7]] = float("-inf")
     assert [items[int(i)] for i in torch.topk(offline, 5).indices] == [i for i, _ in top[0]]
+    # a k past the rest of the catalogue: every other item, never the history (it came last, with score -inf)
+    (every,) = next_item.predict(model, found["meta"], [[items[3], items[7], items[3]]], k=len(items) + 5)
+    assert len(every) == len(items) - 2 and {items[3], items[7]}.isdisjoint(i for i, _ in every)
+    assert all(np.isfinite(s) for _, s in every)
+    assert len(next_item.predict(model, found["meta"], [[items[3]]], k=len(items), exclude_history=False)[0]) == len(items)
 
 
 def test_time_budget_stops_after_the_epoch_that_spends_it(tmp_path: Path) -> None:

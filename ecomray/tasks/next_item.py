@@ -399,11 +399,12 @@ def predict(model: nn.Module, meta: dict, histories: list[list[str]], k: int = 1
     scores = score_histories(model, seqs, int(meta["max_len"]))
     out = []
     for r, s in enumerate(seqs):
-        row = scores[r]
+        row, n = scores[r], min(k, len(scores[r]))
         if exclude_history and len(s):
             row = row.clone()
             row[torch.from_numpy(s - 1)] = float("-inf")
-        top = torch.topk(row, min(k, len(row)))
+            n = min(k, len(row) - len(np.unique(s)))   # a k past the rest of the catalogue: never the history
+        top = torch.topk(row, n)
         out.append([(meta["item_ids"][i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())])
     return out
 
@@ -472,8 +473,12 @@ ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Category = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
+MAX_FILTER_CATEGORIES = 1000
+
+
 class RecommendFilters(serving.Strict):
-    category: Union[Category, list[Category], None] = Field(
+    # (capped: a 300k-entry list of numbers made pydantic build an error per entry, a second on the event loop)
+    category: Union[Category, Annotated[list[Category], Field(max_length=MAX_FILTER_CATEGORIES)], None] = Field(
         None, description="keep only items of this category (or any of these categories)")
 
 
