@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from ray import serve
@@ -28,6 +29,7 @@ from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecomray import registry, serving
 from serve import schemas
@@ -187,6 +189,17 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
         # loop, and every other request, would otherwise wait on)
         bad = await run_in_threadpool(serving.edge_errors, err.body) if isinstance(err.body, (dict, list)) else []
         return JSONResponse({"detail": serving.clean_details(bad or list(err.errors()))}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers a body its JSON parser gives up on with a bare 400 "There was an error parsing the body";
+        # malformed JSON is a 422 json_invalid: so are these, saying why
+        why = {RecursionError: "JSON nested deeper than the parser allows"}.get(type(err.__cause__))
+        if why is None and isinstance(err.__cause__, ValueError) and "digits" in str(err.__cause__):
+            why = "an integer with more digits than the parser allows (4300)"
+        if err.status_code == 400 and why:
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": why, "type": "json_invalid"}]}, status_code=422)
+        return await http_exception_handler(request, err)
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_: Request, err: Unavailable) -> JSONResponse:

@@ -137,6 +137,12 @@ class Guard:
                 await _json(send, 401, {"detail": "missing or wrong API key: send it in the X-API-Key header"},
                             [(b"www-authenticate", b"X-API-Key")])
                 return
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding not in (b"", b"identity"):      # a gzip body read as JSON was a bare "error parsing the body"
+            await _json(send, 415, {"detail": f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not "
+                                              f"accepted: send the body uncompressed (it is at most "
+                                              f"{int(s.max_body_bytes)} bytes)"})
+            return
         cap = int(s.max_body_bytes)
         length = headers.get(b"content-length")
         if length is not None:
