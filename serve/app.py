@@ -194,7 +194,8 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
         # FastAPI answers a body its JSON parser gives up on with a bare 400 "There was an error parsing the body";
         # malformed JSON is a 422 json_invalid: so are these, saying why
-        why = {RecursionError: "JSON nested deeper than the parser allows"}.get(type(err.__cause__))
+        why = {RecursionError: "JSON nested deeper than the parser allows",
+               UnicodeDecodeError: "the body is not UTF-8 text"}.get(type(err.__cause__))
         if why is None and isinstance(err.__cause__, ValueError) and "digits" in str(err.__cause__):
             why = "an integer with more digits than the parser allows (4300)"
         if err.status_code == 400 and why:

@@ -138,7 +138,8 @@ class Guard:
                             [(b"www-authenticate", b"X-API-Key")])
                 return
         encoding = headers.get(b"content-encoding", b"identity").strip().lower()
-        if encoding not in (b"", b"identity"):      # a gzip body read as JSON was a bare "error parsing the body"
+        carries_body = headers.get(b"content-length", b"0").strip() not in (b"0", b"") or b"transfer-encoding" in headers
+        if encoding not in (b"", b"identity") and carries_body:   # a gzip body read as JSON: "error parsing the body"
             await _json(send, 415, {"detail": f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not "
                                               f"accepted: send the body uncompressed (it is at most "
                                               f"{int(s.max_body_bytes)} bytes)"})

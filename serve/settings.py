@@ -84,6 +84,14 @@ def endpoint_table(cfg: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _without_folders(text: str, root: str) -> str:
+    """`text` with the registry's folder (as given, absolute or real) and any path below it named "the registry":
+    only whole paths, so a model named like the folder (`real_estate` in `real/`) keeps its name."""
+    for path in sorted({os.path.realpath(root), os.path.abspath(root), root}, key=len, reverse=True):
+        text = re.sub(r"(?<![\w.-])" + re.escape(path) + r"(?:/[^\s,;:()'\"]*)?(?![\w.-])", "<registry>", text)
+    return text
+
+
 def resolve_endpoint(registry_root: str, route: str, e: dict[str, Any], serve_cfg: dict[str, Any]) -> dict[str, Any]:
     """One route, resolved once, at deploy time: the exact version (what every replica loads, however late it
     starts), the task module, and its settings: `serve.common` < the task's `task.serve` (from the version's own
@@ -97,9 +105,7 @@ def resolve_endpoint(registry_root: str, route: str, e: dict[str, Any], serve_cf
         if "invalid registry name" in str(err) or "outside the registry root" in str(err):
             raise
         # (clients see this in every 503: the server's folders are not theirs to know; the deploy job logs the whole)
-        return {"model": e["model"], "ref": e.get("ref"),
-                "unavailable": str(err).replace(os.path.abspath(registry_root), "the registry").replace(
-                    registry_root, "the registry")}
+        return {"model": e["model"], "ref": e.get("ref"), "unavailable": _without_folders(str(err), registry_root)}
     merged = _merge(serve_cfg.get("common") or {}, (found["config"].get("task") or {}).get("serve") or {},
                     (serve_cfg.get("routes") or {}).get(route) or {})
     return {"model": e["model"], "ref": e.get("ref"), "version": found["version"],

@@ -188,6 +188,19 @@ def test_a_json_object_or_array_in_every_line_is_quarantined_not_fatal(tmp_path:
     assert [json.loads(v) for v in q["quantity"]] == [[1, 2], []]
 
 
+def test_a_parquet_column_of_lists_or_structs_is_named_as_such(tmp_path: Path) -> None:
+    """A typed source's nested column is the source's shape, not a row's fault: one error naming it (it was
+    "cannot cast List type", or a Rust panic for a struct holding binary)."""
+    import datetime as dt
+
+    ts = [dt.datetime(2026, 1, 1), dt.datetime(2026, 1, 2)]
+    for name, nested in (("list", [["a"], ["b"]]), ("struct", [{"b": b"\x00"}, {"b": b"\x01"}])):
+        src = tmp_path / f"{name}.parquet"
+        pl.DataFrame({"user_id": ["u1", "u2"], "item_id": nested, "event": ["view", "view"], "ts": ts}).write_parquet(src)
+        with pytest.raises(UserError, match=rf"{name}.parquet: column\(s\) item_id \(.*\) hold nested values"):
+            prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+
+
 def test_quarantine_of_a_folder_mixing_typed_parquet_and_csv(tmp_path: Path) -> None:
     """A typed Parquet source has no raw-text columns, a CSV source has them: their quarantined rows still meet
     in one file (the quarantine used to take the first file's columns and fail on the second's)."""

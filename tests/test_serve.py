@@ -594,7 +594,7 @@ def test_bad_input_is_422_413_or_503_never_500(app: dict[str, Any]) -> None:
     assert health.status_code == 200 and health.json()["routes"]["recommend"] == "ok"
     assert httpx.head(f"{url}/healthz").status_code == 200          # (load balancers' probes)
     assert httpx.get(f"{url}/docs").status_code == 200
-    # the server's folders are not in a 503 (an undeployed route's reason names "the registry", not its path)
+    # the server's folders are not in a 503 (an undeployed route's reason shows `<registry>`, not the path)
     assert str(app["cfg"]["paths"]["registry"]) not in json.dumps(models["unavailable"])
     # lists nested 900 deep, and 60k numbers as categories (under this app's 200 KB body cap): 422s naming the
     # place, with at most 20 details (the edge walk copied the path at every level: seconds on the event loop)
@@ -607,13 +607,15 @@ def test_bad_input_is_422_413_or_503_never_500(app: dict[str, Any]) -> None:
     assert r.status_code == 422 and 0 < len(r.json()["detail"]) <= 20, r.text
     # bodies the JSON parser itself gives up on: a 422 json_invalid saying why (FastAPI's was a bare 400)
     for body, says in ((b'{"history": ' + b"[" * 3000 + b"]" * 3000 + b"}", "nested deeper"),
-                       (b'{"history": [], "k": ' + b"1" * 5000 + b"}", "more digits")):
+                       (b'{"history": [], "k": ' + b"1" * 5000 + b"}", "more digits"),
+                       (b'{"history": ["\xff\xfe"]}', "not UTF-8")):
         r = httpx.post(f"{url}/v1/recommend", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid", r.text
         assert says in r.json()["detail"][0]["msg"]
     r = httpx.post(f"{url}/v1/recommend", content=gzip.compress(b'{"history": ["a"]}'),
                    headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert r.status_code == 415 and "uncompressed" in r.json()["detail"]
+    assert httpx.get(f"{url}/healthz", headers={"content-encoding": "gzip"}).status_code == 200   # no body, no 415
     r = httpx.post(f"{url}/v1/recommend", json={"history": ["a"], "filters": {"category": ["c"] * 1001}})
     assert r.status_code == 422 and r.json()["detail"][-1]["loc"][:3] == ["body", "filters", "category"], r.text
 
@@ -994,3 +996,20 @@ def test_text_of_only_invisible_characters_is_blank() -> None:
         with pytest.raises(ValidationError):
             request.model_validate({"texts": [blank]})
     assert request.model_validate({"texts": ["\u200b好"]}).texts == ["\u200b好"]
+
+
+def test_a_503_reason_shows_no_server_folder(tmp_path: Path) -> None:
+    """Registry errors name the registry's folder; a client reading a 503 gets `<registry>` instead: the folder as
+    configured, absolute or reached through a link, and paths below it, but never part of a model's name."""
+    from serve.settings import _without_folders
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    link = str(tmp_path / "link")
+    assert _without_folders(f"no model 'm' in registry {link} (models: [])", link) == \
+        "no model 'm' in registry <registry> (models: [])"
+    assert _without_folders(f"m v0001 is damaged ({real}/m/v0001): run migrate", link) == \
+        "m v0001 is damaged (<registry>): run migrate"
+    assert _without_folders("no versions of model 'real_estate' in registry real", "real") == \
+        "no versions of model 'real_estate' in registry <registry>"

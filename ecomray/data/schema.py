@@ -172,11 +172,8 @@ def _parse(raw: pl.Expr, kind: str, dtype: pl.DataType, ts_format: str = "mixed"
     return raw.cast(target, strict=False)
 
 
-def _json_text(col: pl.Expr) -> pl.Expr:
-    """A nested value (a Struct or List column: JSON objects or arrays) as its compact JSON text. Polars reads a
-    field that holds text on some lines and objects on others as text; one that holds objects on every line as a
-    Struct, which no rule could judge (`is_nan` on a struct failed the whole file): as text, a number column
-    quarantines it as unparseable, with the text kept."""
+def json_text(col: pl.Expr) -> pl.Expr:
+    """A nested value (a Struct or List column of JSON objects or arrays) as its compact JSON text."""
     encoded = pl.struct(col.alias("v")).struct.json_encode()     # {"v":<value>}
     return pl.when(col.is_null()).then(None).otherwise(encoded.str.slice(5, encoded.str.len_chars() - 6))
 
@@ -209,10 +206,11 @@ def validate(lf: pl.LazyFrame, schema: dict[str, Any], source: str = "<input>", 
                  and not c.startswith("__ecomray")]   # (prepare's bookkeeping, not the source's columns)
         raise UserError(f"{source}: required column(s) {missing} missing (found {found}); "
                         f"map them with dataset.columns={{source_name: canonical_name}}")
-    nested = [n for n in cols if n in present and isinstance(present[n], (pl.Struct, pl.List, pl.Array))]
-    if nested:   # a JSONL field that is an object or array on every line: its JSON text, as on mixed lines
-        lf = lf.with_columns(_json_text(pl.col(n)).alias(n) for n in nested)
-        present = lf.collect_schema()
+    nested = {n: present[n] for n in cols if n in present and isinstance(present[n], (pl.Struct, pl.List, pl.Array))}
+    if nested:   # a typed source's column of lists or structs (JSONL's are text by now: `files._nested_as_text`)
+        raise UserError(f"{source}: column(s) {', '.join(f'{n} ({t})' for n, t in nested.items())} hold nested "
+                        f"values (lists or structs), which no schema column takes; flatten them, or map another "
+                        f"column with dataset.columns={{source_name: canonical_name}}")
     parsed, typed, rules, raws = [], [], [], []
     for name, spec in cols.items():
         kind = spec.get("type", "str")

@@ -197,6 +197,8 @@ def scan_file(path: str, fmt: str, csv: dict[str, Any], columns: dict[str, str],
     else:
         lf = pl.scan_ndjson(glob.escape(path), infer_schema_length=None)   # (no glob=False for NDJSON)
     try:
+        if fmt == "jsonl":
+            lf = _nested_as_text(lf)
         return _canonical_names(lf, columns, partitions, needed=needed if fmt == "csv" else None)
     except pl.exceptions.PolarsError:  # JSONL schema inference reads every line: a broken one fails here. Stay
         return lf                      # lazy: prepare meets the error again and reads the file with exact_source
@@ -549,7 +551,16 @@ def _scan_jsonl_together(picked: list[str]) -> pl.LazyFrame:
                 differ.append(name)
         if differ:
             raise pl.exceptions.SchemaError(f"{f}: its JSON fields or types differ from {picked[0]}'s ({differ})")
-    return pl.scan_ndjson([glob.escape(f) for f in picked], schema=merged, include_file_paths=_PATH)
+    return _nested_as_text(pl.scan_ndjson([glob.escape(f) for f in picked], schema=merged, include_file_paths=_PATH))
+
+
+def _nested_as_text(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """A JSONL field that holds an object or an array on every line, as its JSON text. Polars reads a field
+    mixing text and objects as text, and the record-by-record reader gives every value as text: with this, all three
+    agree, and validation judges each value (a number column quarantines `{"x": 1}` as unparseable, with the text
+    kept) instead of failing the file on a Struct column no rule applies to."""
+    nested = [n for n, t in lf.collect_schema().items() if isinstance(t, (pl.Struct, pl.List, pl.Array))]
+    return lf.with_columns(S.json_text(pl.col(n)).alias(n) for n in nested) if nested else lf
 
 
 def sources(dataset: dict, paths: dict) -> list[tuple[str, pl.LazyFrame]]:
