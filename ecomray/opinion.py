@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ecomray.runtime import UserError, output_folder
+from ecomray.runtime import UserError, check_number, check_outside, output_folder
 
 STOP = set("""的 了 是 我 也 和 就 都 不 在 有 这 那 你 他 她 它 们 很 还 又 吧 吗 啊 呢 哦 着 给 让 说 要 会 能 到 去 来 上 下 个 一 没 对 与 及 被 把 而 但 所 以 为 之 其 或 等 这个 那个 我们 你们 他们 就是 还是 但是 因为 所以 如果 而且 然后 已经 没有 一个 什么 这样 那样 可以 觉得 感觉 东西 时候 现在 自己 真的 一下 一些 这么 那么 非常 比较 有点 不是 还有 不过 只是 一样 知道 一直 出来 起来 应该 可能 这种 那种 怎么 这次 一次 一点 看看 以后 之前 之后 的话""".split())
 _WORD = re.compile(r"^[\u4e00-\u9fffA-Za-z]+$")
@@ -50,6 +50,21 @@ def top_terms(texts: list[str], n: int, min_len: int = 2, stop: set[str] | None 
     return counts.most_common(n)
 
 
+def _check_settings(o: dict) -> None:
+    """Numbers and the time bucket no report can use, named before any scoring (they were tracebacks, or a
+    `max_rows: -1990` that scored 10 rows)."""
+    if o.get("max_rows") is not None:
+        check_number("opinion.max_rows", o["max_rows"], lambda v: v >= 1, ">= 1 (or null: every row)", integer=True)
+    for key in ("top_terms", "top_categories", "min_term_len"):
+        if o.get(key) is not None:
+            check_number(f"opinion.{key}", o[key], lambda v: v >= 1, ">= 1", integer=True)
+    bucket = str(o.get("time_bucket", "1w"))
+    parts = re.findall(r"(\d+)(ns|us|ms|mo|s|m|h|d|w|q|y)", bucket)
+    if "".join(n + u for n, u in parts) != bucket or not any(int(n) for n, _ in parts):
+        raise UserError(f"opinion.time_bucket={o.get('time_bucket')!r}: write a Polars duration such as 1d, 1w "
+                        f"or 1mo")
+
+
 def run(cfg: dict) -> dict[str, Any]:
     import jieba
 
@@ -63,6 +78,7 @@ def run(cfg: dict) -> dict[str, Any]:
     jieba.setLogLevel(60)
     t0 = time.time()
     o = cfg["opinion"]
+    _check_settings(o)
     if not o.get("model"):
         raise UserError("set opinion.model=<registry name>[:version] (a sentiment model, e.g. sentiment_tfidf_chnsenticorp)")
     from ecomray import registry
@@ -96,6 +112,7 @@ def run(cfg: dict) -> dict[str, Any]:
         df = df.with_columns(category=pl.lit("(all)"))
     df = df.with_columns(pl.col("category").fill_null("(none)"))
     final = os.path.abspath(o["out"])   # written whole into a work folder, then swapped in for the old one
+    check_outside(final, cfg["paths"]["registry"], "opinion.out", "the registry")
     with output_folder(final, "opinion.out", "summary.json", "an opinion report",
                        lambda m: print(f"[opinion] {m}", flush=True)) as out:
         os.makedirs(out)

@@ -214,6 +214,8 @@ def output_folder(out: str, setting: str, marker: str, kind: str,
     import shutil
 
     parent = os.path.dirname(out)
+    if os.path.exists(out) and not os.path.isdir(out):   # it failed at the very end, after all the work
+        raise UserError(f"{setting}: {out} is a file, not a folder; choose a folder (a run writes one whole)")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as err:
@@ -232,6 +234,14 @@ def output_folder(out: str, setting: str, marker: str, kind: str,
             shutil.rmtree(work, ignore_errors=True)
             raise
         replace_dir(work, out)
+
+
+def check_outside(path: str, root: str, setting: str, what: str) -> None:
+    """`path` (a job's output) must not be `root` (the registry, a dataset folder) or lie inside it: a predictions
+    folder written as `<registry>/<model>/v0002` looked like a version to every registry command."""
+    a, b = os.path.realpath(path), os.path.realpath(root)
+    if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
+        raise UserError(f"{setting}={path} is inside {what} {root}; write outputs elsewhere")
 
 
 def replace_dir(work: str, final: str) -> None:

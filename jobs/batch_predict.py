@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 from ecomray import registry
 from ecomray.inference import load_model
-from ecomray.runtime import UserError, check_number, output_folder, to_plain, user_errors
+from ecomray.runtime import (UserError, alive_nodes, bundles_that_fit, check_number, check_outside, output_folder,
+                             ray_started_here, to_plain, user_errors)
 from ecomray.tasks import BATCH, supports
 
 MARKER = "predictions.json"
@@ -94,6 +95,25 @@ def _check_numbers(bp: dict) -> None:
     check_number("batch_predict.num_cpus_per_actor", bp.get("num_cpus_per_actor", 1), lambda v: v > 0, "> 0")
 
 
+def _check_actors(bp: dict, reads: bool) -> None:
+    """Ray Data waits without a word for actors no node can hold, and for read tasks when the actors hold every CPU
+    (`actors=2` on a 2-CPU machine made no progress at all). On a Ray this process started that is an error; on a
+    cluster it joined, a warning (an autoscaler may add nodes)."""
+    n, per = int(bp.get("actors", 1)), float(bp.get("num_cpus_per_actor", 1))
+    nodes = alive_nodes()
+    cpus = sum(float(node.get("CPU", 0.0)) for node in nodes)
+    fit = bundles_that_fit({"CPU": per}, nodes)
+    if fit >= n and (not reads or cpus - n * per >= 1):
+        return
+    why = (f"batch_predict.actors={n} x num_cpus_per_actor={per:g}" + (" plus a CPU to read the shards" if reads
+                                                                        else "") + f", but the Ray cluster has {cpus:g} CPU(s)")
+    if not ray_started_here():
+        print(f"[batch_predict] waiting: {why}; an autoscaling cluster adds nodes, otherwise stop (Ctrl-C)", flush=True)
+        return
+    raise UserError(f"{why}: choose fewer actors or CPUs per actor (at most {max(int(cpus - (1 if reads else 0)), 0)} "
+                    f"CPU(s) for actors here), or connect to a cluster with RAY_ADDRESS")
+
+
 def run(cfg: DictConfig | dict) -> dict[str, Any]:
     plain = to_plain(cfg)
     bp = plain["batch_predict"]
@@ -106,8 +126,11 @@ def run(cfg: DictConfig | dict) -> dict[str, Any]:
         raise UserError(f"{name} {version}: task {loaded.task.__name__} has no batch_inputs/batch_score")
     vcfg = {**loaded.config, "paths": plain["paths"]}      # the version's own task and dataset, today's locations
     split = str(bp.get("split", "all"))
+    if not isinstance(bp.get("options") or {}, dict):
+        raise UserError(f"batch_predict.options={bp['options']!r}: write a mapping, e.g. 'batch_predict.options={{k: 20}}'")
     options = {**(vcfg["task"].get("predict") or {}), **(bp.get("options") or {})}
     out = os.path.abspath(bp.get("out") or os.path.join(plain["paths"]["root"], "predictions", name))
+    check_outside(out, root, "batch_predict.out", "the registry")
     with output_folder(out, "batch_predict.out", MARKER, "a predictions folder",
                        lambda m: print(f"[batch_predict] {m}", flush=True)) as work:
         summary = _score(plain, bp, loaded, vcfg, root, name, version, split, options, work)
@@ -133,6 +156,7 @@ def _score(plain: dict, bp: dict, loaded: Any, vcfg: dict, root: str, name: str,
     _try_first_rows(loaded, inputs, options, bp.get("options") or {})
     init_ray(num_cpus=plain.get("ray", {}).get("num_cpus"), verbose=bool(plain.get("verbose")),
              dashboard=plain.get("ray", {}).get("include_dashboard"))
+    _check_actors(bp, reads=isinstance(inputs, shards.ShardScan))
     if isinstance(inputs, shards.ShardScan):
         ds = ray.data.read_parquet(inputs.files)
         if inputs.split:

@@ -62,10 +62,17 @@ def list_models(root: str, only: str | None = None) -> list[dict[str, Any]]:
             by_version.setdefault(v, []).append(alias)
         for v in have:
             path = registry._safe(root, name, v)
-            with open(os.path.join(path, "metrics.json")) as fh:
-                metrics = json.load(fh)
-            with open(os.path.join(path, "lineage.json")) as fh:
-                lin = json.load(fh)
+            try:
+                with open(os.path.join(path, "metrics.json")) as fh:
+                    metrics = json.load(fh)
+                with open(os.path.join(path, "lineage.json")) as fh:
+                    lin = json.load(fh)
+            except (OSError, ValueError) as err:   # one damaged version: its row says so, the others still list
+                what = os.path.basename(getattr(err, "filename", None) or "") or type(err).__name__
+                rows.append({"model": name, "version": v, "aliases": sorted(by_version.get(v, [])),
+                             "metrics": f"(damaged: {what} unreadable; not a version ecomray wrote?)", "dataset": None,
+                             "research_only": False, "created_at": None, "sweep": ""})
+                continue
             info = registry.read_info(root, name, v)
             sweep = lin.get("sweep") or {}
             shown = (_key_metrics(metrics, info.get("key_metrics") or []) if info.get("format") == registry.FORMAT

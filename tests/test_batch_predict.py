@@ -60,6 +60,31 @@ def test_batch_predict_next_item_matches_predict(ray_session, tmp_path: Path) ->
         run({**cfg, "batch_predict": {**cfg["batch_predict"], "options": {"k": -1}}})
     with pytest.raises(UserError, match=r"takes no option\(s\) \['exlude_history'\] \(it reads \['k', 'exclude_history'\]\)"):
         run({**cfg, "batch_predict": {**cfg["batch_predict"], "options": {"exlude_history": False}}})
+    # values that were taken for others: k 2.5 wrote 2 items, k true 1, exclude_history "maybe" true
+    for bad, says in (({"k": 2.5}, "k must be an integer >= 1, got 2.5"), ({"k": True}, "k must be an integer"),
+                      ({"exclude_history": "maybe"}, "exclude_history must be true or false, got 'maybe'")):
+        with pytest.raises(UserError, match=says):
+            run({**cfg, "batch_predict": {**cfg["batch_predict"], "options": bad}})
+    with pytest.raises(UserError, match=r"batch_predict.options=5: write a mapping"):
+        run({**cfg, "batch_predict": {**cfg["batch_predict"], "options": 5}})
+    # more actors than the CPUs (Ray Data waited forever), or (reading shards) than the CPUs leave for the reads
+    with pytest.raises(UserError, match=r"batch_predict.actors=3 x num_cpus_per_actor=1, but the Ray cluster has "
+                                        r"2 CPU\(s\): choose fewer actors"):
+        run({**cfg, "batch_predict": {**cfg["batch_predict"], "actors": 3}})
+    from jobs.batch_predict import _check_actors
+
+    _check_actors({"actors": 1}, reads=True)
+    with pytest.raises(UserError, match=r"actors=2 x num_cpus_per_actor=1 plus a CPU to read the shards"):
+        _check_actors({"actors": 2}, reads=True)
+    # outputs that could never be written: a file (it failed after all the work), a folder inside the registry
+    # (it looked like a version to every registry command)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"batch_predict.out: .*afile is a file, not a folder"):
+        run({**cfg, "batch_predict": {**cfg["batch_predict"], "out": str(tmp_path / "afile")}})
+    inside = os.path.join(cfg["paths"]["registry"], trained["name"], "v0002")
+    with pytest.raises(UserError, match=r"batch_predict.out=.*v0002 is inside the registry"):
+        run({**cfg, "batch_predict": {**cfg["batch_predict"], "out": inside}})
+    assert not os.path.exists(inside)
 
 
 @pytest.mark.skipif(not HAVE_SHOPPERS, reason="needs the shoppers table in ECOMRAY_DATASETS")

@@ -883,6 +883,12 @@ def test_whole_input_errors_are_one_clear_message(tmp_path: Path, content, match
     assert str(src) in str(err.value)
 
 
+def test_a_stratified_split_with_every_row_quarantined_is_the_clear_error(tmp_path: Path) -> None:
+    """No good row means no split plan: pass 2 failed with KeyError 'plan_file' instead of saying why."""
+    with pytest.raises(UserError, match=r"synthetic_reviews: all 2 rows were quarantined"):
+        prepare(cfg_for(tmp_path, "dataset=synthetic_reviews", "dataset.synthetic.rows=0"))
+
+
 def test_links_nowhere_and_files_that_are_not_files_are_named_as_such(tmp_path: Path) -> None:
     """A loop of links and a dangling link used to be "input not found" with no word of the link; /dev/zero was
     "the file is empty" (its size is 0) and a FIFO would be read once by validation and found empty by the next."""

@@ -358,6 +358,11 @@ def test_registry_cli_takes_registry_after_the_command_and_refuses_missing_model
                     ["list", "nope"]):   # gc and migrate of a missing model used to exit 0, having done nothing
         with pytest.raises(UserError, match=r"no model 'nope' in registry .*\(models: \[\]\)"):
             main([*command, "--registry", reg])
+    fake = Path(reg) / "m" / "v0001"      # a folder that is no version (a predictions folder written there)
+    fake.mkdir(parents=True)
+    (fake / "part-0.parquet").write_bytes(b"x")
+    (row,) = main(["list", "--registry", reg])
+    assert row["version"] == "v0001" and row["metrics"].startswith("(damaged: metrics.json unreadable")
     half = Path(reg) / "half"          # a model folder with only a half-written version: gc collects it
     (half / ".tmp-1").mkdir(parents=True)
     assert main(["gc", "half", "--registry", reg]) == {"half": {"deleted": [], "kept": [], "tmp": []}}

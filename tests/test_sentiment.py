@@ -195,3 +195,16 @@ def test_epoch_fraction_splits_a_pass_into_loop_epochs_deterministically() -> No
     assert sorted(np.concatenate(parts).tolist()) == idx.tolist()                       # one pass, no row twice
     assert np.array_equal(parts[1], sentiment.epoch_part(idx, 1, seed=7, fraction=1 / 3)[0])   # a resumed run replays it
     assert not np.array_equal(np.sort(sentiment.epoch_part(idx, 3, 7, 1 / 3)[0]), np.sort(parts[0]))   # next pass reshuffles
+
+
+@pytest.mark.parametrize("setting,says", [("max_rows", -1990), ("max_rows", 0), ("top_terms", "abc"),
+                                          ("time_bucket", "bogus"), ("time_bucket", "0d")])
+def test_opinion_settings_no_report_can_use_fail_before_scoring(setting: str, says: object) -> None:
+    """`opinion.max_rows=-1990` scored 10 rows, `max_rows=0` all of them; `top_terms=abc` and `time_bucket=bogus`
+    were tracebacks after the scoring."""
+    from ecomray.opinion import _check_settings
+    from ecomray.runtime import UserError
+
+    with pytest.raises(UserError, match=rf"opinion.{setting}="):
+        _check_settings({setting: says})
+    _check_settings({"max_rows": 5, "top_terms": 3, "time_bucket": "1mo"})

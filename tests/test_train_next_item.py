@@ -263,6 +263,32 @@ def test_tiny_trains_registers_and_evaluate_reproduces_it(tiny_trained) -> None:
     assert val["metrics"]["model"]["ndcg@10"] == pytest.approx(m["val/ndcg@10"], rel=1e-6)
     with pytest.raises(UserError, match=r"evaluate.split='tset': use val or test"):
         evaluate_version({**cfg, "evaluate": {"split": "tset"}})
+    # a typo in evaluate.task was ignored (the defaults' figures); a non-mapping was a TypeError
+    with pytest.raises(UserError, match=r"evaluate.task: .* has no setting\(s\) \['eval_sampeld'\]"):
+        evaluate_version({**cfg, "evaluate": {"task": {"eval_sampeld": 100}}})
+    with pytest.raises(UserError, match=r"evaluate.task=5: write a mapping"):
+        evaluate_version({**cfg, "evaluate": {"task": 5}})
+    # a value that is not a file name (a '/') names the report by a hash of the overrides instead
+    odd = evaluate_version({**cfg, "evaluate": {"task": {"eval_sampled": 0, "exclude_history": True,
+                                                         "name": "next_item/x"}}, "paths": {**cfg["paths"]}})
+    assert any(p.name.startswith(f"{out['name']}-{out['version']}-test-task-")
+               for p in Path(cfg["paths"]["reports"]).iterdir()) and odd["metrics"]["model"]
+
+
+def test_evaluate_refuses_another_preparation_unless_asked(tiny_trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On another preparation of the dataset the task fits its features (a tokenizer, vocabularies) again: the
+    figures are not the version's (a sentiment version scored 0.68 here and 0.96 in batch_predict), so evaluate
+    refuses unless evaluate.other_data=true, which warns."""
+    from ecomray.data import shards
+    from ecomray.evaluation import evaluate_version
+
+    cfg, out = tiny_trained
+    real = shards.require
+    monkeypatch.setattr(shards, "require", lambda c: {**real(c), "hash": "f" * 64})
+    with pytest.raises(UserError, match=r"trained on another preparation .* now ffffffffffff.*evaluate.other_data=true"):
+        evaluate_version({**cfg, "evaluate": {"baselines": False}})
+    report = evaluate_version({**cfg, "evaluate": {"baselines": False, "other_data": True}})
+    assert report["same_data_as_training"] is False
 
 
 def test_predict_serves_the_registered_model(tiny_trained) -> None:

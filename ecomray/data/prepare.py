@@ -412,7 +412,9 @@ def finalize_shard(s: int, stage: str, out: str, schema: dict, split: dict, deci
             quarantined = df.filter(~first)
             df = df.filter(first)
     expr = _split_expr(schema, split, decided)
-    if expr is None:
+    if expr is None and not decided.get("plan_file"):   # no good row anywhere, so no plan: nor any row here
+        df = df.with_columns(split=pl.lit(None, dtype=pl.Utf8))
+    elif expr is None:
         df = df.join(pl.read_parquet(decided["plan_file"]), on=["_file", "_row"], how="left", maintain_order="left")
     else:
         df = df.with_columns(expr.alias("split"))

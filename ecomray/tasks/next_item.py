@@ -460,8 +460,11 @@ BATCH_OPTIONS = ("k", "exclude_history")
 
 def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:
     """Top-k per user: `user_id`, `items`, `scores` (options: k, exclude_history)."""
-    top = predict(model, meta, batch["history"].to_pylist(), k=int(options.get("k", 10)),
-                  exclude_history=bool(options.get("exclude_history", True)))
+    exclude = options.get("exclude_history", True)
+    if not isinstance(exclude, bool):       # ("maybe" was true, as any non-empty text is)
+        raise ValueError(f"exclude_history must be true or false, got {exclude!r}")
+    top = predict(model, meta, batch["history"].to_pylist(), k=options.get("k", 10),   # (predict checks k: 2.5 was 2)
+                  exclude_history=exclude)
     return pa.table({"user_id": batch["user_id"],
                      "items": pa.array([[i for i, _ in t] for t in top], pa.list_(pa.string())),
                      "scores": pa.array([[s for _, s in t] for t in top], pa.list_(pa.float32()))})
