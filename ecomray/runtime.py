@@ -134,6 +134,21 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
         if dashboard is not None:
             kwargs.setdefault("include_dashboard", bool(dashboard))
         ray.init(num_cpus=num_cpus, **kwargs)
+    _rearm_sigterm()
+
+
+def _rearm_sigterm() -> None:
+    """`ray.init` starts the driver's C++ core worker, whose failure-signal handler takes over SIGTERM from Python's:
+    a `kill` or `ray job stop` printed a C++ stack dump and aborted (exit 134), skipping every cleanup (a batch
+    scoring's `<out>.tmp-<pid>` was left). `_exit_on_sigterm`'s handler is installed again, so SIGTERM exits through
+    the job's `finally` blocks with one line and exit code 143."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _exit_on_sigterm()
 
 
 def ray_started_here() -> bool:
@@ -291,9 +306,8 @@ def write_atomic(path: str, text: str) -> None:
 
 def _exit_on_sigterm() -> None:
     """SIGTERM (`ray job stop`, a scheduler, `kill`) ends a job as an exception does, so its `finally` blocks
-    remove temporary folders; Python's default is to die at once. (`ray.init` installs a handler of its own that
-    also exits through the cleanups, with exit code 15; this one covers a job before it starts Ray, or one that
-    never does, with 143.)"""
+    remove temporary folders; Python's default is to die at once. Installed again after `ray.init`
+    (`_rearm_sigterm`)."""
     import signal
     import threading
 
