@@ -322,8 +322,8 @@ def _exit_on_sigterm() -> None:
 
 
 def user_errors(fn: F) -> F:
-    """Wrap a job's entry point: a UserError becomes one clear line on stderr and exit code 2; SIGTERM exits
-    through the job's cleanups."""
+    """Wrap a job's entry point: a UserError becomes one clear line on stderr and exit code 2; SIGTERM (143) and
+    Ctrl-C (130) exit through the job's cleanups with one line."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -333,6 +333,9 @@ def user_errors(fn: F) -> F:
         except UserError as err:
             print(f"ecomray: error: {err}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:      # Ctrl-C: the cleanups ran on the way here; a traceback tells nothing
+            print("ecomray: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+            sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
 

@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> dict | list | None:
     gc.add_argument("--runs", default=None, help="also delete the <sweep>.old-* folders in this runs folder")
     args = p.parse_args(argv)
     root = abspath(args.registry) if args.registry else default_root()
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"registry {root} is a file, not a registry folder (--registry, or paths.registry)")
+    if getattr(args, "runs", None) and os.path.exists(args.runs) and not os.path.isdir(args.runs):
+        raise UserError(f"gc --runs {args.runs} is a file, not a runs folder")
     if args.cmd == "list":
         rows = list_models(root, args.model)
         if not rows:

@@ -865,6 +865,17 @@ def test_sigterm_runs_a_jobs_cleanups(tmp_path: Path, with_ray: bool) -> None:
     assert "SIGTERM received" not in err and not work.exists()
 
 
+def test_ctrl_c_is_one_line_after_the_cleanups(tmp_path: Path) -> None:
+    """Ctrl-C in a job printed a KeyboardInterrupt traceback (exit 1)."""
+    import subprocess
+    import sys
+
+    script = ("from ecomray.runtime import user_errors\n@user_errors\ndef job():\n    raise KeyboardInterrupt\njob()\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 130 and p.stderr.strip() == "ecomray: interrupted (Ctrl-C)"
+
+
 def test_a_data_folder_that_cannot_be_made_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     src = write(tmp_path / "e.csv", MESSY)

@@ -358,6 +358,11 @@ def test_registry_cli_takes_registry_after_the_command_and_refuses_missing_model
                     ["list", "nope"]):   # gc and migrate of a missing model used to exit 0, having done nothing
         with pytest.raises(UserError, match=r"no model 'nope' in registry .*\(models: \[\]\)"):
             main([*command, "--registry", reg])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"registry .*afile is a file"):
+        main(["list", "--registry", str(tmp_path / "afile")])
+    with pytest.raises(UserError, match=r"gc --runs .*afile is a file"):
+        main(["gc", "--registry", reg, "--runs", str(tmp_path / "afile")])
     fake = Path(reg) / "m" / "v0001"      # a folder that is no version (a predictions folder written there)
     fake.mkdir(parents=True)
     (fake / "part-0.parquet").write_bytes(b"x")
