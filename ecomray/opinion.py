@@ -60,7 +60,15 @@ def _check_settings(o: dict) -> None:
             check_number(f"opinion.{key}", o[key], lambda v: v >= 1, ">= 1", integer=True)
     bucket = str(o.get("time_bucket", "1w"))
     parts = re.findall(r"(\d+)(ns|us|ms|mo|s|m|h|d|w|q|y)", bucket)
-    if "".join(n + u for n, u in parts) != bucket or not any(int(n) for n, _ in parts):
+    ok = ("".join(n + u for n, u in parts) == bucket and any(int(n) for n, _ in parts)
+          and all(u != "ns" for _, u in parts))    # (timestamps are in us: a 1ns bucket made Polars panic)
+    if ok:   # as the report will use it, on a timestamp column like the data's (mixed units, 1ns: Polars refuses)
+        try:
+            (pl.DataFrame({"ts": [0]}).with_columns(pl.from_epoch("ts", time_unit="us").dt.replace_time_zone("UTC"))
+             .group_by_dynamic("ts", every=bucket).agg(pl.len()))
+        except (pl.exceptions.PolarsError, pl.exceptions.PanicException, ValueError):
+            ok = False
+    if not ok:
         raise UserError(f"opinion.time_bucket={o.get('time_bucket')!r}: write a Polars duration such as 1d, 1w "
                         f"or 1mo")
 

@@ -110,8 +110,10 @@ def _check_actors(bp: dict, reads: bool) -> None:
     if not ray_started_here():
         print(f"[batch_predict] waiting: {why}; an autoscaling cluster adds nodes, otherwise stop (Ctrl-C)", flush=True)
         return
-    raise UserError(f"{why}: choose fewer actors or CPUs per actor (at most {max(int(cpus - (1 if reads else 0)), 0)} "
-                    f"CPU(s) for actors here), or connect to a cluster with RAY_ADDRESS")
+    room = max(cpus - (1 if reads else 0), 0)
+    fix = (f"choose fewer actors or CPUs per actor (at most {room:g} CPU(s) for actors here)" if room > 0 else
+           "start Ray with more CPUs (ray.num_cpus=2: Ray Data's reads and the actors share them)")
+    raise UserError(f"{why}: {fix}, or connect to a cluster with RAY_ADDRESS")
 
 
 def run(cfg: DictConfig | dict) -> dict[str, Any]:

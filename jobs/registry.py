@@ -67,13 +67,13 @@ def list_models(root: str, only: str | None = None) -> list[dict[str, Any]]:
                     metrics = json.load(fh)
                 with open(os.path.join(path, "lineage.json")) as fh:
                     lin = json.load(fh)
-            except (OSError, ValueError) as err:   # one damaged version: its row says so, the others still list
+                info = registry.read_info(root, name, v)
+            except (OSError, ValueError, UserError) as err:   # one damaged version: its row says so, the others still list
                 what = os.path.basename(getattr(err, "filename", None) or "") or type(err).__name__
                 rows.append({"model": name, "version": v, "aliases": sorted(by_version.get(v, [])),
                              "metrics": f"(damaged: {what} unreadable; not a version ecomray wrote?)", "dataset": None,
                              "research_only": False, "created_at": None, "sweep": ""})
                 continue
-            info = registry.read_info(root, name, v)
             sweep = lin.get("sweep") or {}
             shown = (_key_metrics(metrics, info.get("key_metrics") or []) if info.get("format") == registry.FORMAT
                      else f"(registry format {info.get('format')}: run `migrate`)")

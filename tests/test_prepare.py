@@ -898,10 +898,15 @@ def test_whole_input_errors_are_one_clear_message(tmp_path: Path, content, match
     assert str(src) in str(err.value)
 
 
-def test_a_stratified_split_with_every_row_quarantined_is_the_clear_error(tmp_path: Path) -> None:
-    """No good row means no split plan: pass 2 failed with KeyError 'plan_file' instead of saying why."""
+def test_a_planned_split_with_every_row_quarantined_is_the_clear_error(tmp_path: Path) -> None:
+    """No good row means no split plan: pass 2 failed with KeyError 'plan_file' (stratified) or 'column' (temporal:
+    a wrong ts_format quarantines every row) instead of saying why."""
     with pytest.raises(UserError, match=r"synthetic_reviews: all 2 rows were quarantined"):
         prepare(cfg_for(tmp_path, "dataset=synthetic_reviews", "dataset.synthetic.rows=0"))
+    src = write(tmp_path / "e.csv", MESSY)
+    with pytest.raises(UserError, match=r"events: all \d+ rows were quarantined"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "dataset.split.strategy=temporal",
+                        "dataset.ts_format=%d/%m/%Y"))
 
 
 def test_links_nowhere_and_files_that_are_not_files_are_named_as_such(tmp_path: Path) -> None:

@@ -225,7 +225,8 @@ def plan(stage: str, schema: dict, split: dict, dedup: str, shards: int) -> dict
     out: dict[str, Any] = {"strategy": split.get("strategy", "none")}
     good = _good_rows(stage, shards)
     data_cols = list(schema["columns"])
-    if good is None:
+    if good is None:       # every row quarantined: nothing to plan, and no shard has a row to split
+        out["no_rows"] = True
         return out
     if schema.get("key") in (None, S.ROW_KEY):
         ranked = good.with_columns(pl.int_range(pl.len()).over(data_cols, order_by=["_file", "_row"]).alias("_dup"))
@@ -411,10 +412,8 @@ def finalize_shard(s: int, stage: str, out: str, schema: dict, split: dict, deci
         if dedup == "quarantine" and duplicates:
             quarantined = df.filter(~first)
             df = df.filter(first)
-    expr = _split_expr(schema, split, decided)
-    if expr is None and not decided.get("plan_file"):   # no good row anywhere, so no plan: nor any row here
-        df = df.with_columns(split=pl.lit(None, dtype=pl.Utf8))
-    elif expr is None:
+    expr = pl.lit(None, dtype=pl.Utf8) if decided.get("no_rows") else _split_expr(schema, split, decided)
+    if expr is None:
         df = df.join(pl.read_parquet(decided["plan_file"]), on=["_file", "_row"], how="left", maintain_order="left")
     else:
         df = df.with_columns(expr.alias("split"))

@@ -111,6 +111,10 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
     if not cfg.get("verbose"):
         # Tune's newer console output prints its experiment table even at verbose=0; the classic one stays silent
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune catches Ctrl-C itself and returns the trials so far as if the sweep had ended: the winner of a partial
+    # sweep was registered and aliased `best`, and tune.resume then found the sweep complete. Ctrl-C stops the job;
+    # the sweep folder keeps the trials, and the same command resumes it.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     t0 = time.time()
     if tcfg["resume"] and tune.Tuner.can_restore(sweep_dir):
         print(f"[tune] resuming the sweep in {sweep_dir}", flush=True)
