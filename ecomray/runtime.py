@@ -180,6 +180,42 @@ def alive_nodes() -> list[dict[str, float]]:
     return [node.get("Resources") or {} for node in ray.nodes() if node.get("Alive")]
 
 
+def user_error_in(err: BaseException) -> UserError | None:
+    """The UserError at the root of an error that Ray wrapped, as a plain UserError (one clear line), or None.
+
+    Ray Train's WorkerGroupError holds each worker's error (`worker_failures`); a RayTaskError holds the task's
+    (`cause`) and is itself an instance of that class, with Ray's traceback in its text; Tune and other code chain
+    errors (`__cause__`). Shared by training, tuning and prepare's Ray engine."""
+    stack: list[BaseException] = [err]
+    for _ in range(64):
+        if not stack:
+            break
+        e = stack.pop()
+        failures = getattr(e, "worker_failures", None)
+        if failures:
+            stack.extend(reversed(list(failures.values())))
+            continue
+        wrapped = getattr(e, "cause", None)
+        if isinstance(wrapped, BaseException):
+            stack.append(wrapped)
+            continue
+        if isinstance(e, UserError):
+            return UserError(str(e))
+        if e.__cause__ is not None:
+            stack.append(e.__cause__)
+    return None
+
+
+def cannot_place(job: str, why: str, fix: str, then: str = "") -> None:
+    """Work that no node of the Ray cluster can hold (Ray waits for it without a word): on a Ray this process
+    started, an error saying `fix`; on a cluster it joined (RAY_ADDRESS, a `ray start` cluster, a Tune trial), a
+    line saying it waits, since an autoscaling cluster adds nodes."""
+    if not ray_started_here():
+        print(f"[{job}] waiting: {why}; an autoscaling cluster adds nodes, otherwise stop (Ctrl-C){then}", flush=True)
+        return
+    raise UserError(f"{why}: {fix}, or connect to a cluster with RAY_ADDRESS")
+
+
 def check_number(path: str, value: Any, ok: Callable[[float], bool], rule: str, integer: bool = False) -> None:
     """A setting that must be a finite number (an integer with `integer`) for which `ok` holds; else one error
     naming the setting and the `rule`, before any work starts."""

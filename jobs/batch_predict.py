@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 
 from ecomray import registry
 from ecomray.inference import load_model
-from ecomray.runtime import (UserError, alive_nodes, bundles_that_fit, check_number, check_outside, output_folder,
-                             ray_started_here, to_plain, user_errors)
+from ecomray.runtime import (UserError, alive_nodes, bundles_that_fit, cannot_place, check_number, check_outside,
+                             output_folder, to_plain, user_errors)
 from ecomray.tasks import BATCH, supports
 
 MARKER = "predictions.json"
@@ -107,13 +107,10 @@ def _check_actors(bp: dict, reads: bool) -> None:
         return
     why = (f"batch_predict.actors={n} x num_cpus_per_actor={per:g}" + (" plus a CPU to read the shards" if reads
                                                                         else "") + f", but the Ray cluster has {cpus:g} CPU(s)")
-    if not ray_started_here():
-        print(f"[batch_predict] waiting: {why}; an autoscaling cluster adds nodes, otherwise stop (Ctrl-C)", flush=True)
-        return
     room = max(cpus - (1 if reads else 0), 0)
-    fix = (f"choose fewer actors or CPUs per actor (at most {room:g} CPU(s) for actors here)" if room > 0 else
-           "start Ray with more CPUs (ray.num_cpus=2: Ray Data's reads and the actors share them)")
-    raise UserError(f"{why}: {fix}, or connect to a cluster with RAY_ADDRESS")
+    cannot_place("batch_predict", why, f"choose fewer actors or CPUs per actor (at most {room:g} CPU(s) for actors "
+                 f"here)" if room > 0 else "start Ray with more CPUs (ray.num_cpus=2: Ray Data's reads and the actors "
+                 "share them)")
 
 
 def run(cfg: DictConfig | dict) -> dict[str, Any]:

@@ -508,14 +508,14 @@ def test_a_scaling_no_node_can_hold_is_an_error_before_training(monkeypatch: pyt
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": laptop}, {"Alive": False, "Resources": gpu_node}])
     monkeypatch.setattr(ray, "cluster_resources", lambda: laptop)
-    from ecomray.train import driver
+    from ecomray import runtime
 
-    monkeypatch.setattr(driver, "ray_started_here", lambda: True)                 # a Ray this process started
+    monkeypatch.setattr(runtime, "ray_started_here", lambda: True)                # a Ray this process started
     check_placement({"scaling": {"num_workers": 2, "use_gpu": False}})            # fits: nothing said
     with pytest.raises(UserError, match=r"1 Train worker\(s\) of \{'CPU': 4.0, 'GPU': 1.0\}.* can hold 0 "
                                         r"\(cluster total \{'CPU': 2.0, 'GPU': 0.0\}\).*scaling=cpu1"):
         check_placement({"scaling": gpu1})
-    monkeypatch.setattr(driver, "ray_started_here", lambda: False)                # a cluster, or a Tune trial
+    monkeypatch.setattr(runtime, "ray_started_here", lambda: False)               # a cluster, or a Tune trial
     check_placement({"scaling": gpu1})                                             # a warning only
 
 

@@ -35,7 +35,7 @@ from ecomray.data.adapters import dataset_path, load_adapter
 from ecomray.data.adapters.files import (READ_ERRORS, first_bad_utf8_line, format_extension, gzip_damage,
                                          is_gzip_damage)
 from ecomray.data.shards import dataset_dir, has_manifest, load_manifest
-from ecomray.runtime import UserError, is_uri, one_at_a_time
+from ecomray.runtime import UserError, is_uri, one_at_a_time, user_error_in
 
 QUARANTINE_BUCKET = -1
 SPLITS = ("train", "val", "test")
@@ -477,8 +477,9 @@ def _run_engine(engine: str, fn, calls: list[tuple], num_cpus: int | None, dashb
         try:
             results[index[ready[0]]] = ray.get(ready[0])
         except ray.exceptions.RayTaskError as err:   # a task's UserError: its own line, not Ray's traceback
-            if isinstance(err.cause, UserError):
-                raise UserError(str(err.cause)) from None
+            found = user_error_in(err)
+            if found is not None:
+                raise found from None
             raise
         if progress:
             progress(len(refs) - len(pending), results[index[ready[0]]])

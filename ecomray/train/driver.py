@@ -15,8 +15,8 @@ import torch
 
 from ecomray import registry
 from ecomray.data import shards
-from ecomray.runtime import (UserError, alive_nodes, bundles_that_fit, check_number, check_writable, is_uri,
-                             ray_started_here)
+from ecomray.runtime import (UserError, alive_nodes, bundles_that_fit, cannot_place, check_number, check_writable,
+                             is_uri, user_error_in)
 from ecomray.tasks import key_metrics, load_task
 from ecomray.train.loop import (DATA_HASH, data_changed, raise_user_error, release_kept_checkpoint, train_loop,
                                 user_error_marker)
@@ -81,12 +81,8 @@ def check_placement(cfg: dict) -> None:
     have = {k: total.get(k, 0.0) for k in bundle}
     why = (f"scaling: {n} Train worker(s) of {bundle} each, but the Ray cluster's {len(nodes)} node(s) can hold "
            f"{fit_now} (cluster total {have})")
-    if not ray_started_here():
-        print(f"[train] waiting: {why}; an autoscaling cluster adds nodes, otherwise stop (Ctrl-C) and choose "
-              f"another scaling", flush=True)
-        return
-    raise UserError(f"{why}: choose a scaling that fits this machine (scaling=cpu1, scaling=cpu2, or "
-                    f"scaling.num_workers / scaling.resources_per_worker), or connect to a cluster with RAY_ADDRESS")
+    cannot_place("train", why, "choose a scaling that fits this machine (scaling=cpu1, scaling=cpu2, or "
+                 "scaling.num_workers / scaling.resources_per_worker)", then=" and choose another scaling")
 
 
 def check_train_config(cfg: dict) -> None:
@@ -142,7 +138,7 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
             result = trainer({**cfg, DATA_HASH: data_hash}, callbacks, train_fn).fit()
         except Exception as err:  # noqa: BLE001 - a worker's UserError is the run's error, one clear line
             _remove_empty_run(cfg)
-            raise _worker_user_error(err) or err
+            raise user_error_in(err) or err
         if os.path.exists(marker or ""):  # an attempt's UserError; the retry stopped on it (`loop.train_loop`)
             _remove_empty_run(cfg)
             raise_user_error(cfg)
@@ -181,16 +177,6 @@ def _remove(path: str | None) -> None:
     if path:
         with contextlib.suppress(OSError):   # (in a `finally`: never in place of the run's own error)
             os.remove(path)
-
-
-def _worker_user_error(err: BaseException) -> UserError | None:
-    """The UserError a training worker raised (a config or data problem it found), from Ray Train's
-    WorkerGroupError, where the worker's exception may arrive wrapped in a RayTaskError; None for anything else."""
-    for failure in (getattr(err, "worker_failures", None) or {}).values():
-        cause = getattr(failure, "cause", None) or failure
-        if isinstance(cause, UserError):
-            return UserError(str(cause))
-    return err if isinstance(err, UserError) else None
 
 
 def evaluate_checkpoint(cfg: dict, checkpoint: Any, register: bool = True, train_seconds: float | None = None,

@@ -10,7 +10,7 @@ from typing import Any
 
 from ecomray import registry
 from ecomray.data import shards
-from ecomray.runtime import UserError, check_writable, write_atomic
+from ecomray.runtime import UserError, check_writable, user_error_in, write_atomic
 from ecomray.train.tune.export import EXPORT_KEYS, export_experiment
 from ecomray.train.tune.resources import ReleaseStoppedWorkers, TrialLines, max_concurrent_trials, trial_resources
 from ecomray.train.tune.results import trial_table, write_results
@@ -203,12 +203,7 @@ def _trial_user_error(grid: Any, name: str) -> UserError | None:
     """A config or data error (UserError) a trial ended with, as the error of a sweep none of whose trials finished an
     epoch: with a wrong `sweep.metric` (or a model config no model can be built from) every trial fails the same way."""
     for err in getattr(grid, "errors", None) or []:
-        cause = err
-        for _ in range(8):   # Ray's wrappers (a RayTaskError is also an instance of the error it wraps: `cause`)
-            inner = getattr(cause, "cause", None) or cause.__cause__
-            if inner is None:
-                break
-            cause = inner
-        if isinstance(cause, UserError):
-            return UserError(f"sweep {name}: no trial finished an epoch; a trial's error: {cause}")
+        found = user_error_in(err)
+        if found is not None:
+            return UserError(f"sweep {name}: no trial finished an epoch; a trial's error: {found}")
     return None
