@@ -43,10 +43,18 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
     if not isinstance(overrides, dict):
         raise UserError(f"evaluate.task={overrides!r}: write a mapping of task settings, e.g. "
                         f"'evaluate.task={{eval_sampled: 100}}'")
-    unknown = sorted(set(overrides) - set(vcfg["task"]) - _current_task_keys(vcfg["task"].get("name")))
+    task_name = vcfg["task"].get("name")
+    unknown = sorted(set(overrides) - set(vcfg["task"]) - _current_task_keys(task_name))
     if unknown:     # a typo used to be ignored: the figures were the defaults'
-        raise UserError(f"evaluate.task: {name} {found['version']}'s task {vcfg['task'].get('name')} has no "
+        raise UserError(f"evaluate.task: {name} {found['version']}'s task {task_name} has no "
                         f"setting(s) {unknown} (it has {sorted(k for k in vcfg['task'] if not k.startswith('_'))})")
+    scoring = getattr(load_task(vcfg), "EVAL_OPTIONS", None)
+    if scoring is not None and set(overrides) - set(scoring):
+        # a setting that builds the data or the features (a vocabulary's min_count, max_chars) would score a model
+        # on inputs it never saw, under the version's name
+        raise UserError(f"evaluate.task: {sorted(set(overrides) - set(scoring))} change(s) how task {task_name} "
+                        f"builds its data or features, not how a version is scored; evaluate.task takes "
+                        f"{sorted(scoring) or 'no settings'} (train again to try the others)")
     vcfg["task"] = {**vcfg["task"], **overrides}
     split = ev.get("split", "test")
     if split not in ("val", "test"):

@@ -268,9 +268,14 @@ def test_tiny_trains_registers_and_evaluate_reproduces_it(tiny_trained) -> None:
         evaluate_version({**cfg, "evaluate": {"task": {"eval_sampeld": 100}}})
     with pytest.raises(UserError, match=r"evaluate.task=5: write a mapping"):
         evaluate_version({**cfg, "evaluate": {"task": 5}})
-    # a value that is not a file name (a '/') names the report by a hash of the overrides instead
+    # a setting that builds the data (which events make a sequence) is not the version's scoring: refused
+    with pytest.raises(UserError, match=r"evaluate.task: \['dedupe'\] change\(s\) how task next_item builds its data "
+                                        r"or features.*takes \['baselines', 'eval_batch_size'"):
+        evaluate_version({**cfg, "evaluate": {"task": {"dedupe": "none", "eval_sampled": 10}}})
+    # a value that is not a file name (a '/', braces) names the report by a hash of the overrides instead
     odd = evaluate_version({**cfg, "evaluate": {"task": {"eval_sampled": 0, "exclude_history": True,
-                                                         "name": "next_item/x"}}, "paths": {**cfg["paths"]}})
+                                                         "baselines": {"item_knn": {"neighbours": 5}}}},
+                            "paths": {**cfg["paths"]}})
     assert any(p.name.startswith(f"{out['name']}-{out['version']}-test-task-")
                for p in Path(cfg["paths"]["reports"]).iterdir()) and odd["metrics"]["model"]
 

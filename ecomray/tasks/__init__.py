@@ -43,6 +43,9 @@ model` when its model is not `instantiate(config.model, **model_kwargs)` + a sta
 
 Evaluation (`jobs.evaluate`), optional:
 
+    EVAL_OPTIONS: tuple[str, ...]  # the task settings that change how a version is scored, not its data or
+                                   # features; `evaluate.task` may override only these (without it: any setting)
+
     evaluation_table(model, meta, data, split, baselines: bool) -> {row name: metrics}
                               # the model (restored from `meta`, e.g. a threshold chosen on val) and any
                               # baselines / oracles in the same harness; default {"model": evaluate(...)}

@@ -328,6 +328,9 @@ def _loss(model: nn.Module, data: CopyData, split: str, batch_size: int = 64) ->
     return total / max(count, 1)
 
 
+EVAL_OPTIONS = ("eval_generate", "decoding", "cover_values", "avoid_ungiven_values")   # evaluate.task
+
+
 def evaluate(model: nn.Module, data: CopyData, split: str) -> dict[str, float]:
     """`loss`; for the copy objective also BLEU-4 / ROUGE-L / coverage of greedy copies for the first
     `task.eval_generate` rows of the split (0: loss only)."""

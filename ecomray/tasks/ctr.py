@@ -130,6 +130,9 @@ def probabilities(model: nn.Module, x: torch.Tensor, batch_size: int = 65536) ->
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
+EVAL_OPTIONS: tuple[str, ...] = ()     # evaluate.task: every setting builds the fields or their vocabularies
+
+
 def evaluate(model: nn.Module, data: CTRData, split: str) -> dict[str, float]:
     t = data.splits[split]
     y, p = t["label"].numpy(), probabilities(model, t["x"])

@@ -118,6 +118,9 @@ def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(batch["ids"], mlm_mask=mask), batch["labels"][mask])
 
 
+EVAL_OPTIONS = ("eval_texts",)     # evaluate.task: how many val/test texts are scored
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: MLMData, split: str) -> dict[str, float]:
     was = model.training

@@ -311,6 +311,9 @@ def _reduce(sums: dict[str, float], count: int) -> dict[str, float]:
     return {k: vec[i].item() / n for i, k in enumerate(keys)}
 
 
+EVAL_OPTIONS = ("exclude_history", "eval_sampled", "eval_seed", "eval_batch_size", "baselines")   # evaluate.task
+
+
 def evaluate(model: nn.Module | None, data: SeqData, split: str, scorer: Any = None) -> dict[str, float]:
     """HR@K / NDCG@K (K in 5, 10, 20) over full ranking, plus `sampled_*` over `task.eval_sampled` seeded negatives
     when > 0. History items are excluded from the candidates when `task.exclude_history` (the target never is).

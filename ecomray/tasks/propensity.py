@@ -121,6 +121,9 @@ def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(thr[int(np.argmax(f1[:-1]))]) if len(thr) else 0.5
 
 
+EVAL_OPTIONS: tuple[str, ...] = ()     # evaluate.task: every setting builds the features
+
+
 def evaluate(model: nn.Module, data: TableData, split: str) -> dict[str, float]:
     t = data.splits[split]
     y, p = t["label"].numpy(), probabilities(model, t)

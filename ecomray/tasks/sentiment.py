@@ -346,6 +346,9 @@ def scores(y: np.ndarray, p: np.ndarray, n_classes: int) -> dict[str, float]:
             "loss": float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-9, 1.0)).mean())}
 
 
+EVAL_OPTIONS = ("eval_batch_size",)     # evaluate.task: the rest build the training rows or the tokenizer
+
+
 def evaluate(model: nn.Module, data: TextData, split: str) -> dict[str, float]:
     if split not in data.texts:
         raise UserError(f"no split {split!r} (have {sorted(data.texts)})")
