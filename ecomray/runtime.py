@@ -340,6 +340,9 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+_stopped_by: int | None = None       # the signal `_exit_on_sigterm`'s handler took, once it has
+
+
 def _exit_on_sigterm() -> None:
     """SIGTERM (`ray job stop`, a scheduler, `kill`) ends a job as an exception does, so its `finally` blocks
     remove temporary folders; Python's default is to die at once. Installed again after `ray.init`
@@ -351,6 +354,8 @@ def _exit_on_sigterm() -> None:
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         def stop(signum: int, frame: Any) -> None:
+            global _stopped_by
+            _stopped_by = signum
             print("ecomray: stopped (SIGTERM)", file=sys.stderr, flush=True)
             sys.exit(128 + signum)
 
@@ -366,12 +371,18 @@ def user_errors(fn: F) -> F:
         _exit_on_sigterm()
         try:
             return fn(*args, **kwargs)
-        except UserError as err:
-            print(f"ecomray: error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:      # Ctrl-C: the cleanups ran on the way here; a traceback tells nothing
-            print("ecomray: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
-            sys.exit(130)
+        except BaseException as err:
+            if _stopped_by is not None:
+                # SIGTERM's SystemExit may come out as another exception (Ray Train's fit turns it into its own
+                # error, and the job exited 1): after the one line its handler printed, exit 128 + the signal
+                sys.exit(128 + _stopped_by)
+            if isinstance(err, UserError):
+                print(f"ecomray: error: {err}", file=sys.stderr)
+                sys.exit(2)
+            if isinstance(err, KeyboardInterrupt):   # Ctrl-C: the cleanups ran on the way; a traceback tells nothing
+                print("ecomray: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+                sys.exit(130)
+            raise
 
     return wrapper  # type: ignore[return-value]
 

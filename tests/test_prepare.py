@@ -829,11 +829,13 @@ def test_one_prepare_of_a_dataset_at_a_time(tmp_path: Path, capsys) -> None:
     assert got["m"]["hash"] == first["hash"] and got["m"]["created_at"] == first["created_at"]
 
 
-@pytest.mark.parametrize("with_ray", [False, True], ids=["before Ray", "after ray.init"])
-def test_sigterm_runs_a_jobs_cleanups(tmp_path: Path, with_ray: bool) -> None:
+@pytest.mark.parametrize("with_ray,rewrapped", [(False, False), (True, False), (False, True)],
+                         ids=["before Ray", "after ray.init", "exit rewrapped"])
+def test_sigterm_runs_a_jobs_cleanups(tmp_path: Path, with_ray: bool, rewrapped: bool) -> None:
     """`ray job stop`, a scheduler or `kill` send SIGTERM; Python's default dies without running `finally`. After
     `ray.init` the driver's C++ core worker had taken SIGTERM over: a stack dump and an abort (exit 134), and the
-    cleanups skipped (a batch scoring's work folder was left)."""
+    cleanups skipped (a batch scoring's work folder was left). Ray Train's `fit` turns the handler's SystemExit into
+    its own error (`rewrapped`): jobs.train exited 1, not 143."""
     import select
     import signal
     import subprocess
@@ -849,8 +851,9 @@ def test_sigterm_runs_a_jobs_cleanups(tmp_path: Path, with_ray: bool) -> None:
         + f"    os.makedirs({str(work)!r})\n"
         "    try:\n"
         "        print('ready', flush=True)\n"
-        "        time.sleep(60)\n"
-        "    finally:\n"
+        + ("        try:\n            time.sleep(60)\n        except SystemExit as err:\n"
+           "            raise RuntimeError('the run failed') from err\n" if rewrapped else "        time.sleep(60)\n")
+        + "    finally:\n"
         f"        shutil.rmtree({str(work)!r})\n"
         "job()\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
