@@ -35,6 +35,15 @@ DOCS_PREFIXES = ("/static-offline-docs/",)
 MODEL_HEADER = b"x-model-version"
 
 
+def _charset(content_type: bytes) -> str | None:
+    """The charset parameter of a Content-Type header, lower-cased and unquoted (None when it has none)."""
+    for param in content_type.decode("latin-1").split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"').strip().lower()
+    return None
+
+
 @dataclass
 class GuardSettings:
     api_key: str | None = None        # None: no key required (loopback bind)
@@ -143,6 +152,11 @@ class Guard:
             await _json(send, 415, {"detail": f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not "
                                               f"accepted: send the body uncompressed (it is at most "
                                               f"{int(s.max_body_bytes)} bytes)"})
+            return
+        charset = _charset(headers.get(b"content-type", b""))
+        if charset not in (None, "utf-8", "utf8", "us-ascii", "ascii") and carries_body:   # read as UTF-8 regardless
+            await _json(send, 415, {"detail": f"Content-Type charset {charset[:40]!r} is not accepted: send the "
+                                              f"body as UTF-8 JSON"})
             return
         cap = int(s.max_body_bytes)
         length = headers.get(b"content-length")

@@ -616,6 +616,13 @@ def test_bad_input_is_422_413_or_503_never_500(app: dict[str, Any]) -> None:
                    headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert r.status_code == 415 and "uncompressed" in r.json()["detail"]
     assert httpx.get(f"{url}/healthz", headers={"content-encoding": "gzip"}).status_code == 200   # no body, no 415
+    # a body in another charset was read as UTF-8 (UTF-16: "not UTF-8"; Latin-1 accents: wrong text or a 422)
+    r = httpx.post(f"{url}/v1/recommend", content='{"history": ["é"]}'.encode("utf-16"),
+                   headers={"content-type": "application/json; charset=UTF-16"})
+    assert r.status_code == 415 and "'utf-16'" in r.json()["detail"] and "UTF-8" in r.json()["detail"], r.text
+    r = httpx.post(f"{url}/v1/recommend", content=b'{"history": ["a"]}',
+                   headers={"content-type": 'application/json; charset="UTF-8"'})
+    assert r.status_code == 200, r.text
     r = httpx.post(f"{url}/v1/recommend", json={"history": ["a"], "filters": {"category": ["c"] * 1001}})
     assert r.status_code == 422 and r.json()["detail"][-1]["loc"][:3] == ["body", "filters", "category"], r.text
 
