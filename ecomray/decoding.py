@@ -106,6 +106,7 @@ class _Seq:
         self.written = [not p for p in prompt.must_include]
         self.forced: list[int] = []
         self.score, self.done = 0.0, False
+        self.rng: torch.Generator | None = None     # sampling: this row's own draws (see `generate`)
 
     def append(self, tok: int, banned: BannedTerms | None, token_text: Callable[[int], str] | None) -> None:
         self.out.append(tok)
@@ -136,14 +137,18 @@ def generate(step: Callable[..., Any], prompts: list[Prompt], settings: Settings
     if settings.strategy == "beam":
         return [_beam(_Guided(step, [p], settings.guidance, device) if guided else step, p, settings, special, banned,
                       token_text, device) for p in prompts]
-    g = torch.Generator(device="cpu").manual_seed(int(settings.seed))
     out: list[list[list[int]]] = [[] for _ in prompts]
-    expanded = [(k, p) for k, p in enumerate(prompts) for _ in range(settings.n)]
-    seqs = [_Seq(p) for _, p in expanded]
+    expanded = [(k, j, p) for k, p in enumerate(prompts) for j in range(settings.n)]
+    seqs = [_Seq(p) for _, _, p in expanded]
+    if settings.strategy == "sample":
+        # One generator per row, seeded by (seed, variant): a request's copies depend on its seed alone, not on
+        # which requests were batched with it (one shared generator made them differ alone and in a batch).
+        for (_, j, _), s in zip(expanded, seqs):
+            s.rng = torch.Generator(device="cpu").manual_seed((int(settings.seed) * 1_000_003 + j) % (1 << 63))
     if guided:
-        step = _Guided(step, [p for _, p in expanded], settings.guidance, device)
-    _run(step, seqs, settings, special, banned, token_text, device, g)
-    for (k, _), s in zip(expanded, seqs):
+        step = _Guided(step, [p for _, _, p in expanded], settings.guidance, device)
+    _run(step, seqs, settings, special, banned, token_text, device)
+    for (k, _, _), s in zip(expanded, seqs):
         out[k].append(s.out)
     return out
 
@@ -232,7 +237,7 @@ def _mask(scores: torch.Tensor, seqs: list[_Seq], settings: Settings, special: S
 
 
 def _choose(logits: torch.Tensor, seen: torch.Tensor, seqs: list[_Seq], settings: Settings, special: Special,
-            banned: BannedTerms | None, g: torch.Generator) -> list[int]:
+            banned: BannedTerms | None) -> list[int]:
     logits = _mask(_penalize(logits, seen, settings.repetition_penalty), seqs, settings, special, banned)
     if settings.strategy == "greedy":
         return logits.argmax(-1).tolist()
@@ -241,7 +246,10 @@ def _choose(logits: torch.Tensor, seen: torch.Tensor, seqs: list[_Seq], settings
     keep = (sorted_p.cumsum(-1) - sorted_p) < settings.top_p           # the smallest set reaching top_p
     keep[:, 0] = True     # the likeliest token always: a top_p below float32's range (1e-46) compared as 0
     sorted_p = sorted_p * keep
-    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=g).squeeze(1)
+    cdf = (sorted_p / sorted_p.sum(-1, keepdim=True)).cumsum(-1)
+    u = torch.stack([torch.rand((), generator=s.rng) for s in seqs])    # each row's own draw (inverse CDF)
+    pick = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+    pick = torch.minimum(pick, keep.sum(-1) - 1)                        # a cdf that rounds below u at its end
     return order.gather(1, pick[:, None]).squeeze(1).tolist()
 
 
@@ -268,15 +276,14 @@ def _advance(s: _Seq, tok: int, settings: Settings, special: Special, banned: Ba
 
 
 def _run(step: Callable[..., Any], seqs: list[_Seq], settings: Settings, special: Special,
-         banned: BannedTerms | None, token_text: Callable[[int], str] | None, device: Any,
-         g: torch.Generator) -> None:
+         banned: BannedTerms | None, token_text: Callable[[int], str] | None, device: Any) -> None:
     logits, (cache, mask), lengths = _prefill(step, seqs, device)
     limit = settings.max_new_tokens + max((sum(len(special.joiner) + len(p) for p in s.prompt.must_include)
                                            for s in seqs), default=0)
     active = list(seqs)                                            # the batch's rows, in order
     seen = _seen([s.out for s in active], logits.shape[-1], logits.device)
     for t in range(limit + 1):
-        choice = _choose(logits, seen, active, settings, special, banned, g)
+        choice = _choose(logits, seen, active, settings, special, banned)
         fed = [special.pad if s.done else _advance(s, c, settings, special, banned, token_text)
                for s, c in zip(active, choice)]
         keep = [r for r, s in enumerate(active) if not s.done]
@@ -293,6 +300,11 @@ def _run(step: Callable[..., Any], seqs: list[_Seq], settings: Settings, special
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.bool, device=device)], 1)
         logits, cache = step(ids, cache, pos, mask)
         logits = logits[:, -1].float()
+
+
+def _normalized(b: _Seq) -> float:
+    """A beam's length-normalized log-probability, the score beams are ranked by."""
+    return b.score / max(len(b.out), 1) ** 0.7
 
 
 def _beam(step: Callable[..., Any], prompt: Prompt, settings: Settings, special: Special,
@@ -324,8 +336,15 @@ def _beam(step: Callable[..., Any], prompt: Prompt, settings: Settings, special:
             keep.append(r)
             if len(new) == width:
                 break
-        if len(finished) >= width or not new:
+        if not new:
             break
+        if len(finished) >= width:
+            # Done when no live beam ranks above the width-th best ended one (length-normalized: a live beam's
+            # rank can still rise). Stopping at `width` ended beams returned the step before's live beams, cut off
+            # mid-text, above their own continuations.
+            finished = sorted(finished, key=_normalized, reverse=True)[:width]
+            if max(_normalized(b) for b in new) <= _normalized(finished[-1]):
+                break
         beams = new
         idx = torch.tensor(keep, device=device)
         cache = _select(cache, idx)
@@ -334,8 +353,11 @@ def _beam(step: Callable[..., Any], prompt: Prompt, settings: Settings, special:
         pos = (lengths[:1].expand(len(beams)) + t).to(device)[:, None]
         logits, cache = step(ids, cache, pos, mask)
         logits = logits[:, -1].float()
-    finished.extend(beams)
-    best = sorted(finished, key=lambda b: b.score / max(len(b.out), 1) ** 0.7, reverse=True)[:settings.n]
+    else:
+        finished.extend(beams)      # max_new_tokens reached: the beams still going end here
+    if not finished:                # every continuation banned at the first step
+        finished = beams
+    best = sorted(finished, key=_normalized, reverse=True)[:settings.n]
     out = []
     for b in best:                          # must-include phrases missing from a beam: continued greedily
         missing = b.missing()
@@ -346,7 +368,7 @@ def _beam(step: Callable[..., Any], prompt: Prompt, settings: Settings, special:
             cont.forced = [*b.out, *special.joiner, *missing[0]]
             rest = Settings(strategy="greedy", repetition_penalty=settings.repetition_penalty,
                             max_new_tokens=settings.max_new_tokens + len(special.joiner) + len(missing[0]))
-            _run(step, [cont], rest, special, banned, token_text, device, torch.Generator().manual_seed(0))
+            _run(step, [cont], rest, special, banned, token_text, device)
             b.out = cont.out
         out.append(b.out)
     return out

@@ -111,11 +111,38 @@ def test_decoders_follow_the_model_and_the_constraints() -> None:
     s1 = generate(_step(toy), [Prompt([2])], Settings(strategy="sample", n=3, seed=5, max_new_tokens=6), special)
     s2 = generate(_step(toy), [Prompt([2])], Settings(strategy="sample", n=3, seed=5, max_new_tokens=6), special)
     assert s1 == s2 and len(s1[0]) == 3
+    # ... by the request's seed alone: batched with another prompt, the same copies (one generator shared by the
+    # batch's rows made them depend on the batch-mates)
+    flat = torch.zeros(V, V)
+    flat[:, eos] = -3.0                                              # near-uniform: every draw matters
+    flat_toy = _Toy(flat)
+    wide = Settings(strategy="sample", n=2, seed=1, max_new_tokens=8)
+    alone = generate(_step(flat_toy), [Prompt([2])], wide, special)
+    batched = generate(_step(flat_toy), [Prompt([6]), Prompt([2]), Prompt([2])], wide, special)
+    assert batched[1] == batched[2] == alone[0] and alone[0][0] != alone[0][1]
     # a top_p too small for float32 (it compared as 0 and kept no token: a 500 from the server) is greedy decoding
     tiny_p = generate(_step(toy), [Prompt([2])], Settings(strategy="sample", n=2, top_p=1e-46, max_new_tokens=10), special)
     assert tiny_p[0] == [greedy[0][0]] * 2
     with pytest.raises(ValueError, match="greedy"):
         Settings.from_dict({"strategy": "greedy", "n": 2})
+
+
+def test_beam_search_does_not_stop_on_a_cut_off_beam() -> None:
+    """Beam search stopped once `beam_width` beams had ended and returned the step before's live beams with them:
+    a prefix cut off mid-text ranked above its own continuations (a log-probability only falls as tokens are
+    added). Here the model writes "2" for ever (EOS unlikely): beams must follow it to max_new_tokens."""
+    V, eos, pad = 6, 1, 0
+    table = torch.full((V, V), -20.0)
+    table[5, 2], table[5, 1], table[5, 3] = 0.0, -5.0, -5.0         # after the prompt: 2; EOS and 3 unlikely
+    table[2, 2], table[2, 1] = 0.0, -6.0                            # after 2: 2 again
+    table[3, 1] = 0.0                                               # after 3: EOS
+    toy = _Toy(torch.log_softmax(table, -1))
+    special = Special(eos, pad, joiner=[])
+    greedy = generate(_step(toy), [Prompt([5])], Settings(max_new_tokens=10), special)
+    beams = generate(_step(toy), [Prompt([5])], Settings(strategy="beam", n=2, beam_width=2, max_new_tokens=10),
+                     special)
+    assert greedy == [[[2] * 10]] and beams[0][0] == [2] * 10, beams
+    assert len(beams[0]) == 2 and beams[0][1] != beams[0][0]        # no text twice
 
 
 @pytest.mark.parametrize("max_len", [64, 6])          # 6: the cache outgrows its first buffers mid-decoding
