@@ -26,6 +26,9 @@ def rank_of_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     A model's float scores almost never tie, but count-based baselines do (every never-bought item scores 0):
     placing the target in the middle of its tie group keeps a constant scorer from looking perfect.
     """
+    # NaN as the lowest score: a NaN target compared false with everything (rank -1: HR 1, NDCG inf, and a
+    # diverged model was kept as the best); an all-NaN row ranks like a constant scorer
+    scores = torch.nan_to_num(scores, nan=float("-inf"))
     t = scores.gather(1, target[:, None])
     ties = (scores == t).sum(1) - 1
     return (scores > t).sum(1) + torch.div(ties, 2, rounding_mode="floor")

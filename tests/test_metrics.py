@@ -29,6 +29,16 @@ def test_ties_put_the_target_mid_group_so_a_constant_scorer_is_not_perfect() -> 
     assert rank.tolist() == [5]                      # 10 others tied: half of them ahead
 
 
+def test_a_nan_score_ranks_last_never_first() -> None:
+    """A NaN target compared false with everything: rank -1, a hit at every K, NDCG inf (a diverged model looked
+    perfect and was kept)."""
+    scores = torch.tensor([[0.5, float("nan"), 0.1, 0.9], [float("nan")] * 4])
+    rank = rank_of_target(scores, torch.tensor([1, 2]))
+    assert rank.tolist() == [3, 1]                    # below every number; an all-NaN row ranks like a constant
+    sums = ranking_sums(rank, ks=(1,))
+    assert sums == {"hr@1": 0.0, "ndcg@1": 0.0}
+
+
 def test_history_excluded_or_kept() -> None:
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
     hist = [np.array([0, 1, 3])]                     # columns 0, 1 in the history (and 3, the target itself)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -405,6 +406,42 @@ def test_time_budget_ends_a_long_epoch_early(tmp_path: Path, monkeypatch: pytest
     out = fit(cfg, register=False)
     assert len(out["history"]) == 1 and out["history"][0]["stopped_early"] == 1.0
     assert "spent at step 1 of" in capsys.readouterr().out       # one step trained, then evaluated and stopped
+
+
+@pytest.mark.parametrize("from_epoch", [1, 0])
+def test_a_diverged_run_stops_and_keeps_its_best_finite_epoch(from_epoch: int, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """A NaN loss made the weights NaN: every target ranked -1 (HR 1, NDCG inf), that epoch was kept as the best
+    and nothing could beat it. Now a non-finite loss stops the run with the best finite epoch kept, or, with none,
+    is one error."""
+    epochs = {"n": 0}
+    real_loss, real_eval = next_item.loss_step, next_item.evaluate
+
+    def loss_step(model, batch):
+        loss = real_loss(model, batch)
+        return loss * float("nan") if epochs["n"] >= from_epoch else loss
+
+    def evaluate(model, data, split, *a, **k):
+        out = real_eval(model, data, split, *a, **k)
+        epochs["n"] += split == "val"
+        return out
+
+    monkeypatch.setattr(next_item, "loss_step", loss_step)
+    monkeypatch.setattr(next_item, "evaluate", evaluate)
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
+                      "train.epochs=4", "train.patience=100")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    if from_epoch == 0:
+        with pytest.raises(UserError, match=r"epoch 0: train/loss nan, .* diverged .*nothing to keep"):
+            fit(cfg, register=False, evaluate=False)
+        return
+    out = fit(cfg, register=False)
+    assert len(out["history"]) == 2 and out["history"][-1]["stopped_early"] == 1.0
+    assert "early stop: epoch 1: train/loss nan" in capsys.readouterr().out
+    best = out["history"][0]["val/ndcg@10"]
+    assert math.isfinite(best) and out["history"][-1]["best/val/ndcg@10"] == best
+    assert out["metrics"]["best_epoch"] == 0 and out["metrics"]["val/ndcg@10"] == pytest.approx(best)   # its weights
 
 
 def test_ema_weights_are_the_ones_evaluated_and_checkpointed(tmp_path: Path) -> None:

@@ -306,7 +306,11 @@ def _reduce(sums: dict[str, float], count: int) -> dict[str, float]:
     keys = sorted(sums)
     vec = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
+        from ecomray.train.loop import collective_device
+
+        vec = vec.to(collective_device())       # NCCL (scaling=gpu*) reduces CUDA tensors only
         dist.all_reduce(vec)
+        vec = vec.cpu()
     n = max(vec[-1].item(), 1.0)
     return {k: vec[i].item() / n for i, k in enumerate(keys)}
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from typing import Any, Callable
@@ -229,4 +230,6 @@ def evaluate_checkpoint(cfg: dict, checkpoint: Any, register: bool = True, train
 
 def _score(h: dict, cfg: dict) -> float:
     v = h[cfg["train"]["monitor"]]
+    if not math.isfinite(v):         # a diverged epoch is never the best (the loop never keeps one)
+        return -math.inf
     return v if cfg["train"].get("mode", "max") == "max" else -v

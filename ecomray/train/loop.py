@@ -35,7 +35,25 @@ def seed_everything(seed: int) -> None:
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
+    """A NaN or infinite figure is never better: a diverged ranking model scored ndcg inf and was kept as the best."""
+    if not np.isfinite(value):
+        return False
     return best is None or (value > best if mode == "max" else value < best)
+
+
+def _diverged(metrics: dict, monitor: str, best: float | None, epoch: int, world: int) -> str | None:
+    """Why training cannot go on usefully (a non-finite training loss on any worker: the weights are NaN or
+    infinite), or a UserError when no epoch could be kept at all; None while it is fine. The same on every worker
+    (the monitored figure is reduced; the loss is each worker's own)."""
+    loss, value = metrics["train/loss"], metrics[monitor]
+    bad_loss = _any_worker(not np.isfinite(loss), world)
+    if not bad_loss and (np.isfinite(value) or best is not None):
+        return None
+    why = (f"epoch {epoch}: train/loss {loss}, {monitor} {value}: the model diverged (lower optim.lr, set "
+           f"train.grad_clip, or train.bf16=false)")
+    if best is None:
+        raise UserError(f"{why}; no epoch had a finite {monitor}, so there is nothing to keep")
+    return why if bad_loss else None
 
 
 def built_model(task: Any, cfg: dict, data: Any) -> torch.nn.Module:
@@ -81,7 +99,7 @@ def decay_on_plateau(optimizer: torch.optim.Optimizer, plateau: dict | None) -> 
 BUDGET_CHECK_STEPS = 50   # steps between two looks at train.time_budget_s inside an epoch
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     """Where a tensor for a collective must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
     import torch.distributed as dist
 
@@ -91,7 +109,7 @@ def _collective_device() -> torch.device:
 def _min_over_workers(n: int) -> int:
     import torch.distributed as dist
 
-    t = torch.tensor([n], dtype=torch.int64, device=_collective_device())
+    t = torch.tensor([n], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
@@ -102,7 +120,7 @@ def _any_worker(flag: bool, world: int) -> bool:
         return flag
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)], dtype=torch.int64, device=_collective_device())
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -332,6 +350,7 @@ def _train_loop(cfg: dict) -> None:
         metrics.update({"epoch": epoch, "train/loss": loss_sum / max(n_batches, 1),
                         "samples_per_s": seen * world / max(train_s, 1e-9), "elapsed_s": time.time() - t0})
         check_reported(metrics, monitor, "train.monitor")
+        diverged = _diverged(metrics, monitor, best, epoch, world)
         improved = _better(metrics[monitor], best, mode)
         if improved:
             best, bad_epochs = metrics[monitor], 0
@@ -341,7 +360,7 @@ def _train_loop(cfg: dict) -> None:
             decay_on_plateau(optimizer, tcfg.get("lr_plateau"))
         stop = bad_epochs >= int(tcfg.get("patience", 10**9))
         out_of_time = bool(budget) and _any_worker(time.time() - t0 >= float(budget), world)
-        stop = stop or out_of_time
+        stop = stop or out_of_time or diverged is not None
         metrics.update({"best/" + monitor: best, "stopped_early": float(stop)})
         check_reported(metrics, cfg.get(REPORT_METRIC), "sweep.metric")
         history.append({k: v for k, v in metrics.items()})
@@ -363,7 +382,8 @@ def _train_loop(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
         if stop:
             if rank == 0:
-                why = (f"time budget train.time_budget_s={budget} spent" if out_of_time
+                why = (diverged + f"; the best epoch so far is kept" if diverged is not None
+                       else f"time budget train.time_budget_s={budget} spent" if out_of_time
                        else f"no {monitor} improvement for {bad_epochs} epochs")
                 print(f"[train] early stop: {why}", flush=True)
             break
