@@ -110,6 +110,16 @@ def test_tiny_seq2seq_trains_and_generates_compliant_covering_copy(tiny: dict) -
     assert sampled == loaded.task.predict(loaded.model, loaded.meta, rows[:1], strategy="sample", n=3, seed=3)
 
 
+def test_jobs_evaluate_rescores_a_seq2seq_version(tiny: dict) -> None:
+    """jobs.evaluate builds the model from the version, not through build_model, which set the batch layout: an
+    encoder-decoder version was fed decoder-only batches (TypeError: forward() missing 2 arguments)."""
+    from ecomray.evaluation import evaluate_version
+
+    cfg, out = tiny["cfg"], tiny["out"]
+    report = evaluate_version({**cfg, "evaluate": {"model": f"{out['name']}:{out['version']}", "split": "test"}})
+    assert report["metrics"]["model"]["loss"] == pytest.approx(out["metrics"]["test/loss"], rel=1e-5)
+
+
 def test_seq2seq_refuses_pretraining_and_a_decoder_only_starting_point(tiny: dict) -> None:
     from ecomray import registry
     from ecomray.tasks import copy_gen

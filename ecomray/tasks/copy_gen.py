@@ -336,6 +336,9 @@ def evaluate(model: nn.Module, data: CopyData, split: str) -> dict[str, float]:
     `task.eval_generate` rows of the split (0: loss only)."""
     was = model.training
     model.eval()
+    # the model says which batches it takes: jobs.evaluate builds it from the version, not through build_model
+    # (an encoder-decoder version was fed decoder-only batches: a TypeError)
+    data.encoder_decoder = data.encoder_decoder or bool(getattr(model, "encoder_decoder", False))
     out = {"loss": _loss(model, data, split)}
     n = int(data.cfg["task"].get("eval_generate", 0) or 0)
     if data.objective == "copy" and n:
