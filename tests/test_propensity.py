@@ -28,6 +28,11 @@ def test_fit_and_transform_golden_values_and_oov() -> None:
     assert out["x"].to_pylist() == [0.0]
     assert out["c"].to_pylist() == [0]                      # unseen category -> OOV slot 0
     assert transform_tabular(t, stats)["c"].to_pylist() == [1, 2, 1, 0]
+    # a null (serving takes null numerics) is the training mean in a log column too: it was scored as 0
+    missing = transform_tabular(pa.table({"x": pa.array([None], pa.float64()), "d": pa.array([None], pa.float64()),
+                                          "c": ["a"]}), stats)
+    assert missing["x"].to_pylist() == [0.0] and missing["d"].to_pylist() == [0.0]
+    assert transform_tabular(pa.table({"x": [2.5], "d": [0.0], "c": ["a"]}), stats)["d"].to_pylist() == [-1.0]
 
 
 def test_dcn_forward_shape() -> None:

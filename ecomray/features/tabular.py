@@ -27,7 +27,8 @@ QUANTILE_KNOTS = 101
 def _numeric(col: pa.ChunkedArray | pa.Array, log: bool) -> pa.Array:
     x = pc.cast(col, pa.float64())
     if log:
-        x = pc.ln(pc.add(pc.max_element_wise(x, 0.0), 1.0))
+        # skip_nulls=False: a null stays null, imputed like any other column's (max skipped it: null became 0)
+        x = pc.ln(pc.add(pc.max_element_wise(x, 0.0, skip_nulls=False), 1.0))
     return x
 
 
