@@ -38,6 +38,21 @@ def init_version(cfg: dict) -> dict | None:
     return registry.load(cfg["paths"]["registry"], name, version)
 
 
+def pin_init_from(cfg: dict) -> dict:
+    """The config with `model.init_from` naming the version it resolves to now (`mlm_reviews` ->
+    `mlm_reviews:v0003`). Workers, the end-of-run scoring, the registered config and a later `jobs.evaluate` then
+    all start from the same version; unpinned, a pretraining run registered meanwhile changed the tokenizer they
+    built the data with."""
+    ref = (cfg.get("model") or {}).get("init_from")
+    if not ref:
+        return cfg
+    name, version = registry.parse_ref(str(ref))
+    pinned = f"{name}:{registry.resolve(cfg['paths']['registry'], name, version)}"
+    if pinned != str(ref):
+        print(f"[train] model.init_from={ref}: {pinned}", flush=True)
+    return {**cfg, "model": {**cfg["model"], "init_from": pinned}}
+
+
 @dataclass
 class LoadedModel:
     name: str

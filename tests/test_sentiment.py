@@ -117,8 +117,13 @@ def test_mlm_pretraining_then_finetune_from_its_checkpoint(tmp_path: Path) -> No
     assert data.tok_json == pre["meta"]["tokenizer"]                       # the pretraining run's tokenizer
     model = sentiment.build_model(ft, data)
     assert torch.equal(model.state_dict()["tok.weight"], pre["state_dict"]["tok.weight"])
-    out = fit(ft)
+    # an unpinned reference ("prod, else best, else the newest") is pinned as the run starts: the workers, the
+    # scoring, the registered config and a later jobs.evaluate use that version's tokenizer, whatever is
+    # registered meanwhile
+    out = fit(_cfg(tmp_path, "model.init_from=mlm_syn", "train.epochs=1"))
     assert out["metrics"]["test/accuracy"] > 0.8
+    registered = registry.load(mcfg["paths"]["registry"], out["name"], out["version"])
+    assert registered["config"]["model"]["init_from"] == f"mlm_syn:{mlm['version']}"
     bad = _cfg(tmp_path, f"model.init_from=mlm_syn:{mlm['version']}", "model.dim=48")
     from ecomray.runtime import UserError
 

@@ -16,6 +16,7 @@ import torch
 
 from ecomray import registry
 from ecomray.data import shards
+from ecomray.inference import pin_init_from
 from ecomray.runtime import (UserError, alive_nodes, bundles_that_fit, cannot_place, check_number, check_writable,
                              is_uri, user_error_in)
 from ecomray.tasks import key_metrics, load_task
@@ -114,6 +115,7 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     from ecomray.runtime import init_ray
 
     cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry.model_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
+    cfg = pin_init_from(cfg)       # one starting version for the workers, the scoring and the registered config
     check_train_config(cfg)        # so do numbers no run can start from
     load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
     manifest = shards.require(cfg)   # so does a dataset never prepared (with the command to run)

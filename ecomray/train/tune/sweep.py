@@ -10,6 +10,7 @@ from typing import Any
 
 from ecomray import registry
 from ecomray.data import shards
+from ecomray.inference import pin_init_from
 from ecomray.runtime import UserError, check_writable, user_error_in, write_atomic
 from ecomray.train.tune.export import EXPORT_KEYS, export_experiment
 from ecomray.train.tune.resources import ReleaseStoppedWorkers, TrialLines, max_concurrent_trials, trial_resources
@@ -38,6 +39,7 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
     spec = sweep_spec(cfg)
     base = apply_overrides({k: v for k, v in cfg.items() if k not in ("sweep", "tune", "hydra")}, spec["fixed"])
     base["run_name"] = None
+    base = pin_init_from(base)   # every trial starts from the same version (and a resumed sweep from its own)
     sweep_dir = os.path.join(cfg["paths"]["runs"], spec["name"])
     fingerprint = _fingerprint(base, spec)
 
