@@ -305,3 +305,17 @@ def test_fine_tuning_from_a_version_with_a_shorter_window_keeps_its_positions(ti
     pos, old = model.state_dict()["pos.weight"], found["state_dict"]["pos.weight"]
     assert pos.shape[0] == old.shape[0] + 40 and torch.equal(pos[: old.shape[0]], old)
     assert torch.equal(model.state_dict()["tok.weight"], found["state_dict"]["tok.weight"])
+
+
+def test_lm_pretraining_holds_out_disjoint_val_and_test_texts(tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """objective lm held one set of texts out and used it as both val and test: the registered test/loss was the
+    validation loss that chose the checkpoint."""
+    from ecomray.tasks import copy_gen
+
+    corpus = [f"第{k}件商品很好看，推荐购买{k % 7}" for k in range(1000)]
+    monkeypatch.setattr(copy_gen, "_corpus", lambda cfg: (corpus, {}))
+    cfg = {**tiny["cfg"], "task": {**tiny["cfg"]["task"], "objective": "lm"}}
+    data = copy_gen.build_data(cfg)
+    val, test, train = ({tuple(t) for _, t in data.seqs[s]} for s in ("val", "test", "train"))
+    assert len(val) == len(test) == 20 and not val & test and not (val | test) & train
+    assert len(train) == len(corpus) - 40

@@ -197,10 +197,16 @@ def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> CopyData:
     seqs: dict[str, list[tuple[list[int], list[int]]]] = {}
     if objective == "lm":
         g = np.random.default_rng(int(cfg.get("seed", 0)))
-        held = set(g.choice(len(corpus), size=min(len(corpus) // 50, 2000), replace=False).tolist())
+        # two disjoint held-out sets of up to 2% (2,000 texts) each: val picks the epoch, test is not the same
+        # texts (it was: the registered test/loss was the validation loss that chose the checkpoint)
+        n_held = min(len(corpus) // 50, 2000)
+        drawn = g.choice(len(corpus), size=min(2 * n_held, len(corpus)), replace=False).tolist()
+        parts = {"val": sorted(drawn[:n_held]), "test": sorted(drawn[n_held:])}
+        held = set(drawn)
         enc = [encode_text(tok_json, x)[: max_prompt + max_target - 2] for x in corpus]
         seqs["train"] = [([CLS_ID], [*e, EOS_ID]) for k, e in enumerate(enc) if k not in held and e]
-        seqs["val"] = seqs["test"] = [([CLS_ID], [*enc[k], EOS_ID]) for k in sorted(held) if enc[k]]
+        for split, ks in parts.items():
+            seqs[split] = [([CLS_ID], [*enc[k], EOS_ID]) for k in ks if enc[k]]
     else:
         for s, rs in rows.items():
             seqs[s] = [(prompt_ids(tok_json, r, max_prompt), [*encode_text(tok_json, r["target"])[:max_target], EOS_ID])
