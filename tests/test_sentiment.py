@@ -87,6 +87,22 @@ def test_tfidf_baseline_is_a_servable_state_dict(tmp_path: Path) -> None:
     assert np.allclose(lr.predict_proba(vec.transform(data.texts["test"][:20]))[:, 1], p_eval[:20, 1], atol=1e-4)
 
 
+def test_tfidf_is_fitted_on_texts_cut_as_they_are_scored(tmp_path: Path) -> None:
+    """Evaluation and serving cut texts to task.max_chars; the TF-IDF fit saw them whole (n-grams the model can
+    never be shown at scoring time, and C chosen on uncut validation texts)."""
+    cfg = _cfg(tmp_path, "model=tfidf_lr", "model.Cs=[1.0]", "task.max_chars=6")
+    data = sentiment.build_data(cfg)
+    sentiment.build_model(cfg, data)
+    from ecomray.models.tfidf_lr import fit_tfidf_lr
+
+    opts = {k: v for k, v in cfg["model"].items() if k != "_target_"}
+    train, val = ([x[:6] for x in data.texts[s]] for s in ("train", "val"))
+    on_cut = fit_tfidf_lr(train, data.y["train"], val, data.y["val"], num_classes=len(data.labels), **opts)[0]
+    whole = fit_tfidf_lr(data.texts["train"], data.y["train"], data.texts["val"], data.y["val"],
+                         num_classes=len(data.labels), **opts)[0]
+    assert data.model_kwargs["vocabulary"] == on_cut["vocabulary"] != whole["vocabulary"]
+
+
 def test_tfidf_vocabulary_with_omegaconf_specials_loads() -> None:
     """n-grams like "???" or "${x}" must survive the registry round trip (no OmegaConf on the vocabulary)."""
     from ecomray.models.tfidf_lr import TfidfLR

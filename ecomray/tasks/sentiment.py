@@ -203,7 +203,9 @@ def build_model(cfg: dict, data: TextData) -> nn.Module:
 
         if not data.model_kwargs:   # fit once per data object (the driver rebuilds both after training)
             opts = {k: v for k, v in mcfg.items() if k != "_target_"}
-            kwargs, state, report = fit_tfidf_lr(data.texts["train"], data.y["train"], data.texts["val"], data.y["val"],
+            # cut as evaluation and serving cut them (fitted on whole texts, it scored cut ones: a train/serve skew)
+            train, val = ([x[: data.max_chars] for x in data.texts[s]] for s in ("train", "val"))
+            kwargs, state, report = fit_tfidf_lr(train, data.y["train"], val, data.y["val"],
                                                  num_classes=len(data.labels), **opts)
             data.model_kwargs, data.fit_report, data._tfidf_state = kwargs, report, state
         model = TfidfLR(**data.model_kwargs)
