@@ -37,6 +37,11 @@ def test_fit_and_transform_golden_values_and_oov() -> None:
 
 def test_dcn_forward_shape() -> None:
     model = TabularDCN(num_numeric=3, cardinalities=[4, 5], embed_dim=2, hidden=[8])
+    from ecomray.models.dcn_ensemble import DCNEnsemble
+
+    # the out-of-vocabulary row starts (and, untouched by training rows, stays) zero, not a random vector
+    for m in (model, DCNEnsemble(num_numeric=3, cardinalities=[4, 5], members=2, embed_dim=2)):
+        assert all(not e.weight[0].any() and e.weight[1:].abs().sum() > 0 for e in m.embeddings)
     out = model(torch.randn(6, 3), torch.randint(0, 4, (6, 2)))
     assert out.shape == (6,)
 

@@ -49,6 +49,9 @@ class DCNEnsemble(nn.Module):
         self.members, self.embed_dim = members, embed_dim
         # One table per feature holding every member's embedding side by side: (cardinality, K*E).
         self.embeddings = nn.ModuleList(nn.Embedding(n, members * embed_dim) for n in cardinalities)
+        with torch.no_grad():    # row 0, out of vocabulary: no training row reaches it, so it would stay a random
+            for e in self.embeddings:   # vector for every unseen value at serving; zero is the neutral one
+                e.weight[0].zero_()
         width = num_numeric + embed_dim * len(cardinalities)                                       # F
         self.cross = nn.ModuleList(BatchedCross(members, width) for _ in range(cross_layers))
         layers: list[nn.Module] = []

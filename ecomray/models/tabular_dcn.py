@@ -26,6 +26,9 @@ class TabularDCN(nn.Module):
                  hidden: list[int] | tuple[int, ...] = (128, 64), dropout: float = 0.1) -> None:
         super().__init__()
         self.embeddings = nn.ModuleList(nn.Embedding(n, embed_dim) for n in cardinalities)
+        with torch.no_grad():    # row 0, out of vocabulary: no training row reaches it, so it would stay a random
+            for e in self.embeddings:   # vector for every unseen value at serving; zero is the neutral one
+                e.weight[0].zero_()
         width = num_numeric + embed_dim * len(cardinalities)                       # F
         self.cross = nn.ModuleList(CrossLayer(width) for _ in range(cross_layers))
         layers: list[nn.Module] = []
