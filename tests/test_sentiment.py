@@ -147,17 +147,34 @@ def test_mlm_pretraining_then_finetune_from_its_checkpoint(tmp_path: Path) -> No
         sentiment.build_model(bad, sentiment.build_data(bad))
 
 
-def _tiny_bert(folder: Path, texts: list[str]) -> None:
+def _tiny_bert(folder: Path, texts: list[str], specials: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+               **tokenizer: str) -> None:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     chars = sorted({c for t in texts for c in t if not c.isspace()})
     folder.mkdir()
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars])}
-    BertTokenizerFast(vocab=vocab).save_pretrained(folder)
+    vocab = {t: i for i, t in enumerate([*specials, *chars])}
+    BertTokenizerFast(vocab=vocab, **tokenizer).save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(chars) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)
+
+
+def test_hf_padding_id_is_the_tokenizers_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vocabulary whose padding token is not [PAD] (RoBERTa: <pad> = 1, <s> = 0) was padded with 0 and 0 was
+    masked out of attention: its start token was hidden from the encoder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    texts = sentiment.build_data(_cfg(tmp_path)).texts["train"]
+    _tiny_bert(tmp_path / "bert", texts, ("<s>", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<pad>"), pad_token="<pad>")
+    hcfg = _cfg(tmp_path, "model=hf_encoder", f"model.pretrained_dir={tmp_path / 'bert'}")
+    data = sentiment.build_data(hcfg)
+    model = sentiment.build_model(hcfg, data)
+    short = int(data.lengths["train"].argmin())
+    assert data.ids["train"][short, data.lengths["train"][short]:].tolist() == \
+        [5] * (data.max_len - data.lengths["train"][short])
+    assert model.pad_id == 5 and 0 not in data.ids["train"][:, :1]
 
 
 def test_hf_encoder_from_a_local_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ ValueError.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -151,7 +152,14 @@ def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> TextData:
         if not d or not os.path.isdir(str(d)):
             raise UserError(f"model.pretrained_dir={d!r} is not a local directory (nothing is downloaded)")
         hf_tok = AutoTokenizer.from_pretrained(d, local_files_only=True, use_fast=True)
-        tok_json, tok_kind, max_len = hf_tok.backend_tokenizer.to_str(), "hf", max_chars + 2
+        if hf_tok.pad_token_id is None:
+            raise UserError(f"model.pretrained_dir={d}: its tokenizer has no padding token (pad_token in "
+                            f"tokenizer_config.json / special_tokens_map.json)")
+        backend = hf_tok.backend_tokenizer
+        # the padding token travels in the stored tokenizer: not every vocabulary calls it [PAD] (RoBERTa's is
+        # <pad>, id 1; id 0, assumed before, is its <s>, which padding masks then hid from attention)
+        backend.enable_padding(pad_id=int(hf_tok.pad_token_id), pad_token=str(hf_tok.pad_token))
+        tok_json, tok_kind, max_len = backend.to_str(), "hf", max_chars + 2
     elif kind == "transformer":
         init = init_version(cfg)
         if init is not None:
@@ -179,13 +187,22 @@ def _tokenizer(kind: str, tok_json: str, max_len: int):
     return tok
 
 
+@functools.lru_cache(maxsize=8)
+def hf_pad_id(tok_json: str) -> int:
+    """The padding id a stored Hugging Face tokenizer names (versions stored before it did: [PAD]'s, else 0)."""
+    padding = json.loads(tok_json).get("padding") or {}
+    if padding.get("pad_id") is not None:
+        return int(padding["pad_id"])
+    return int(load_tokenizer(tok_json).token_to_id("[PAD]") or 0)
+
+
 def encode_texts(kind: str, tok_json: str, max_len: int, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> (ids (N, max_len), lengths (N,)) with the stored tokenizer."""
     tok = _tokenizer(kind, tok_json, max_len)
     if kind == "char":
         return encode_chars(tok, texts, max_len)
     encs = tok.encode_batch(list(texts), add_special_tokens=True)
-    pad = tok.token_to_id("[PAD]") or 0
+    pad = hf_pad_id(tok_json)
     ids = np.full((len(encs), max_len), pad, dtype=np.int64)
     lengths = np.zeros(len(encs), dtype=np.int64)
     for i, e in enumerate(encs):
@@ -212,8 +229,7 @@ def build_model(cfg: dict, data: TextData) -> nn.Module:
         model.load_state_dict(data._tfidf_state)
         return model
     if kind == "hf":
-        pad = _tokenizer("hf", data.tok_json, data.max_len).token_to_id("[PAD]")
-        data.model_kwargs = {"num_classes": len(data.labels), "pad_id": int(pad or 0)}
+        data.model_kwargs = {"num_classes": len(data.labels), "pad_id": hf_pad_id(data.tok_json)}
         model = instantiate(mcfg, **data.model_kwargs)
         data.model_kwargs["hf_config"] = model.encoder.config.to_dict()
         return model
