@@ -98,6 +98,10 @@ class Batcher:
     async def __call__(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._task is None or self._task.done():
+            if self._loop is loop:      # the consumer stopped: what it left queued is answered, not abandoned
+                for _, fut in self._queue:
+                    if not fut.done():
+                        fut.set_exception(RuntimeError(f"[{self.name}] the batcher stopped; retry the request"))
             self._loop, self._queue, self._wake = loop, collections.deque(), asyncio.Event()
             self._task = loop.create_task(self._consume(), name=f"{self.name}-batcher")
         fut = loop.create_future()
@@ -115,7 +119,11 @@ class Batcher:
 
     def _timed(self, items: list[Any]) -> tuple[list[Any], float]:
         t = time.thread_time()
-        return self.fn(items), time.thread_time() - t
+        try:
+            results = self.fn(items)
+        except StopIteration as err:    # a future refuses StopIteration: the batch's requests would wait for ever
+            raise RuntimeError(f"the batch function raised StopIteration: {err!r}") from err
+        return results, time.thread_time() - t
 
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
@@ -161,6 +169,11 @@ class Batcher:
                 logger.exception("[%s] batch of %d failed", self.name, len(items))
                 results, cpu = [err] * len(items), 0.0
                 failed = True
+            except BaseException:     # cancelled (close), or the process is exiting: no request waits for ever
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(RuntimeError(f"[{self.name}] the batcher stopped; retry the request"))
+                raise
             else:
                 failed = False
             seconds = time.perf_counter() - t0

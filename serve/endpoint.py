@@ -49,8 +49,21 @@ class ModelServer:
         self.ref: str | None = self.options.get("ref")
         self.failed: dict[str, str] | None = None       # the last hot swap that did not happen, and why
         self.loaded: LoadedModel | None = None
-        self.loaded = self._load(version)
-        batching = self.options.get("batching") or {}
+        self.contract: str | None = None                 # the request schema the ingress was built with
+        try:
+            self.loaded = self._load(version)
+        except UserError as err:
+            if self._board_key() is None:                # inline, or not in a replica: the deploy's own error
+                raise
+            # A replica that starts after a hot swap (autoscaling, a restart) is built with the version the app was
+            # deployed with, which `registry gc` may have deleted since no replica serves it. Serve calls
+            # reconfigure(user_config) before the replica takes traffic: it loads the version being served.
+            self.failed = {"ref": str(version)[:200], "error": self._reason(err)}
+            logger.warning("[%s] %s %s did not load (%s); waiting for the app's current version", route, name,
+                           version, self.failed["error"])
+        if self.loaded is not None:
+            self.contract = self._contract(self.loaded)
+        batching = _batching_settings(self.options.get("batching") or {})
         # One batch queue per instance; a batch is formed when the model is free (serve/batcher.py).
         self._batch = Batcher(self._run, int(batching.get("max_batch_size", 16)),
                               float(batching.get("batch_wait_timeout_s", 0.0)),
@@ -132,9 +145,17 @@ class ModelServer:
         logger.info("[%s] loaded %s %s in %.2fs", self.route, loaded.name, loaded.version, time.perf_counter() - t0)
         return loaded
 
-    def _apply_batching(self, batching: dict[str, Any]) -> None:
-        self._batch.configure(**{k: batching[k] for k in ("max_batch_size", "batch_wait_timeout_s", "in_thread")
-                                 if k in batching})
+    def _reason(self, err: BaseException) -> str:
+        """An error as `failed_swap` shows it: without the server's folders (`GET /v1/models` is public)."""
+        from serve.settings import _without_folders
+
+        return f"{type(err).__name__}: {_without_folders(str(err), self.root)[:300]}"
+
+    def _contract(self, loaded: LoadedModel) -> str:
+        """The route's request schema for a version (its fields and their types; descriptions and examples left
+        out): what the ingress validates bodies against, built once, from the version the app was deployed with."""
+        request_model, _ = loaded.task.api(loaded.meta, self.options.get("limits") or {})
+        return json.dumps(_bare_schema(request_model.model_json_schema()), sort_keys=True)
 
     def _observe(self, size: int, seconds: float) -> None:
         """Prometheus (inside a replica): `ecomray_batch_size` and `ecomray_batch_ms` per route."""
@@ -161,7 +182,12 @@ class ModelServer:
         flight finish on the old model, none is dropped. A version that does not load (missing, outside the
         registry, broken files) is not swapped in: the old one keeps serving and `describe()` reports the failure."""
         user_config = user_config or {}
-        self._apply_batching(user_config.get("batching") or {})
+        try:    # checked whole before any of it applies; a typo must not fail the replica (Serve would stop it)
+            self._batch.configure(**_batching_settings(user_config.get("batching") or {}))
+        except (TypeError, ValueError) as err:
+            self.failed = {"ref": "batching", "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            logger.error("[%s] batching %r refused, batching unchanged: %s", self.route, user_config.get("batching"),
+                         err)
         if not ({"version", "ref"} & set(user_config)):
             return
         ref = user_config.get("ref")
@@ -173,16 +199,32 @@ class ModelServer:
                 self.ref, self.failed = ref, None
                 return
             fresh = await asyncio.get_running_loop().run_in_executor(None, self._load, version)
+            contract = self._contract(fresh)
+            if self.contract is not None and contract != self.contract:
+                # the ingress validates bodies against the deployed version's schema: the swapped-in model would
+                # get rows without its fields (a 500 on every request, /healthz still ok)
+                self._unlease(fresh.version)
+                raise UserError(f"{self.name} {fresh.version} takes other request fields than the deployed "
+                                f"version (its request schema differs): roll it out with `python -m jobs.deploy "
+                                f"... deploy.rollout=true`, which rebuilds the ingress, not with a hot swap")
         except Exception as err:  # noqa: BLE001 - a bad swap must never take the route down
-            self.failed = {"ref": str(wanted)[:200], "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            self.failed = {"ref": str(wanted)[:200], "error": self._reason(err)}
             logger.error("[%s] hot swap to %r failed, still serving %s %s: %s", self.route, wanted, self.name,
                          current.version if current else "nothing", self.failed["error"])
             return
         self.loaded, self.ref, self.failed = fresh, ref, None      # one reference assignment: the swap
+        self.contract = self.contract or contract
         self._report()
+        if current is not None:
+            self._unlease(current.version)
+
+    def _unlease(self, version: str) -> None:
         key = self._board_key()
-        if key is not None and current is not None:
-            registry.release(self.root, self.name, current.version, key.rsplit("/", 1)[-1])
+        if key is not None:
+            try:
+                registry.release(self.root, self.name, version, key.rsplit("/", 1)[-1])
+            except (OSError, UserError):
+                logger.warning("[%s] could not release %s %s in the registry", self.route, self.name, version)
 
     def check_health(self) -> None:
         if self.loaded is None or self.loaded.model is None:
@@ -242,7 +284,12 @@ class ModelServer:
                         results.append(err)
             ref = {"name": loaded.name, "version": loaded.version}
             for n, r in zip(members, results):
-                out[n] = self._shape(r, ref)
+                try:
+                    out[n] = self._shape(r, ref)
+                except Exception:  # noqa: BLE001 - a result that is not a mapping fails its own request only
+                    logger.exception("[%s] %s %s gave a result that is not a mapping", self.route, loaded.name,
+                                     loaded.version)
+                    out[n] = error(500, "internal error; the server log has the details")
         return out
 
     def _serve(self, loaded: LoadedModel, bodies: list[dict[str, Any]]) -> list[Any]:
@@ -259,6 +306,43 @@ class ModelServer:
         if isinstance(result, BaseException):
             return error(500, "internal error; the server log has the details")
         return {"status": 200, "body": {**result, "model": ref}}
+
+
+def _batching_settings(batching: Any) -> dict[str, Any]:
+    """`batching` checked whole and typed (ValueError naming the key): max_batch_size an integer >= 1,
+    batch_wait_timeout_s a number >= 0, in_thread a boolean (the text "false" was true)."""
+    if not isinstance(batching, dict):
+        raise ValueError(f"batching must be a mapping, got {batching!r}")
+    unknown = set(batching) - {"max_batch_size", "batch_wait_timeout_s", "in_thread"}
+    if unknown:
+        raise ValueError(f"batching has unknown key(s) {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    if "max_batch_size" in batching:
+        v = batching["max_batch_size"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"batching.max_batch_size must be an integer >= 1, got {v!r}")
+        out["max_batch_size"] = v
+    if "batch_wait_timeout_s" in batching:
+        v = batching["batch_wait_timeout_s"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ValueError(f"batching.batch_wait_timeout_s must be a number >= 0, got {v!r}")
+        out["batch_wait_timeout_s"] = float(v)
+    if "in_thread" in batching:
+        if not isinstance(batching["in_thread"], bool):
+            raise ValueError(f"batching.in_thread must be true or false, got {batching['in_thread']!r}")
+        out["in_thread"] = batching["in_thread"]
+    return out
+
+
+def _bare_schema(schema: Any) -> Any:
+    """A JSON schema without what does not change which bodies it accepts (titles, descriptions, examples,
+    defaults: the ingress fills them in)."""
+    if isinstance(schema, dict):
+        return {k: _bare_schema(v) for k, v in schema.items()
+                if k not in ("title", "description", "examples", "example", "default")}
+    if isinstance(schema, list):
+        return [_bare_schema(v) for v in schema]
+    return schema
 
 
 def replica_versions(app: str, route: str) -> list[dict[str, Any]]:

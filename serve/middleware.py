@@ -35,6 +35,12 @@ DOCS_PREFIXES = ("/static-offline-docs/",)
 MODEL_HEADER = b"x-model-version"
 
 
+def _printable(text: str, limit: int) -> str:
+    """A client's text as one log line shows it: escaped (a newline in a percent-decoded path forged a second
+    request line) and cut."""
+    return text.encode("unicode_escape").decode("ascii")[:limit]
+
+
 def _charset(content_type: bytes) -> str | None:
     """The charset parameter of a Content-Type header, lower-cased and unquoted (None when it has none)."""
     for param in content_type.decode("latin-1").split(";")[1:]:
@@ -120,7 +126,7 @@ class Guard:
             await send(message)
 
         try:
-            await self._handle(scope, receive, send_logged)
+            await self._handle(scope, receive, send_logged, state)
         except Exception:  # noqa: BLE001 - the last line of defence: one traceback, then a proper JSON 500
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not state["started"]:
@@ -133,9 +139,10 @@ class Guard:
             self._record(route, int(state["status"]), str(state["version"]), ms)
             if self.settings.log_requests:
                 logger.info("request route=%s %s status=%s latency_ms=%.2f model_version=%s", scope.get("method"),
-                            route if route != "other" else path[:80], state["status"], ms, state["version"])
+                            route if route != "other" else _printable(path, 80), state["status"], ms,
+                            state["version"])
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any]) -> None:
         s = self.settings
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         path, root = str(scope.get("path", "")), str(scope.get("root_path", "") or "")
@@ -183,6 +190,7 @@ class Guard:
                             [(b"connection", b"close")])
                 return
             if message["type"] == "http.disconnect":
+                state["status"] = 499           # the client went away mid-upload: no answer, and not a 500
                 return
             chunk = message.get("body", b"")
             size += len(chunk)

@@ -84,6 +84,39 @@ def test_guard_api_key_body_cap_and_catch_all() -> None:
     asyncio.run(main())
 
 
+def test_guard_logs_a_disconnect_as_499_and_escapes_the_path(caplog: pytest.LogCaptureFixture) -> None:
+    """A client that went away mid-upload was logged and counted as a 500 (error-rate alerts); a percent-decoded
+    newline in the path wrote a second, forged request line into the log."""
+    import logging
+
+    guard = Guard(_ok_app, GuardSettings())
+    recorded: list[int] = []
+    guard._record = lambda route, status, version, ms: recorded.append(status)   # type: ignore[method-assign]
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        parts = [{"type": "http.request", "body": b'{"hist', "more_body": True}, {"type": "http.disconnect"}]
+
+        async def receive() -> dict:
+            return parts.pop(0)
+
+        await guard({"type": "http", "method": "POST", "path": "/v1/recommend",
+                     "headers": [(b"content-type", b"application/json")]}, receive, send)
+        assert sent == []
+        forged = "/x\nrequest route=POST /v1/recommend status=200 latency_ms=1.00 model_version=forged"
+        parts.append({"type": "http.request", "body": b""})
+        await guard({"type": "http", "method": "GET", "path": forged, "headers": []}, receive, send)
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        asyncio.run(main())
+    assert recorded == [499, 200]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request route=")]
+    assert "status=499" in lines[0] and len(lines) == 2 and "\n" not in lines[1] and "\\n" in lines[1]
+
+
 def test_bind_rules() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5")
@@ -257,6 +290,74 @@ def test_a_replica_leases_a_version_before_loading_it(trained: dict[str, Any], m
     shutil.rmtree(os.path.join(reg, name, other))         # the other tests see the versions they trained
 
 
+def test_swaps_that_would_break_a_route_are_refused_and_late_replicas_start(trained: dict[str, Any],
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review of the serving code:
+    - a hot swap to a version that takes other request fields (a CTR model over other fields) was made: the ingress
+      kept the deployed version's schema, every request then failed (500) and /healthz said ok;
+    - a replica started after a swap (autoscaling, a restart) is built with the deployed version, which gc may have
+      deleted: its constructor failed, so the route could neither scale nor recover;
+    - failed_swap (GET /v1/models) showed the server's registry folder;
+    - a batching typo in user_config made reconfigure raise (Serve stops such a replica), half applied."""
+    from pydantic import create_model
+
+    from ecomray.tasks import next_item
+    from serve import endpoint
+
+    cfg = trained["cfg"]
+    reg, name = cfg["paths"]["registry"], trained["recommend"]["name"]
+    real_api = next_item.api
+    monkeypatch.setattr(next_item, "api", lambda meta, limits: (
+        (create_model("Other", shop=(str, ...)), real_api(meta, limits)[1]) if meta.get("other_fields")
+        else real_api(meta, limits)))
+    old = registry.load(reg, name, None)
+    other = registry.register(reg, name, old["state_dict"], old["config"], old["metrics"],
+                              {**old["meta"], "other_fields": True}, old["lineage"])
+    rec = _server(reg, name, old["version"])
+    asyncio.run(rec.reconfigure({"version": other}))
+    assert rec.loaded.version == old["version"]
+    failed = rec.describe()["failed_swap"]
+    assert failed["ref"] == other and "request schema differs" in failed["error"] and "deploy.rollout" in failed["error"]
+    # a damaged version's error names <registry>, not the server's folder
+    os.remove(os.path.join(reg, name, other, "meta.json"))
+    asyncio.run(rec.reconfigure({"version": other}))
+    assert reg not in rec.describe()["failed_swap"]["error"] and "<registry>" in rec.describe()["failed_swap"]["error"]
+    shutil.rmtree(os.path.join(reg, name, other))
+    # batching typos: refused whole, the replica keeps its settings and keeps serving
+    before = rec.batch_stats()
+    for bad in ({"max_batch_size": 0}, {"batch_wait_timeout_s": -1, "max_batch_size": 4}, {"in_thread": "false"},
+                {"max_batch_size": "32x"}, {"max_batchsize": 4}):
+        asyncio.run(rec.reconfigure({"batching": bad}))
+        assert rec.describe()["failed_swap"]["ref"] == "batching"
+        assert {k: rec.batch_stats()[k] for k in ("max_batch_size", "batch_wait_timeout_s")} == \
+            {k: before[k] for k in ("max_batch_size", "batch_wait_timeout_s")}
+    assert asyncio.run(rec({"history": _histories(trained, 1)[0], "k": 3}))["status"] == 200
+    # a replica whose deployed version gc deleted starts, and loads the served version on its first reconfigure
+    monkeypatch.setattr(endpoint.ModelServer, "_board_key", lambda self: "board/app/recommend/replica-9")
+    late = endpoint.ModelServer(reg, name, "v0999", "recommend", {"max_history": 50})
+    assert late.loaded is None and "v0999 is not in the registry" in late.describe()["failed_swap"]["error"]
+    asyncio.run(late.reconfigure({"version": old["version"]}))
+    assert late.loaded.version == old["version"] and late.describe()["failed_swap"] is None
+    late.check_health()
+    registry.release(reg, name, old["version"], "replica-9")
+
+
+def test_exclude_history_covers_the_part_past_max_history(trained: dict[str, Any]) -> None:
+    """Only the most recent max_history items are scored, but with exclude_history none of the history may come
+    back: the older part used to be recommended (all 10 of the model's favourites, put first in the history)."""
+    cfg = trained["cfg"]
+    rec = _server(cfg["paths"]["registry"], trained["recommend"]["name"])     # max_history 50
+    recent = rec.loaded.meta["item_ids"][:50]
+    top = [i["item_id"] for i in asyncio.run(rec({"history": recent, "k": 10}))["body"]["items"]]
+    out = asyncio.run(rec({"history": top + recent, "k": 10}))["body"]
+    got = [i["item_id"] for i in out["items"]]
+    assert len(got) == 10 and not set(got) & set(top + recent), got
+    assert "only the most recent 50 are used" in out["warnings"][0]
+    kept = asyncio.run(rec({"history": top + recent, "k": 10, "exclude_history": False}))["body"]["items"]
+    alone = asyncio.run(rec({"history": recent, "k": 10, "exclude_history": False}))["body"]["items"]
+    assert kept == alone                                        # not excluded: the scored part alone decides
+
+
 def _second_version(reg: str, name: str) -> tuple[dict, str]:
     """Register a perturbed copy of the newest version: a different model to swap to."""
     old = registry.load(reg, name, None)
@@ -336,6 +437,27 @@ def test_batcher_forms_a_batch_when_the_model_is_free() -> None:
         assert asyncio.run(main(in_thread)) == [0] + [i * 10 for i in range(2, 12)]
         assert seen == [[0], list(range(2, 10)), [10, 11]]
         assert (threading.current_thread().name in threads) is not in_thread
+
+
+def test_a_batch_function_that_raises_stopiteration_fails_its_batch_not_the_batcher() -> None:
+    """asyncio refuses StopIteration as a future's exception: in the thread, the batch's requests (and every later
+    one) waited for ever; on the loop, the consumer died and what it had queued was abandoned."""
+    from serve.batcher import Batcher
+
+    def fn(items: list[int]) -> list[int]:
+        if 0 in items:
+            raise StopIteration("from a family's next()")
+        return [i * 10 for i in items]
+
+    async def main(in_thread: bool) -> None:
+        b = Batcher(fn, max_batch_size=4, in_thread=in_thread, name="t")
+        bad = await asyncio.wait_for(asyncio.gather(b(0), return_exceptions=True), 5)
+        assert isinstance(bad[0], RuntimeError) and "StopIteration" in str(bad[0])
+        assert await asyncio.wait_for(b(7), 5) == 70          # the batcher goes on
+        b.close()
+
+    for in_thread in (True, False):
+        asyncio.run(main(in_thread))
 
 
 def test_batcher_runs_a_lone_fast_request_on_the_loop_and_a_slow_one_in_its_thread() -> None:

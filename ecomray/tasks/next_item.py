@@ -537,11 +537,14 @@ def serve_batch(model: nn.Module, meta: dict, requests: list[dict], options: dic
     plans = []
     for n, req in enumerate(requests):
         warnings: list[str] = []
-        history = list(req.get("history") or [])
+        full = history = list(req.get("history") or [])
         k, exclude = int(req.get("k", 10)), bool(req.get("exclude_history", True))
+        older: set[str] = set()     # known items before the part scored: still never recommended when excluded
         if len(history) > max_history:
             warnings.append(f"history has {len(history)} items; only the most recent {max_history} are used")
             history = history[-max_history:]
+            if exclude:
+                older = {i for i in full[:-max_history] if i in index} - set(history)
         unknown = [i for i in history if i not in index]
         known = [i for i in history if i in index]
         if unknown:
@@ -553,22 +556,24 @@ def serve_batch(model: nn.Module, meta: dict, requests: list[dict], options: dic
             out[n] = RequestError(["body", "filters", "category"],
                                   "category filters are not available: the model's dataset has no categories")
             continue
-        plans.append((n, req, history, known, k, exclude, wanted, warnings))
+        plans.append((n, req, full, known, k, exclude, wanted, warnings, older))
         if known:
             ranked.setdefault(exclude, []).append(len(plans) - 1)
     results: dict[int, list[tuple[str, float]]] = {}
     for exclude, members in ranked.items():
-        k_max = max(len(meta["item_ids"]) if plans[m][6] is not None else plans[m][4] for m in members)
+        k_max = max(len(meta["item_ids"]) if plans[m][6] is not None else plans[m][4] + len(plans[m][8])
+                    for m in members)
+        k_max = min(k_max, len(meta["item_ids"]))
         tops = predict(model, meta, [plans[m][3] for m in members], k=k_max, exclude_history=exclude)
         results.update(zip(members, tops))
-    for m, (n, req, history, known, k, exclude, wanted, warnings) in enumerate(plans):
+    for m, (n, req, full, known, k, exclude, wanted, warnings, older) in enumerate(plans):
         fallback = not known
         if fallback:
             warnings.append("no known item in the history: most popular items (cold-start fallback)")
-            seen = set(history) if exclude else set()
+            seen = set(full) if exclude else set()
             pool = [(i, None) for i in meta.get("popular") or [] if i not in seen]
         else:
-            pool = results[m]
+            pool = [(i, s) for i, s in results[m] if i not in older] if older else results[m]
         if wanted is not None:
             pool = [(i, s) for i, s in pool if cat_of.get(i) in wanted]
         items = [{"item_id": i, "score": (s if s is not None and math.isfinite(s) else None)} for i, s in pool[:k]]
