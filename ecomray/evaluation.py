@@ -68,7 +68,7 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
         # scored 0.68 here and 0.96 in batch_predict, which uses the version's own features).
         why = (f"{name} {found['version']} trained on another preparation of {shards.dataset_dir(vcfg)} (manifest "
                f"hash {trained_on[:12]}, now {str(now)[:12]}; the same files prepared in another folder count too: "
-               f"the hash names the sources): the task's features would be fitted again on this one, and its {split} "
+               f"the hash names the sources, their size and modification time): the task's features would be fitted again on this one, and its {split} "
                f"rows may include rows the model trained on")
         if not ev.get("other_data"):
             raise UserError(f"{why}; score new rows with `python -m jobs.batch_predict` (the version's own "

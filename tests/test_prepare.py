@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import polars as pl
@@ -370,6 +371,10 @@ def test_temporal_split_cuts(tmp_path: Path) -> None:
     m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "split@dataset.split=temporal",
                         "dataset.split.val_cut=2026-01-10", "dataset.split.test_cut=2026-01-15"))
     assert m["split"]["rows"] == {"train": 10, "val": 5, "test": 5}
+    # a ts the schema does not require: rows without one went to train, after both cuts; refused before reading
+    with pytest.raises(UserError, match=r"split=temporal cuts on 'ts', which the schema does not require"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "split@dataset.split=temporal",
+                        "dataset.schema.columns.ts.required=false", "overwrite=true"))
 
 
 def test_stratified_split_is_seeded_and_stratified(tmp_path: Path) -> None:
@@ -387,6 +392,54 @@ def test_stratified_split_is_seeded_and_stratified(tmp_path: Path) -> None:
     prepare(cfg_for(tmp_path, *over, "overwrite=true"))
     again = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet").sort("x").select("x", "split")
     assert first.equals(again) and m["split"]["seed"] == 42
+
+
+def test_stratified_split_without_a_label_is_the_same_for_any_shard_count(tmp_path: Path) -> None:
+    """Without `by` (no label) each row's rank was its position in the sorted order turned inside out: which rows
+    went to test depended on how the frame was laid out, and a re-prepare with another shard count moved 87 of 200
+    rows to another split."""
+    src = write(tmp_path / "e.csv", "user_id,item_id,event,ts\n" + "".join(
+        f"u{k},i{k % 7},view,2026-01-01T00:{k // 60:02d}:{k % 60:02d}\n" for k in range(200)))
+    splits = []
+    for n in (1, 4):
+        over = ["dataset=events", f"dataset.path={src}", "split@dataset.split=stratified", f"prepare.shards={n}",
+                "overwrite=true"]
+        m = prepare(cfg_for(tmp_path, *over))
+        assert m["split"]["rows"] == {"train": 140, "val": 20, "test": 40}
+        df = pl.read_parquet(tmp_path / "data" / "events" / "shards" / "*.parquet")
+        splits.append(df.sort("user_id").select("user_id", "split"))
+    assert splits[0].equals(splits[1])
+
+
+def test_basic_iso_dates_are_dates_not_epoch_numbers() -> None:
+    """20260105 and 20260105103000 matched the epoch pattern and became 1970-08-23 and 2612-01-07."""
+    from datetime import datetime, timezone
+
+    assert S.detect_ts_format(pl.Series(["20260105", "20251231"])) == "basic_date"
+    assert S.detect_ts_format(pl.Series(["20260105103000"])) == "basic"
+    assert S.detect_ts_format(pl.Series(["1767225600", "1767225601"])) == "epoch"      # 10 digits: still epoch
+    got = pl.DataFrame({"t": ["20260105", "20260105103000", "1767225600"]}).select(
+        S._parse_text(pl.col("t"), "mixed").alias("ts"))["ts"].to_list()
+    assert got == [datetime(2026, 1, 5, tzinfo=timezone.utc), datetime(2026, 1, 5, 10, 30, tzinfo=timezone.utc),
+                   datetime(2026, 1, 1, tzinfo=timezone.utc)]
+
+
+def test_a_given_split_with_other_values_quarantines_them(tmp_path: Path) -> None:
+    """A published split's rows labelled `dev` or left empty were kept, then dropped by every task (they filter on
+    train/val/test) without a count. Unless the schema lists its own values, they are quarantined now."""
+    src = write(tmp_path / "t.csv", "x,split\n1,train\n2,train\n3,val\n4,test\n5,dev\n6,\n")
+    m = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "schema@dataset.schema=table",
+                        "split@dataset.split=given",
+                        "+dataset.schema.columns={x: {type: int, required: true}, split: {type: str}}"))
+    assert m["split"]["rows"] == {"train": 2, "val": 1, "test": 1}
+    assert m["reasons"] == {"unknown split": 1, "missing split": 1} and m["rows_in"] == 6
+
+
+def test_an_unknown_dedup_policy_is_refused(tmp_path: Path) -> None:
+    """Only `quarantine` removed duplicates; any other word (`drop`) kept them all without a word."""
+    src = write(tmp_path / "e.csv", MESSY)
+    with pytest.raises(UserError, match=r"dataset.dedup='drop': use quarantine .* or keep"):
+        prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "dataset.dedup=drop"))
 
 
 def test_rerun_refuses_without_overwrite_and_never_mixes(tmp_path: Path) -> None:
@@ -974,7 +1027,26 @@ def test_manifest_contents(tmp_path: Path) -> None:
                 "ecomray_version", "hash", "licence"):
         assert key in m
     assert m["rows_in"] == m["rows_out"] + m["rows_quarantined"]
-    assert m["sources"] == [{"path": src, "rows": 10}]
+    st = os.stat(src)
+    assert m["sources"] == [{"path": src, "rows": 10, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}]
+
+
+def test_the_hash_changes_with_the_data_not_only_with_the_counts(tmp_path: Path) -> None:
+    """The manifest hash (what train, tune and evaluate compare to tell one preparation from another) named the
+    sources' paths and the counts: the same file edited in place (every item id changed) or read with another
+    ts_format kept the hash, so a re-prepare mid-run or an evaluation on edited data passed as the same data."""
+    rows = "".join(f"u{k % 3},i{k},view,2026-01-0{1 + k % 5}T00:00:0{k % 10}\n" for k in range(30))
+    src = write(tmp_path / "e.csv", "user_id,item_id,event,ts\n" + rows)
+    first = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}"))
+    same = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "overwrite=true"))
+    assert same["hash"] == first["hash"]                          # the same file, read the same way
+    time.sleep(0.01)
+    write(tmp_path / "e.csv", "user_id,item_id,event,ts\n" + rows.replace(",i", ",j"))
+    edited = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "overwrite=true"))
+    assert edited["rows_out"] == first["rows_out"] and edited["hash"] != first["hash"]
+    other = prepare(cfg_for(tmp_path, "dataset=events", f"dataset.path={src}", "overwrite=true",
+                            "dataset.ts_format=iso"))
+    assert other["hash"] != edited["hash"]
 
 
 def test_a_damaged_shard_set_is_one_clear_error(tmp_path: Path) -> None:

@@ -238,9 +238,7 @@ def plan(stage: str, schema: dict, split: dict, dedup: str, shards: int) -> dict
             out["duplicates_file"] = path
     strategy = out["strategy"]
     if strategy == "temporal":
-        ts = "ts" if "ts" in schema["columns"] else (schema.get("order_by") or [None])[0]
-        if ts is None:
-            raise UserError("split=temporal needs a `ts` column (or schema.order_by) to cut on")
+        ts = _temporal_column(schema)
         cuts = {}
         for name, frac in (("val_cut", split.get("val_fraction", 0.1) + split.get("test_fraction", 0.1)),
                            ("test_cut", split.get("test_fraction", 0.1))):
@@ -258,7 +256,7 @@ def plan(stage: str, schema: dict, split: dict, dedup: str, shards: int) -> dict
         if "duplicates_file" in out:
             frame = frame.join(pl.scan_parquet(out["duplicates_file"]), on=["_file", "_row"], how="anti")
         rank = pl.int_range(pl.len()).over(by or pl.lit(0), order_by=["_draw", "_file", "_row"]) if by else \
-            pl.int_range(pl.len()).sort_by(["_draw", "_file", "_row"])
+            pl.int_range(pl.len()).sort_by(["_draw", "_file", "_row"]).arg_sort()   # each row's rank by its draw
         n = pl.len().over(by) if by else pl.len()
         n_test = (n * split.get("test_fraction", 0.2)).round(0)
         n_val = (n * split.get("val_fraction", 0.1)).round(0)
@@ -269,6 +267,18 @@ def plan(stage: str, schema: dict, split: dict, dedup: str, shards: int) -> dict
         assigned.select("_file", "_row", "split").collect().write_parquet(path)
         out.update(by=by, seed=seed, plan_file=path)
     return out
+
+
+def _temporal_column(schema: dict) -> str:
+    """The column a temporal split cuts on (`ts`, else the schema's first order_by), which every row must have."""
+    ts = "ts" if "ts" in schema["columns"] else (schema.get("order_by") or [None])[0]
+    if ts is None:
+        raise UserError("split=temporal needs a `ts` column (or schema.order_by) to cut on")
+    if not (schema["columns"].get(ts) or {}).get("required"):
+        # a row without a time cannot be placed: it fell to train, after the cuts, without a word
+        raise UserError(f"split=temporal cuts on {ts!r}, which the schema does not require: declare it "
+                        f"`required: true` (rows without it are then quarantined as missing {ts})")
+    return ts
 
 
 def _split_expr(schema: dict, split: dict, decided: dict) -> pl.Expr | None:
@@ -533,12 +543,25 @@ def run(cfg: dict, if_missing: bool = False) -> dict:
     t0 = time.time()
     dataset, paths, opts = cfg["dataset"], cfg["paths"], cfg["prepare"]
     schema = dict(dataset["schema"])
+    split_cfg = dataset.get("split") or {}
+    given = schema.get("columns", {}).get(split_cfg.get("column", "split")) if split_cfg.get("strategy") == "given" \
+        else None
+    if given is not None and not given.get("allowed"):
+        # a published split's values are train, val or test: any other (valid, dev, null) was dropped by every
+        # task without a word; now it is quarantined (unknown / missing split) and counted
+        schema["columns"] = {**schema["columns"], split_cfg.get("column", "split"):
+                             {**given, "required": True, "allowed": ["train", "val", "test"]}}
     S.check_schema(schema)
     shards, engine, compression = int(opts.get("shards", 8)), opts.get("engine", "polars"), opts.get("compression", "zstd")
     if shards < 1:
         raise UserError(f"prepare.shards must be >= 1 (got {shards})")
     if engine not in ("polars", "ray"):
         raise UserError(f"unknown prepare.engine {engine!r}: use polars or ray")
+    if (dataset.get("split") or {}).get("strategy") == "temporal":
+        _temporal_column(schema)       # before pass 1, not after it
+    if dataset.get("dedup", "quarantine") not in ("quarantine", "keep"):   # "drop" kept every duplicate, silently
+        raise UserError(f"dataset.dedup={dataset.get('dedup')!r}: use quarantine (exact duplicates go to the "
+                        f"quarantine file) or keep")
     final = dataset_dir(cfg)
     if is_uri(final):
         local_root, lock = None, contextlib.nullcontext()   # a local scratch folder, made when the run starts
@@ -620,7 +643,10 @@ def _run_locked(cfg: dict, dataset: dict, paths: dict, opts: dict, schema: dict,
             "shards": [{"file": f["file"], "rows": f["rows"], "bytes": os.path.getsize(os.path.join(out, f["file"]))}
                        for f in finished],
             "quarantine": "quarantine.parquet",
-            "sources": [{"path": s["source"], "rows": s["rows_in"]} for s in staged],
+            # what a file was when it was read: the hash then changes when a source is edited in place
+            "sources": [{"path": s["source"], "rows": s["rows_in"], **_file_stat(s["source"])} for s in staged],
+            # the settings that decide how the sources are read (columns, csv, ts_format, synthetic, ...)
+            "dataset_options": {k: v for k, v in dataset.items() if k not in NOT_DATA_OPTIONS},
             "licence": dataset.get("licence", "unknown"), "research_only": bool(dataset.get("research_only", False)),
             # class names of a labelled dataset, so later jobs (opinion, training) need not be told them again
             "label_names": {str(k): str(v) for k, v in (dataset.get("label_names") or {}).items()} or None,
@@ -671,6 +697,19 @@ def _remove_leftovers(local_root: str, name: str) -> None:
         shutil.rmtree(d, ignore_errors=True)
         log(f"removed {d}: left by a killed run ({size / 1e6:,.1f} MB)")
 
+
+
+# dataset settings that change no row (the others are in the manifest and its hash: `dataset_options`)
+NOT_DATA_OPTIONS = frozenset({"name", "licence", "research_only", "label_names", "schema", "split", "dedup",
+                              "description"})
+
+
+def _file_stat(path: str) -> dict[str, int]:
+    """A local source file's size and modification time (ns); nothing for a URI or a folder."""
+    if is_uri(path) or not os.path.isfile(path):
+        return {}
+    st = os.stat(path)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def manifest_hash(manifest: dict) -> str:

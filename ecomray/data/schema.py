@@ -56,6 +56,10 @@ TS_FORMATS = {  # name -> parser of a stripped string column
                              .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us", strict=False)
                              .dt.convert_time_zone("UTC")),
     "date": lambda t: t.str.to_datetime("%Y-%m-%d", time_unit="us", strict=False).dt.replace_time_zone("UTC"),
+    # ISO-8601's basic forms (20260105, 20260105103000), common in exports, before `epoch`: as numbers they were
+    # read as epoch seconds and microseconds (1970-08-23, 2612-01-07)
+    "basic_date": lambda t: t.str.to_datetime("%Y%m%d", time_unit="us", strict=False).dt.replace_time_zone("UTC"),
+    "basic": lambda t: t.str.to_datetime("%Y%m%d%H%M%S", time_unit="us", strict=False).dt.replace_time_zone("UTC"),
     "epoch": lambda t: _from_epoch(pl.when(t.str.contains(r"^-?\d+(\.\d+)?$")).then(t).cast(pl.Float64, strict=False)),
 }
 
