@@ -408,6 +408,20 @@ def test_time_budget_ends_a_long_epoch_early(tmp_path: Path, monkeypatch: pytest
     assert "spent at step 1 of" in capsys.readouterr().out       # one step trained, then evaluated and stopped
 
 
+def test_more_workers_than_shards_is_an_error_not_an_epoch_of_no_steps(tmp_path: Path) -> None:
+    """Each worker reads whole shards: with more workers than shards one had no user, and the loop (the same number
+    of steps on every worker: the fewest) trained nothing, without a word."""
+    from ecomray.data import shards
+
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    n = len(shards.shard_files(shards.dataset_dir(cfg)))
+    with pytest.raises(UserError, match=rf"has {n} shard\(s\) for {n + 1} training workers: prepare it with "
+                                        rf"prepare.shards={n + 1} or more"):
+        next_item.build_data(cfg, 0, n + 1)
+    next_item.build_data(cfg, n - 1, n)            # one shard each is fine
+
+
 @pytest.mark.parametrize("from_epoch", [1, 0])
 def test_a_diverged_run_stops_and_keeps_its_best_finite_epoch(from_epoch: int, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,

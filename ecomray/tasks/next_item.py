@@ -36,6 +36,7 @@ from ecomray import serving
 from ecomray.data import shards
 from ecomray.metrics import KS, rank_targets, ranking_sums
 from ecomray.tasks import RequestError
+from ecomray.runtime import UserError
 
 KEY_METRICS = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "ndcg@5", "hr@5")
 ROUTE = "recommend"
@@ -166,6 +167,16 @@ def _train_lengths(lengths: np.ndarray) -> np.ndarray:
 
 def build_data(cfg: dict, rank: int = 0, world_size: int = 1) -> SeqData:
     files = shards.shard_files(shards.dataset_dir(cfg))
+    if world_size > len(files):
+        # a worker reads whole shards: one without any would have no user, and the loop takes the same number of
+        # steps on every worker (the fewest): none
+        raise UserError(f"{shards.dataset_dir(cfg)} has {len(files)} shard(s) for {world_size} training workers: "
+                        f"prepare it with prepare.shards={world_size} or more (a multiple of {world_size} spreads "
+                        f"users evenly), or train with scaling.num_workers={len(files)} or fewer")
+    if world_size > 1 and len(files) % world_size and rank == 0:
+        print(f"[train] {len(files)} shards over {world_size} workers: some read more users than others, and every "
+              f"epoch takes the fewest workers' steps (prepare.shards a multiple of {world_size} evens it)",
+              flush=True)
     # The catalogue: every item of the kept events over all shards (not only this worker's), sorted, so every
     # worker and every later re-load numbers items identically.
     vocab = _vocabulary(cfg["task"], files)

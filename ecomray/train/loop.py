@@ -314,6 +314,11 @@ def _train_loop(cfg: dict) -> None:
             n_local = len(batches)
         # DDP needs the same number of steps on every worker (their shards differ in size): take the minimum.
         n_steps = _min_over_workers(n_local) if world > 1 else n_local
+        if n_steps == 0 and _any_worker(n_local > 0, world):
+            # a worker without data (fewer shards than workers) made every worker take no step: nothing learnt
+            raise UserError(f"epoch {epoch}: a training worker has no batch while another has {n_local}: the "
+                            f"data is split over the {world} workers unevenly (fewer shards than workers?); "
+                            f"prepare with more shards (prepare.shards) or train with fewer workers")
         budget = tcfg.get("time_budget_s")
         progress = Progress(f"[train] epoch {epoch}", n_steps, every_s=float(tcfg.get("progress_s") or 60),
                             enabled=rank == 0)
