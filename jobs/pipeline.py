@@ -19,10 +19,20 @@ STAGES = ("prepare", "train", "evaluate", "tune", "deploy")
 
 def run(cfg: DictConfig | dict) -> dict:
     plain = to_plain(cfg)
-    stages = list(plain["pipeline"]["stages"])
+    stages = plain["pipeline"]["stages"]
+    stages = [stages] if isinstance(stages, str) else list(stages or [])     # (a string was split into letters)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UserError(f"unknown pipeline stage(s) {unknown}: choose from {list(STAGES)}")
+    if not stages:
+        raise UserError(f"pipeline.stages is empty: nothing to run (choose from {list(STAGES)})")
+    if not isinstance(plain["pipeline"].get("keep_serving", False), bool):      # "maybe" counted as true
+        raise UserError(f"pipeline.keep_serving={plain['pipeline']['keep_serving']!r}: use true or false")
+    if {"train", "tune"} & set(stages):
+        # before the prepare stage publishes anything: a bad train setting used to fail after it
+        from ecomray.train.driver import check_train_config
+
+        check_train_config(plain)
     results: dict = {}
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -54,7 +64,8 @@ def run(cfg: DictConfig | dict) -> dict:
             # once: a free port, so the quickstart can't collide with something already serving on 8000
             quiet = {} if keep or plain.get("verbose") else {"serve": {**(plain.get("serve") or {}),
                                                                        "log_level": "WARNING", "log_requests": False}}
-            results["deploy"] = deploy({**plain, **quiet, "deploy": {**plain["deploy"], "once": not keep,
+            results["deploy"] = deploy({**plain, **quiet, "deploy": {**_serve_this_run(plain, results),
+                                                                     "once": not keep,
                                                                      **({} if keep else {"port": 0})}})
         timings[stage] = time.time() - t_stage
         print(f"=== {stage} done in {timings[stage]:.1f}s ===", flush=True)
@@ -65,6 +76,23 @@ def run(cfg: DictConfig | dict) -> dict:
     print(f"\n=== pipeline done in {time.time() - t0:.1f}s: {', '.join(stages)}; report {results['report']} ===",
           flush=True)
     return results
+
+
+def _serve_this_run(plain: dict, results: dict) -> dict:
+    """`deploy` for the deploy stage: the version this run trained or tuned (the sweep's winner first), when the
+    config names no endpoints. A `prod` alias set earlier used to win (prod, else best, else the newest): the
+    report paired this run's evaluation with another version's answer."""
+    made = results.get("tune") or results.get("train") or {}
+    if plain["deploy"].get("endpoints") is not None or not made.get("version"):
+        return plain["deploy"]
+    from ecomray.tasks import SERVING, load_task, supports
+
+    task = load_task(plain)
+    if not supports(task, SERVING):
+        return plain["deploy"]
+    print(f"[pipeline] deploying {made['name']} {made['version']}, the version this run "
+          f"{'tuned' if results.get('tune') else 'trained'} (aliases such as prod are left as they are)", flush=True)
+    return {**plain["deploy"], "endpoints": {task.ROUTE: {"model": f"{made['name']}:{made['version']}"}}}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")

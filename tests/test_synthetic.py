@@ -122,8 +122,14 @@ def test_rerun_is_skipped_and_a_new_config_regenerates(tmp_path) -> None:
 
 
 def test_bad_config_is_refused(tmp_path) -> None:
-    with pytest.raises(ValueError, match="users must be >= 1"):
+    """One line naming the setting (a bare ValueError traceback before: `jobs.pipeline dataset.synthetic.users=0`)."""
+    from ecomray.runtime import UserError
+
+    with pytest.raises(UserError, match="users must be >= 1"):
         synthetic.generate({**TINY, "users": 0}, str(tmp_path / "bad"))
+    for key, value in (("users", "many"), ("users", 2.5), ("drift", float("nan")), ("seed", True)):
+        with pytest.raises(UserError, match=rf"dataset.synthetic.{key}="):
+            synthetic.generate({**TINY, key: value}, str(tmp_path / "bad"))
 
 
 def test_truth_shapes_and_activity(tiny) -> None:

@@ -593,3 +593,20 @@ def test_a_model_config_no_model_can_be_built_from_names_the_config() -> None:
     ok = {"model": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 1}}
     assert isinstance(built_model(SimpleNamespace(build_model=lambda cfg, data: instantiate(cfg["model"])), ok, None),
                       torch.nn.Linear)
+
+
+def test_the_pipeline_deploys_the_version_it_made(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """With a `prod` alias set earlier, the pipeline's deploy stage served prod (prod, else best, else the newest),
+    not what the run had just trained or tuned: its report paired one version's evaluation with another's answer."""
+    from jobs.pipeline import _serve_this_run
+
+    cfg = compose_cfg("pipeline", tmp_path)
+    tuned = _serve_this_run(cfg, {"train": {"name": "next_item_synthetic", "version": "v0005"},
+                                  "tune": {"name": "next_item_synthetic", "version": "v0006"}})
+    assert tuned["endpoints"] == {"recommend": {"model": "next_item_synthetic:v0006"}}
+    assert "deploying next_item_synthetic v0006, the version this run tuned" in capsys.readouterr().out
+    trained = _serve_this_run(cfg, {"train": {"name": "next_item_synthetic", "version": "v0005"}})
+    assert trained["endpoints"] == {"recommend": {"model": "next_item_synthetic:v0005"}}
+    assert _serve_this_run(cfg, {})["endpoints"] is None                          # a deploy-only pipeline: as set
+    chosen = {**cfg, "deploy": {**cfg["deploy"], "endpoints": {"recommend": {"model": "next_item_synthetic:v0001"}}}}
+    assert _serve_this_run(chosen, {"tune": {"name": "x", "version": "v0009"}}) == chosen["deploy"]

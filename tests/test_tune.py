@@ -158,11 +158,13 @@ def test_a_sweep_metric_no_trial_reports_is_the_sweeps_one_line_error(tiny_sweep
 
 def test_the_copy_sweep_selects_on_validation_bleu(tmp_path: Path, ray_session) -> None:
     """sweep=copy (Optuna + ASHA on val/bleu4) at the scale of the tests: the copy family's trials run, report
-    BLEU-4, and the winner registered is the trial with the best validation BLEU-4."""
+    BLEU-4, and the winner registered is the trial with the best validation BLEU-4. tiny_copy trains in-process
+    (scaling=inproc), which failed every trial of a sweep (Ray Train's context does not exist in a Tune function):
+    each trial is one Ray Train worker now."""
     from ecomray.data.prepare import run as prepare
     from jobs.tune import run
 
-    cfg = compose_cfg("tune", tmp_path, "experiment=tiny_copy", "sweep=copy", "scaling=cpu1",
+    cfg = compose_cfg("tune", tmp_path, "experiment=tiny_copy", "sweep=copy",
                       "train.monitor=val/bleu4", "train.mode=max", "task.eval_generate=10",
                       "sweep.num_samples=2", "sweep.scheduler.grace_period=1", "sweep.scheduler.max_t=2",
                       "sweep.fixed={train.epochs: 2, train.time_budget_s: null}", "sweep.time_budget_s=600")

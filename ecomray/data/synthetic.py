@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
+
+from ecomray.runtime import UserError
 
 __all__ = ["DEFAULTS", "Truth", "generate", "load_truth", "true_scores", "write_csv", "item_id", "user_id"]
 
@@ -122,10 +125,17 @@ class _World:
 
 def _conf(synth: dict) -> dict:
     c = {**DEFAULTS, **{k: v for k, v in (synth or {}).items() if v is not None}}
-    for key in ("seed", "users", "items", "categories", "taste_dim", "chunk_users", "max_sessions", "days"):
-        c[key] = int(c[key])
-    for key in ("sessions_per_user", "drift", "temperature"):
-        c[key] = float(c[key])
+    for key, kind in [(k, int) for k in ("seed", "users", "items", "categories", "taste_dim", "chunk_users",
+                                         "max_sessions", "days")] + [(k, float) for k in ("sessions_per_user",
+                                                                                          "drift", "temperature")]:
+        try:
+            if isinstance(c[key], bool) or (kind is int and isinstance(c[key], float) and not c[key].is_integer()):
+                raise ValueError
+            c[key] = kind(c[key])
+        except (TypeError, ValueError):
+            raise UserError(f"dataset.synthetic.{key}={c[key]!r}: must be {'an integer' if kind is int else 'a number'}")
+        if kind is float and not math.isfinite(c[key]):
+            raise UserError(f"dataset.synthetic.{key}={c[key]!r}: must be a finite number")
     problems = [f"{k} must be >= 1 (got {c[k]})" for k in ("users", "items", "categories", "taste_dim", "chunk_users",
                                                            "max_sessions", "days") if c[k] < 1]
     if c["max_sessions"] * MAX_VIEWS_PER_SESSION >= 4096:
@@ -135,7 +145,7 @@ def _conf(synth: dict) -> dict:
     if c["max_sessions"] * 3600 * 2 > c["days"] * 86400:
         problems.append(f"{c['max_sessions']} sessions of an hour do not fit comfortably in {c['days']} days")
     if problems:
-        raise ValueError("dataset.synthetic: " + "; ".join(problems))
+        raise UserError("dataset.synthetic: " + "; ".join(problems))
     return c
 
 

@@ -39,6 +39,12 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
     spec = sweep_spec(cfg)
     base = apply_overrides({k: v for k, v in cfg.items() if k not in ("sweep", "tune", "hydra")}, spec["fixed"])
     base["run_name"] = None
+    if int(base["scaling"].get("num_workers", 1)) == 0:
+        # A trial cannot run the loop in its own process (Ray Train's context does not exist in a Tune function:
+        # every trial failed before its first epoch): each trial is one Ray Train worker instead
+        print("[tune] scaling=inproc: each trial runs as one Ray Train worker (scaling=cpu1)", flush=True)
+        base["scaling"] = {**base["scaling"], "num_workers": 1,
+                           "resources_per_worker": base["scaling"].get("resources_per_worker") or {"CPU": 1}}
     base = pin_init_from(base)   # every trial starts from the same version (and a resumed sweep from its own)
     sweep_dir = os.path.join(cfg["paths"]["runs"], spec["name"])
     fingerprint = _fingerprint(base, spec)
