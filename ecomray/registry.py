@@ -302,9 +302,10 @@ def weights_checksum(path: str) -> dict[str, Any]:
     return {"file": "model.pt", "bytes": size, "sha256": digest.hexdigest()}
 
 
-def load(root: str, name: str, ref: str | None = None, state: bool = True) -> dict[str, Any]:
+def load(root: str, name: str, ref: str | None = None, state: bool = True,
+         check_weights: bool = False) -> dict[str, Any]:
     """{"version", "path", "state_dict", "config", "metrics", "meta", "lineage", "info"} of a version
-    (`state=False` skips the weights). A file that is missing, unreadable or (the weights) not what was registered
+    (`state=False` skips the weights; `check_weights` still compares them with their registered checksum). A file that is missing, unreadable or (the weights) not what was registered
     is a UserError naming the version and the file, never a library traceback."""
     version = resolve(root, name, ref)
     path = _safe(root, name, version)
@@ -317,13 +318,14 @@ def load(root: str, name: str, ref: str | None = None, state: bool = True) -> di
 
     fname = "model.pt"
     try:
-        if state:
+        if state or check_weights:
             expected = info.get("weights") or {}
             if expected.get("sha256"):  # versions registered before checksums have none to compare
                 found = weights_checksum(path)
                 if found["sha256"] != expected["sha256"]:
                     raise damaged("model.pt", f"does not match its registered checksum ({found['bytes']:,} bytes, "
                                               f"registered {expected.get('bytes', 0):,})")
+        if state:
             try:
                 out["state_dict"] = torch.load(os.path.join(path, "model.pt"), weights_only=True, map_location="cpu")
             except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:

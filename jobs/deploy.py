@@ -30,6 +30,7 @@ def serve_config(plain: dict[str, Any], ignored: list[str] | None = None) -> dic
     API key is never written: the ingress reads ECOMRAY_API_KEY from its environment (set it on the nodes or in
     the runtime_env)."""
     d = plain["deploy"]
+    check_port(d)
     args = checked_app_args(plain, ignored)
     args["api_key"] = None
     # Per-route user_config: edit `version` here (a version id; `ref`, an alias, is resolved by each replica) and
@@ -88,16 +89,16 @@ def start(plain: dict[str, Any], ignored: list[str] | None = None) -> dict[str, 
 
     d, sc = plain["deploy"], plain.get("serve") or {}
     host = str(d["host"])
-    try:
-        port_ok = not isinstance(d.get("port"), bool) and 0 <= int(d.get("port")) <= 65535  # "8080" from ${oc.env:}
-    except (TypeError, ValueError):
-        port_ok = False
-    if not port_ok:
-        raise UserError(f"deploy.port={d.get('port')!r}: a TCP port, 0-65535 (0: a free one)")
+    check_port(d)
     key = api_key(d)
     check_bind(host, key)
     args = checked_app_args(plain, ignored)   # reads the registry only: what would be served is known before Ray starts
     started_ray = not ray.is_initialized()
+    if started_ray and not os.environ.get("RAY_ADDRESS") and int(d["port"]):
+        taken = _port_taken(host, int(d["port"]))   # Serve's proxy would fail to bind, after Ray started (a traceback)
+        if taken:
+            raise UserError(f"deploy.port={int(d['port'])} on {host} is in use ({taken}): stop what listens there, "
+                            f"or pass deploy.port=<another port> (0: any free one)")
     env: dict[str, str] = {}
     if started_ray and not os.environ.get("RAY_ADDRESS"):
         env, mode = throughput_env(sc, host)
@@ -201,6 +202,33 @@ def _kill_haproxy(folder: str) -> None:
             time.sleep(0.5)
 
 
+def check_port(d: dict[str, Any]) -> None:
+    try:
+        port_ok = not isinstance(d.get("port"), bool) and 0 <= int(d.get("port")) <= 65535  # "8080" from ${oc.env:}
+    except (TypeError, ValueError):
+        port_ok = False
+    if not port_ok:
+        raise UserError(f"deploy.port={d.get('port')!r}: a TCP port, 0-65535 (0: a free one)")
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on now, or None when it can."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        return f"the host does not resolve: {err}"
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as err:
+            return err.strerror or str(err)
+    return None
+
+
 def rollout(plain: dict[str, Any], ignored: list[str] | None = None) -> dict[str, Any]:
     """Re-resolve every route's ref (a promotion moved `prod`, say) and roll the running app onto the versions:
     Serve replaces the changed deployments' replicas one by one (requests keep being answered), and every new
@@ -213,10 +241,19 @@ def rollout(plain: dict[str, Any], ignored: list[str] | None = None) -> dict[str
     from serve.settings import api_key
 
     d = plain["deploy"]
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
-    args = checked_app_args(plain, ignored)
+    args = checked_app_args(plain, ignored)     # (before connecting: a bad version is refused without a cluster)
     args["api_key"] = api_key(d)
+    bad = {route: e["unavailable"] for route, e in args["endpoints"].items() if "unavailable" in e}
+    if bad:   # rolled out, such a route would fail to deploy and answer 503 from then on
+        raise UserError("rollout refused, the running app is unchanged: " + "; ".join(
+            f"/v1/{route}: {why}" for route, why in bad.items()))
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or "auto"
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as err:
+            raise UserError(f"deploy.rollout: no running Ray at {address} ({str(err).splitlines()[0][:160]}); "
+                            f"deploy the app first (python -m jobs.deploy ...), or set RAY_ADDRESS") from None
     name = d.get("app_name", "ecomray")
     if name not in serve.status().applications:
         raise UserError(f"no running Serve app {name!r} to roll out to (deploy it first: python -m jobs.deploy ...)")
@@ -241,6 +278,8 @@ def _one_request(plain: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     print(f"[deploy] POST /v1/{route} {json.dumps(req, ensure_ascii=False)} -> {r.status_code}", flush=True)
     for key, value in (out.items() if isinstance(out, dict) else [("body", out)]):   # one line per field
         print(f"  {key}: {json.dumps(value, ensure_ascii=False)}", flush=True)
+    if r.status_code >= 400:    # a smoke test (the pipeline's last stage) must not pass on an error answer
+        raise UserError(f"the sample request POST /v1/{route} answered {r.status_code} (above); the app was stopped")
     return out
 
 

@@ -64,6 +64,9 @@ def endpoint_table(cfg: dict) -> dict[str, dict[str, Any]]:
     from ecomray.tasks import SERVING, load_task, supports
 
     conf = (cfg.get("deploy") or {}).get("endpoints")
+    if conf is not None and not isinstance(conf, dict):
+        raise UserError(f"deploy.endpoints={conf!r}: a mapping of route -> model, e.g. "
+                        f"'deploy.endpoints={{recommend: {{model: next_item_synthetic}}}}'")
     if conf is None:
         task = load_task(cfg)
         if not supports(task, SERVING):
@@ -77,6 +80,8 @@ def endpoint_table(cfg: dict) -> dict[str, dict[str, Any]]:
             raise UserError(f"deploy.endpoints: route {route!r} must be lowercase letters, digits, '_', '-', '/'")
         if isinstance(e, str):
             e = {"model": e}
+        if not isinstance(e, dict):
+            raise UserError(f"deploy.endpoints.{route}={e!r}: a model name, or a mapping {{model, ref, inline}}")
         name, ref = registry.parse_ref(str(e.get("model") or ""))
         if not name:
             raise UserError(f"deploy.endpoints.{route}: no `model` (a registry name[:version|alias])")
@@ -100,7 +105,7 @@ def resolve_endpoint(registry_root: str, route: str, e: dict[str, Any], serve_cf
     from ecomray import registry
 
     try:
-        found = registry.load(registry_root, e["model"], e.get("ref"), state=False)
+        found = registry.load(registry_root, e["model"], e.get("ref"), state=False, check_weights=True)
     except UserError as err:
         if "invalid registry name" in str(err) or "outside the registry root" in str(err):
             raise

@@ -319,3 +319,18 @@ def test_lm_pretraining_holds_out_disjoint_val_and_test_texts(tiny: dict, monkey
     val, test, train = ({tuple(t) for _, t in data.seqs[s]} for s in ("val", "test", "train"))
     assert len(val) == len(test) == 20 and not val & test and not (val | test) & train
     assert len(train) == len(corpus) - 40
+
+
+def test_batch_scoring_keeps_every_variant(tiny: dict) -> None:
+    """batch_predict.options n=2 decoded two copies per row and kept only the first."""
+    import pyarrow as pa
+
+    from ecomray.inference import load_model
+
+    cfg, out = tiny["cfg"], tiny["out"]
+    loaded = load_model(cfg["paths"]["registry"], out["name"])
+    rows = pa.Table.from_pylist(tiny_rows(cfg)[:3])
+    got = loaded.task.batch_score(loaded.model, loaded.meta, rows, {"strategy": "sample", "n": 2, "seed": 1})
+    variants, first = got["variants"].to_pylist(), got["copy"].to_pylist()
+    assert got.num_rows == 3 and all(len(v) + d == 2 for v, d in zip(variants, got["dropped"].to_pylist()))
+    assert [v[0] if v else None for v in variants] == first

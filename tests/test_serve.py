@@ -126,9 +126,31 @@ def test_bind_rules() -> None:
         check_bind("0.0.0.0", None)
     from jobs.deploy import start
 
+    from jobs.deploy import serve_config
+
     for port in (99999, -1, "http", True, None):          # refused before Ray or Serve starts (was an OverflowError)
         with pytest.raises(UserError, match=r"deploy.port=.*a TCP port, 0-65535"):
             start({"deploy": {"host": "127.0.0.1", "port": port}, "serve": {}})
+        with pytest.raises(UserError, match=r"deploy.port=.*a TCP port, 0-65535"):   # and in a written serve config
+            serve_config({"deploy": {"host": "127.0.0.1", "port": port}, "serve": {}})
+    from serve.settings import endpoint_table
+
+    for bad, says in (([["recommend"]], "deploy.endpoints=.*a mapping of route"), (5, "deploy.endpoints=5"),
+                      ({"recommend": ["a"]}, r"deploy.endpoints.recommend=\['a'\]: a model name")):
+        with pytest.raises(UserError, match=says):      # an AttributeError traceback before
+            endpoint_table({"deploy": {"endpoints": bad}})
+    # a port something already listens on: Serve's proxy failed to bind after Ray had started (a traceback); the
+    # deploy job now asks before Ray starts
+    import socket
+
+    from jobs.deploy import _port_taken
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert "in use" in (_port_taken("127.0.0.1", busy.getsockname()[1]) or "")
+        free = busy.getsockname()[1]
+    assert _port_taken("127.0.0.1", free) is None
 
 
 def test_ingress_refuses_non_loopback_without_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -749,6 +771,15 @@ def test_bad_input_is_422_413_or_503_never_500(app: dict[str, Any]) -> None:
     assert r.status_code == 422 and r.json()["detail"][-1]["loc"][:3] == ["body", "filters", "category"], r.text
 
 
+def test_deploy_once_fails_when_its_sample_request_fails(app: dict[str, Any]) -> None:
+    """`deploy.once` (the pipeline's last stage) printed a 422 and exited 0: a smoke test passed on an error."""
+    from jobs.deploy import _one_request
+
+    with pytest.raises(UserError, match=r"the sample request POST /v1/\S+ answered 422"):
+        _one_request({"deploy": {"request": {"k": 0}}}, {"url": app["url"], "headers": {}})
+    assert _one_request({"deploy": {}}, {"url": app["url"], "headers": {}})
+
+
 def test_category_filter_from_the_prepared_shards(app: dict[str, Any], trained: dict[str, Any]) -> None:
     import polars as pl
 
@@ -1111,6 +1142,20 @@ def test_promotion_rolls_out_to_every_replica_and_survives_a_restart(app: dict[s
     rec = next(m for m in models if m["route"] == "recommend")
     assert rec["version"] == newer and len(rec["replicas"]) == 2
     assert {r["version"] for r in rec["replicas"]} == {newer}
+    # a rollout onto a version whose weights are damaged failed to deploy and left the route answering 503 for
+    # good; it is refused before anything changes (the weights' checksum, not only the metadata, is checked)
+    _, broken = _second_version(reg, name)
+    with open(os.path.join(reg, name, broken, "model.pt"), "r+b") as fh:
+        fh.seek(200)
+        byte = fh.read(1)
+        fh.seek(200)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    cfg["deploy"]["endpoints"]["recommend"]["ref"] = broken
+    with pytest.raises(UserError, match=r"rollout refused, the running app is unchanged: /v1/recommend: .*"
+                                        r"model.pt does not match its registered checksum"):
+        rollout(cfg)
+    assert versions(10) == {newer}
+    shutil.rmtree(os.path.join(reg, name, broken))
 
 
 def test_text_of_only_invisible_characters_is_blank() -> None:

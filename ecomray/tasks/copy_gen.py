@@ -469,11 +469,13 @@ BATCH_OPTIONS = (*Settings.__dataclass_fields__, "avoid_ungiven_values")   # dec
 
 
 def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:
-    """One copy per row (the version's decoding defaults, or `options`), its coverage, and the dropped count."""
+    """Per row: `copy` (the first variant, with the version's decoding defaults or `options`), `variants` (every
+    compliant variant: `n` > 1 asks for several; only the first was kept), its coverage, and the dropped count."""
     rows = batch.select([c for c in ("attributes", "title", "aspect", "audience") if c in batch.column_names]).to_pylist()
     res = predict(model, meta, rows, **{k: v for k, v in options.items()
                                         if k in Settings.__dataclass_fields__ or k == "avoid_ungiven_values"})
     return pa.table({"copy": pa.array([r["variants"][0]["text"] if r["variants"] else None for r in res], pa.string()),
+                     "variants": pa.array([[v["text"] for v in r["variants"]] for r in res], pa.list_(pa.string())),
                      "values_stated": pa.array([r["variants"][0]["stated"] if r["variants"] else 0 for r in res],
                                                pa.int32()),
                      "dropped": pa.array([r["dropped"] for r in res], pa.int32())})
