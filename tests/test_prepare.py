@@ -435,6 +435,23 @@ def test_a_given_split_with_other_values_quarantines_them(tmp_path: Path) -> Non
     assert m["reasons"] == {"unknown split": 1, "missing split": 1} and m["rows_in"] == 6
 
 
+def test_a_run_with_other_dataset_settings_than_the_prepared_ones_is_refused(tmp_path: Path) -> None:
+    """`jobs.train dataset.synthetic.users=1000` on a shop prepared with 300 users trained on the 300, recorded 1000
+    in the registry, and said nothing."""
+    from ecomray.data import shards
+
+    small = cfg_for(tmp_path, "dataset=synthetic", "dataset.synthetic.users=60", "dataset.synthetic.items=40")
+    prepare(small)
+    assert shards.require(small)["rows_out"] > 0                            # the same settings: fine
+    bigger = cfg_for(tmp_path, "dataset=synthetic", "dataset.synthetic.users=90", "dataset.synthetic.items=40")
+    with pytest.raises(UserError, match=r"prepared with other dataset settings than this run's \(dataset.synthetic."
+                                        r"users: now 90, prepared with 60\).*overwrite=true"):
+        shards.require(bigger)
+    relabelled = cfg_for(tmp_path, "dataset=synthetic", "dataset.synthetic.users=60", "dataset.synthetic.items=40",
+                         "dataset.licence=mine")                            # not a setting that changes a row
+    shards.require(relabelled)
+
+
 def test_an_unknown_dedup_policy_is_refused(tmp_path: Path) -> None:
     """Only `quarantine` removed duplicates; any other word (`drop`) kept them all without a word."""
     src = write(tmp_path / "e.csv", MESSY)

@@ -115,9 +115,12 @@ def require(cfg: dict, name: str | None = None) -> dict[str, Any]:
     folder = dataset_dir(cfg, name)
     if has_manifest(folder):
         try:
-            return load_manifest(folder)
+            manifest = load_manifest(folder)
         except UserError:   # a damaged one: the same error with the command for this run (built only when needed)
             return load_manifest(folder, hint=prepare_command(cfg, name))
+        if name in (None, cfg["dataset"]["name"]):
+            _check_options(cfg, manifest, folder)
+        return manifest
     dataset = cfg["dataset"]
     if (name in (None, dataset["name"])) and dataset.get("adapter") == "synthetic" and cfg.get("prepare"):
         from ecomray.data.prepare import run as prepare
@@ -125,6 +128,33 @@ def require(cfg: dict, name: str | None = None) -> dict[str, Any]:
         print(f"[data] {dataset['name']} is not prepared yet: preparing the built-in synthetic shop first", flush=True)
         return prepare(cfg, if_missing=True)  # a run started meanwhile (Tune trials) may have done it
     return load_manifest(folder, hint=prepare_command(cfg, name))
+
+
+def _check_options(cfg: dict, manifest: dict, folder: str) -> None:
+    """The config's dataset settings that decide the rows (`dataset_options`) are those it was prepared with: a run
+    with `dataset.synthetic.users=1000` trained on a 300-user shop prepared earlier, recorded 1000 in the registry,
+    and said nothing. (Manifests written before they recorded the settings are not compared.)"""
+    from ecomray.data.prepare import NOT_DATA_OPTIONS
+
+    then = manifest.get("dataset_options")
+    if then is None:
+        return
+    now = json.loads(json.dumps({k: v for k, v in cfg["dataset"].items() if k not in NOT_DATA_OPTIONS},
+                                default=str))
+    then = json.loads(json.dumps(then, default=str))
+    differ = sorted(_flat_diff(now, then))
+    if differ:
+        shown = "; ".join(f"dataset.{k}: now {a!r}, prepared with {b!r}" for k, a, b in differ[:4])
+        raise UserError(f"{folder} was prepared with other dataset settings than this run's ({shown}"
+                        f"{'; ...' if len(differ) > 4 else ''}): prepare it again (`{prepare_command(cfg)} "
+                        f"overwrite=true`) or run with the settings it was prepared with")
+
+
+def _flat_diff(now: Any, then: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(now, dict) and isinstance(then, dict):
+        return [d for k in sorted(set(now) | set(then), key=str)
+                for d in _flat_diff(now.get(k), then.get(k), f"{prefix}{k}" if not prefix else f"{prefix}.{k}")]
+    return [] if now == then else [(prefix, now, then)]
 
 
 def read_frame(cfg: dict, name: str | None = None, columns: list[str] | None = None):
