@@ -66,7 +66,7 @@ def endpoint_table(cfg: dict) -> dict[str, dict[str, Any]]:
     conf = (cfg.get("deploy") or {}).get("endpoints")
     if conf is not None and not isinstance(conf, dict):
         raise UserError(f"deploy.endpoints={conf!r}: a mapping of route -> model, e.g. "
-                        f"'deploy.endpoints={{recommend: {{model: next_item_synthetic}}}}'")
+                        f"'deploy.endpoints={{<route>: {{model: <registry name>}}}}'")
     if conf is None:
         task = load_task(cfg)
         if not supports(task, SERVING):

@@ -28,8 +28,9 @@ def dataset_dir(cfg: dict, name: str | None = None) -> str:
     return f"{root.rstrip('/')}/{name}" if is_uri(root) else os.path.join(root, name)
 
 
-def prepare_command(cfg: dict, name: str | None = None) -> str:
-    """The exact command that prepares the dataset a job is missing."""
+def prepare_command(cfg: dict, name: str | None = None, with_experiment: bool = False) -> str:
+    """The exact command that prepares the dataset a job is missing (`with_experiment`: through the run's
+    `experiment=`, whose dataset settings it then has)."""
     import shlex
 
     own = name in (None, cfg["dataset"]["name"])
@@ -44,6 +45,9 @@ def prepare_command(cfg: dict, name: str | None = None) -> str:
     path = None if path == "???" else path
     choice = (cfg.get("choices") or {}).get("dataset") if own else None   # the config that names it otherwise
     which = f"dataset={choice} dataset.name={name}" if choice and choice != name else f"dataset={name}"
+    experiment = (cfg.get("choices") or {}).get("experiment") if own and with_experiment else None
+    if experiment:
+        which = f"experiment={experiment}"
     return f"python -m jobs.prepare {which}{where}" + (f" dataset.path={shlex.quote(str(path))}" if path else "")
 
 
@@ -139,15 +143,17 @@ def _check_options(cfg: dict, manifest: dict, folder: str) -> None:
     then = manifest.get("dataset_options")
     if then is None:
         return
-    now = json.loads(json.dumps({k: v for k, v in cfg["dataset"].items() if k not in NOT_DATA_OPTIONS},
+    # `path` is left out: jobs spell it relative to paths.datasets or absolute (the sources say which files it was)
+    now = json.loads(json.dumps({k: v for k, v in cfg["dataset"].items() if k not in NOT_DATA_OPTIONS | {"path"}},
                                 default=str))
-    then = json.loads(json.dumps(then, default=str))
+    then = json.loads(json.dumps({k: v for k, v in then.items() if k != "path"}, default=str))
     differ = sorted(_flat_diff(now, then))
     if differ:
         shown = "; ".join(f"dataset.{k}: now {a!r}, prepared with {b!r}" for k, a, b in differ[:4])
         raise UserError(f"{folder} was prepared with other dataset settings than this run's ({shown}"
-                        f"{'; ...' if len(differ) > 4 else ''}): prepare it again (`{prepare_command(cfg)} "
-                        f"overwrite=true`) or run with the settings it was prepared with")
+                        f"{'; ...' if len(differ) > 4 else ''}): prepare it again with this run's settings "
+                        f"(`{prepare_command(cfg, with_experiment=True)} overwrite=true`, with this run's dataset.* "
+                        f"overrides if it has any), or run with the settings it was prepared with")
 
 
 def _flat_diff(now: Any, then: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
