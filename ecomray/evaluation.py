@@ -88,9 +88,11 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
           + (f" (task overrides {json.dumps(overrides)})" if overrides else "") + ":")
     first = next(iter(rows.values()))
     keys = [k for k in key_metrics(task) if k in first] or [k for k, v in first.items() if isinstance(v, float)]
-    print("  " + f"{'':12s}" + "".join(f"{k:>10s}" for k in keys))
+    keys += [f"sampled_{k}" for k in keys if f"sampled_{k}" in first]   # (eval_sampled: they were in the JSON only)
+    widths = [max(10, len(k) + 2) for k in keys]
+    print("  " + f"{'':12s}" + "".join(f"{k:>{w}s}" for k, w in zip(keys, widths)))
     for who, m in rows.items():
-        print("  " + f"{who:12s}" + "".join(f"{m[k]:10.4f}" for k in keys))
+        print("  " + f"{who:12s}" + "".join(f"{m.get(k, float('nan')):{w}.4f}" for k, w in zip(keys, widths)))
     os.makedirs(cfg["paths"]["reports"], exist_ok=True)
     suffix = "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
     if len(suffix) > 100 or not re.fullmatch(r"[\w.=+-]*", suffix):   # a value with '/' named a folder that wasn't

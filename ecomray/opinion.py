@@ -53,6 +53,8 @@ def top_terms(texts: list[str], n: int, min_len: int = 2, stop: set[str] | None 
 def _check_settings(o: dict) -> None:
     """Numbers and the time bucket no report can use, named before any scoring (they were tracebacks, or a
     `max_rows: -1990` that scored 10 rows)."""
+    if o.get("split", "all") not in ("all", "train", "val", "test"):   # ("no rows to score" said nothing of why)
+        raise UserError(f"opinion.split={o['split']!r}: use all, train, val or test")
     if o.get("max_rows") is not None:
         check_number("opinion.max_rows", o["max_rows"], lambda v: v >= 1, ">= 1 (or null: every row)", integer=True)
     for key in ("top_terms", "top_categories", "min_term_len"):

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -62,6 +63,14 @@ def checked_app_args(plain: dict[str, Any], ignored: list[str] | None = None) ->
                         f"{args['registry']} (paths.root, or the ECOMRAY_HOME environment variable); train one "
                         f"(`python -m jobs.train experiment=<name>`) or choose registered models with "
                         f"deploy.endpoints={{<route>: {{model: <name>}}}}")
+    extra = sorted(set(((plain.get("serve") or {}).get("routes") or {})) - set(endpoints))
+    if extra:        # a typo (`recomend`) was ignored without a word
+        print(f"[deploy] note: serve.routes names {extra}, which this app does not serve (its routes: "
+              f"{sorted(endpoints)}): those settings change nothing", flush=True)
+    for route, e in endpoints.items():      # (promote warned; deploying one said nothing)
+        if e.get("research_only"):
+            print(f"WARNING: /v1/{route} serves {e['model']} {e['version']}, trained on research-only data: do not "
+                  f"serve it to customers or use it commercially", file=sys.stderr, flush=True)
     if ignored:
         route = next(iter(endpoints))
         print(f"[deploy] note: {' '.join(ignored)} changes nothing here: each route serves with the task.serve saved "

@@ -114,6 +114,7 @@ def resolve_endpoint(registry_root: str, route: str, e: dict[str, Any], serve_cf
     merged = _merge(serve_cfg.get("common") or {}, (found["config"].get("task") or {}).get("serve") or {},
                     (serve_cfg.get("routes") or {}).get(route) or {})
     return {"model": e["model"], "ref": e.get("ref"), "version": found["version"],
+            "research_only": bool((found.get("lineage") or {}).get("research_only")),
             "module": found["config"]["task"]["module"], "inline": e.get("inline", False),
             "deployment": {k: merged[k] for k in DEPLOYMENT_KEYS if merged.get(k) is not None},
             "options": {**{k: v for k, v in merged.items() if k not in DEPLOYMENT_KEYS}, "ref": e.get("ref")}}

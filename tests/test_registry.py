@@ -149,6 +149,17 @@ def test_registry_cli_list_promote_warns_on_research_only_and_rolls_back(tmp_pat
     # as a command: a user error is one line and exit code 2
     again = _cli(root, "rollback", "rec")
     assert again.returncode == 2 and "no earlier version" in again.stderr and "Traceback" not in again.stderr
+    # deploying a research-only version warns as promoting it does (it said nothing)
+    from jobs.deploy import checked_app_args
+
+    registry.register(str(root), "rec2", {"w": torch.zeros(1)}, {"task": {"module": "ecomray.tasks.next_item"}},
+                      {}, {"model_kwargs": {}}, lin, info=registry.version_info({}, ["ndcg@10"]))
+    capsys.readouterr()
+    checked_app_args({"paths": {"registry": str(root)}, "serve": {"routes": {"recomend": {"num_replicas": 2}}},
+                      "deploy": {"endpoints": {"recommend": {"model": "rec2"}}}})
+    said = capsys.readouterr()
+    assert "WARNING: /v1/recommend serves rec2 v0001, trained on research-only data" in said.err
+    assert "serve.routes names ['recomend'], which this app does not serve" in said.out      # a typo, named
 
 
 def test_format_1_versions_fail_with_the_migrate_command_then_migrate(tmp_path: Path) -> None:

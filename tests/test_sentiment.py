@@ -237,7 +237,7 @@ def test_epoch_fraction_splits_a_pass_into_loop_epochs_deterministically() -> No
 
 @pytest.mark.parametrize("setting,says", [("max_rows", -1990), ("max_rows", 0), ("top_terms", "abc"),
                                           ("time_bucket", "bogus"), ("time_bucket", "0d"), ("time_bucket", "1d12h"),
-                                          ("time_bucket", "500ns")])
+                                          ("time_bucket", "500ns"), ("split", "bogus")])
 def test_opinion_settings_no_report_can_use_fail_before_scoring(setting: str, says: object) -> None:
     """`opinion.max_rows=-1990` scored 10 rows, `max_rows=0` all of them; `top_terms=abc` and `time_bucket=bogus`
     were tracebacks after the scoring."""

@@ -228,7 +228,7 @@ def tiny_trained(tmp_path_factory) -> tuple[dict, dict]:
     return cfg, fit(cfg)
 
 
-def test_tiny_trains_registers_and_evaluate_reproduces_it(tiny_trained) -> None:
+def test_tiny_trains_registers_and_evaluate_reproduces_it(tiny_trained, capsys: pytest.CaptureFixture) -> None:
     from ecomray.evaluation import evaluate_version
 
     cfg, out = tiny_trained
@@ -260,6 +260,8 @@ def test_tiny_trains_registers_and_evaluate_reproduces_it(tiny_trained) -> None:
     assert rows["model"]["ndcg@10"] > 1.5 * rows["popularity"]["ndcg@10"]
     assert rows["oracle"]["ndcg@10"] > rows["popularity"]["ndcg@10"]
     assert rows["model"]["sampled_hr@10"] > rows["model"]["hr@10"]            # 100 negatives are easier than all
+    table = capsys.readouterr().out                                          # ... and the table shows them
+    assert "sampled_ndcg@10" in table and f"{rows['model']['sampled_ndcg@10']:.4f}" in table
     val = evaluate_version({**cfg, "evaluate": {"split": "val", "baselines": False}})
     assert val["metrics"]["model"]["ndcg@10"] == pytest.approx(m["val/ndcg@10"], rel=1e-6)
     with pytest.raises(UserError, match=r"evaluate.split='tset': use val or test"):
