@@ -249,7 +249,9 @@ def _choose(logits: torch.Tensor, seen: torch.Tensor, seqs: list[_Seq], settings
     cdf = (sorted_p / sorted_p.sum(-1, keepdim=True)).cumsum(-1)
     u = torch.stack([torch.rand((), generator=s.rng) for s in seqs])    # each row's own draw (inverse CDF)
     pick = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
-    pick = torch.minimum(pick, keep.sum(-1) - 1)                        # a cdf that rounds below u at its end
+    # a cdf that rounds below u at its end: the last token with any probability (a masked one, banned or
+    # padding, has none, yet may sit inside `keep` when top_p is 1)
+    pick = torch.minimum(pick, ((sorted_p > 0).sum(-1) - 1).clamp(min=0))
     return order.gather(1, pick[:, None]).squeeze(1).tolist()
 
 

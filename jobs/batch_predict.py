@@ -146,7 +146,7 @@ def _score(plain: dict, bp: dict, loaded: Any, vcfg: dict, root: str, name: str,
     from ecomray.data import shards
     from ecomray.runtime import init_ray
 
-    shards.require(vcfg)
+    shards.require(vcfg, check_options=False)   # new rows, scored with the version's own features
     t0 = time.time()
     try:
         inputs = loaded.task.batch_inputs(vcfg, split)

@@ -182,10 +182,11 @@ class ModelServer:
         flight finish on the old model, none is dropped. A version that does not load (missing, outside the
         registry, broken files) is not swapped in: the old one keeps serving and `describe()` reports the failure."""
         user_config = user_config or {}
+        refused = None      # a batching refusal stays reported, also when the same config (re)sets the version
         try:    # checked whole before any of it applies; a typo must not fail the replica (Serve would stop it)
             self._batch.configure(**_batching_settings(user_config.get("batching") or {}))
         except (TypeError, ValueError) as err:
-            self.failed = {"ref": "batching", "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            self.failed = refused = {"ref": "batching", "error": f"{type(err).__name__}: {str(err)[:300]}"}
             logger.error("[%s] batching %r refused, batching unchanged: %s", self.route, user_config.get("batching"),
                          err)
         if not ({"version", "ref"} & set(user_config)):
@@ -196,7 +197,7 @@ class ModelServer:
         try:
             version = registry.resolve(self.root, self.name, wanted)
             if current is not None and version == current.version:
-                self.ref, self.failed = ref, None
+                self.ref, self.failed = ref, refused
                 return
             fresh = await asyncio.get_running_loop().run_in_executor(None, self._load, version)
             contract = self._contract(fresh)
@@ -212,7 +213,7 @@ class ModelServer:
             logger.error("[%s] hot swap to %r failed, still serving %s %s: %s", self.route, wanted, self.name,
                          current.version if current else "nothing", self.failed["error"])
             return
-        self.loaded, self.ref, self.failed = fresh, ref, None      # one reference assignment: the swap
+        self.loaded, self.ref, self.failed = fresh, ref, refused   # one reference assignment: the swap
         self.contract = self.contract or contract
         self._report()
         if current is not None:
@@ -334,12 +335,14 @@ def _batching_settings(batching: Any) -> dict[str, Any]:
     return out
 
 
-def _bare_schema(schema: Any) -> Any:
+def _bare_schema(schema: Any, names: bool = False) -> Any:
     """A JSON schema without what does not change which bodies it accepts (titles, descriptions, examples,
-    defaults: the ingress fills them in)."""
+    defaults: the ingress fills them in). `names`: a mapping of field or definition names (`properties`,
+    `$defs`), whose keys are kept whatever they are called (a field named `title` is a field)."""
     if isinstance(schema, dict):
-        return {k: _bare_schema(v) for k, v in schema.items()
-                if k not in ("title", "description", "examples", "example", "default")}
+        return {k: _bare_schema(v, k in ("properties", "$defs", "definitions") and not names)
+                for k, v in schema.items()
+                if names or k not in ("title", "description", "examples", "example", "default")}
     if isinstance(schema, list):
         return [_bare_schema(v) for v in schema]
     return schema

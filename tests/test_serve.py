@@ -353,6 +353,9 @@ def test_swaps_that_would_break_a_route_are_refused_and_late_replicas_start(trai
         assert rec.describe()["failed_swap"]["ref"] == "batching"
         assert {k: rec.batch_stats()[k] for k in ("max_batch_size", "batch_wait_timeout_s")} == \
             {k: before[k] for k in ("max_batch_size", "batch_wait_timeout_s")}
+    # ... also when the config carries the version too, as every written serve config does (it was cleared)
+    asyncio.run(rec.reconfigure({"version": old["version"], "ref": None, "batching": {"max_batch_size": 0}}))
+    assert rec.describe()["failed_swap"]["ref"] == "batching"
     assert asyncio.run(rec({"history": _histories(trained, 1)[0], "k": 3}))["status"] == 200
     # a replica whose deployed version gc deleted starts, and loads the served version on its first reconfigure
     monkeypatch.setattr(endpoint.ModelServer, "_board_key", lambda self: "board/app/recommend/replica-9")

@@ -292,7 +292,7 @@ def test_evaluate_refuses_another_preparation_unless_asked(tiny_trained, monkeyp
 
     cfg, out = tiny_trained
     real = shards.require
-    monkeypatch.setattr(shards, "require", lambda c: {**real(c), "hash": "f" * 64})
+    monkeypatch.setattr(shards, "require", lambda c, **k: {**real(c, **k), "hash": "f" * 64})
     with pytest.raises(UserError, match=r"trained on another preparation .* now ffffffffffff.*evaluate.other_data=true"):
         evaluate_version({**cfg, "evaluate": {"baselines": False}})
     report = evaluate_version({**cfg, "evaluate": {"baselines": False, "other_data": True}})
@@ -424,13 +424,23 @@ def test_more_workers_than_shards_is_an_error_not_an_epoch_of_no_steps(tmp_path:
     next_item.build_data(cfg, n - 1, n)            # one shard each is fine
 
 
+def test_a_non_finite_figure_never_beats_a_finite_one() -> None:
+    from ecomray.train.loop import _better
+
+    nan, inf = float("nan"), float("inf")
+    assert _better(nan, None, "max")                                # the first epoch is kept, whatever it scored
+    assert _better(0.1, nan, "max") and _better(0.1, inf, "min")    # and any finite figure replaces a non-finite best
+    assert not _better(nan, 0.1, "max") and not _better(inf, 0.1, "max") and not _better(-inf, 0.1, "min")
+    assert _better(0.2, 0.1, "max") and _better(0.1, 0.2, "min") and not _better(0.1, 0.1, "max")
+
+
 @pytest.mark.parametrize("from_epoch", [1, 0])
 def test_a_diverged_run_stops_and_keeps_its_best_finite_epoch(from_epoch: int, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture) -> None:
     """A NaN loss made the weights NaN: every target ranked -1 (HR 1, NDCG inf), that epoch was kept as the best
-    and nothing could beat it. Now a non-finite loss stops the run with the best finite epoch kept, or, with none,
-    is one error."""
+    and nothing could beat it. Now a non-finite loss stops the run before that epoch is scored, with the best
+    earlier epoch kept, or, with none, is one error."""
     epochs = {"n": 0}
     real_loss, real_eval = next_item.loss_step, next_item.evaluate
 
@@ -449,12 +459,13 @@ def test_a_diverged_run_stops_and_keeps_its_best_finite_epoch(from_epoch: int, t
                       "train.epochs=4", "train.patience=100")
     write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
     if from_epoch == 0:
-        with pytest.raises(UserError, match=r"epoch 0: train/loss nan, .* diverged .*nothing to keep"):
+        with pytest.raises(UserError, match=r"epoch 0: the training loss is nan: the model diverged .*no earlier "
+                                            r"epoch to keep"):
             fit(cfg, register=False, evaluate=False)
         return
     out = fit(cfg, register=False)
-    assert len(out["history"]) == 2 and out["history"][-1]["stopped_early"] == 1.0
-    assert "early stop: epoch 1: train/loss nan" in capsys.readouterr().out
+    assert len(out["history"]) == 1                     # epoch 1 was neither scored nor reported
+    assert "early stop: epoch 1: the training loss is nan" in capsys.readouterr().out
     best = out["history"][0]["val/ndcg@10"]
     assert math.isfinite(best) and out["history"][-1]["best/val/ndcg@10"] == best
     assert out["metrics"]["best_epoch"] == 0 and out["metrics"]["val/ndcg@10"] == pytest.approx(best)   # its weights

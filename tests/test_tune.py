@@ -215,6 +215,29 @@ def test_resuming_a_sweep_whose_data_was_prepared_again_is_refused(tmp_path: Pat
         sweeps.run_sweep(cfg)
 
 
+def test_a_resumed_sweep_keeps_the_init_from_version_it_pinned(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.init_from is pinned when a sweep starts; resuming pinned it again, so a version registered since (or a
+    moved alias) changed the fingerprint: "holds a sweep with a different config". The pin is kept in sweep.json."""
+    from ecomray.train.tune import sweep as sweep_module
+    from ecomray.train.tune.spec import apply_overrides
+    from ecomray.train.tune.sweep import _fingerprint
+
+    cfg = compose_cfg("tune", tmp_path, "experiment=tiny", "sweep=tiny", "dataset.name=fake", "dataset.adapter=files",
+                      "+model.init_from=pre")
+    write_fake_events_shards(Path(cfg["paths"]["data"]) / "fake", FUNNEL)
+    spec = sweeps.sweep_spec(cfg)
+    base = apply_overrides({k: v for k, v in cfg.items() if k not in ("sweep", "tune", "hydra")}, spec["fixed"])
+    base["run_name"] = None
+    folder = Path(cfg["paths"]["runs"]) / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"fingerprint": _fingerprint(base, spec), "sweep": spec,
+                                                   "data_manifest_hash": "1" * 64, "init_from": "pre:v0001"}))
+    monkeypatch.setattr(sweep_module, "pin_init_from", lambda b: pytest.fail("a resumed sweep pinned again"))
+    with pytest.raises(UserError, match="prepared again since sweep tiny started"):   # past the fingerprint
+        sweeps.run_sweep(cfg)
+
+
 def test_a_stopped_trial_ends_without_a_traceback() -> None:
     """Ray ends a stopped trial with SIGTERM, whose handler raises SystemExit wherever Python is; inside a garbage
     collector callback that used to print a traceback on the user's console (a flaky pipeline test). The trial's

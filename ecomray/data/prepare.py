@@ -700,8 +700,8 @@ def _remove_leftovers(local_root: str, name: str) -> None:
 
 
 # dataset settings that change no row (the others are in the manifest and its hash: `dataset_options`)
-NOT_DATA_OPTIONS = frozenset({"name", "licence", "research_only", "label_names", "schema", "split", "dedup",
-                              "description"})
+# (the schema is in the manifest itself, as prepare completed it)
+NOT_DATA_OPTIONS = frozenset({"name", "licence", "research_only", "label_names", "schema", "description"})
 
 
 def _file_stat(path: str) -> dict[str, int]:

@@ -28,9 +28,8 @@ def dataset_dir(cfg: dict, name: str | None = None) -> str:
     return f"{root.rstrip('/')}/{name}" if is_uri(root) else os.path.join(root, name)
 
 
-def prepare_command(cfg: dict, name: str | None = None, with_experiment: bool = False) -> str:
-    """The exact command that prepares the dataset a job is missing (`with_experiment`: through the run's
-    `experiment=`, whose dataset settings it then has)."""
+def prepare_command(cfg: dict, name: str | None = None) -> str:
+    """The exact command that prepares the dataset a job is missing."""
     import shlex
 
     own = name in (None, cfg["dataset"]["name"])
@@ -45,9 +44,6 @@ def prepare_command(cfg: dict, name: str | None = None, with_experiment: bool = 
     path = None if path == "???" else path
     choice = (cfg.get("choices") or {}).get("dataset") if own else None   # the config that names it otherwise
     which = f"dataset={choice} dataset.name={name}" if choice and choice != name else f"dataset={name}"
-    experiment = (cfg.get("choices") or {}).get("experiment") if own and with_experiment else None
-    if experiment:
-        which = f"experiment={experiment}"
     return f"python -m jobs.prepare {which}{where}" + (f" dataset.path={shlex.quote(str(path))}" if path else "")
 
 
@@ -111,7 +107,7 @@ def shard_files(folder: str, manifest: dict | None = None, hint: str | None = No
     return files
 
 
-def require(cfg: dict, name: str | None = None) -> dict[str, Any]:
+def require(cfg: dict, name: str | None = None, check_options: bool = True) -> dict[str, Any]:
     """The manifest of the dataset a job needs, checked in the driver before Ray starts.
 
     A missing built-in synthetic shop is prepared on the spot (it needs no download); any other missing dataset
@@ -122,7 +118,7 @@ def require(cfg: dict, name: str | None = None) -> dict[str, Any]:
             manifest = load_manifest(folder)
         except UserError:   # a damaged one: the same error with the command for this run (built only when needed)
             return load_manifest(folder, hint=prepare_command(cfg, name))
-        if name in (None, cfg["dataset"]["name"]):
+        if check_options and name in (None, cfg["dataset"]["name"]):
             _check_options(cfg, manifest, folder)
         return manifest
     dataset = cfg["dataset"]
@@ -143,17 +139,22 @@ def _check_options(cfg: dict, manifest: dict, folder: str) -> None:
     then = manifest.get("dataset_options")
     if then is None:
         return
-    # `path` is left out: jobs spell it relative to paths.datasets or absolute (the sources say which files it was)
-    now = json.loads(json.dumps({k: v for k, v in cfg["dataset"].items() if k not in NOT_DATA_OPTIONS | {"path"}},
-                                default=str))
-    then = json.loads(json.dumps({k: v for k, v in then.items() if k != "path"}, default=str))
+    # `path` is left out: jobs spell it relative to paths.datasets or absolute (the sources say which files it was);
+    # so is the synthetic shop's chunk_users (its rows do not depend on it)
+    def settings(d: dict) -> Any:
+        d = {k: v for k, v in d.items() if k not in NOT_DATA_OPTIONS | {"path"}}
+        if isinstance(d.get("synthetic"), dict):
+            d["synthetic"] = {k: v for k, v in d["synthetic"].items() if k != "chunk_users"}
+        return json.loads(json.dumps(d, default=str))
+
+    now, then = settings(cfg["dataset"]), settings(then)
     differ = sorted(_flat_diff(now, then))
     if differ:
         shown = "; ".join(f"dataset.{k}: now {a!r}, prepared with {b!r}" for k, a, b in differ[:4])
         raise UserError(f"{folder} was prepared with other dataset settings than this run's ({shown}"
                         f"{'; ...' if len(differ) > 4 else ''}): prepare it again with this run's settings "
-                        f"(`{prepare_command(cfg, with_experiment=True)} overwrite=true`, with this run's dataset.* "
-                        f"overrides if it has any), or run with the settings it was prepared with")
+                        f"(`python -m jobs.prepare` with this run's experiment= and dataset overrides, plus "
+                        f"overwrite=true), or run with the settings it was prepared with")
 
 
 def _flat_diff(now: Any, then: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

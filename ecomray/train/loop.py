@@ -35,25 +35,28 @@ def seed_everything(seed: int) -> None:
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
-    """A NaN or infinite figure is never better: a diverged ranking model scored ndcg inf and was kept as the best."""
+    """A NaN or infinite figure is never better than a finite one (a diverged ranking model scored ndcg inf and
+    was kept as the best); the first epoch is kept whatever it scored, and any finite figure beats a non-finite
+    best."""
+    if best is None:
+        return True
     if not np.isfinite(value):
         return False
-    return best is None or (value > best if mode == "max" else value < best)
+    if not np.isfinite(best):
+        return True
+    return value > best if mode == "max" else value < best
 
 
-def _diverged(metrics: dict, monitor: str, best: float | None, epoch: int, world: int) -> str | None:
-    """Why training cannot go on usefully (a non-finite training loss on any worker: the weights are NaN or
-    infinite), or a UserError when no epoch could be kept at all; None while it is fine. The same on every worker
-    (the monitored figure is reduced; the loss is each worker's own)."""
-    loss, value = metrics["train/loss"], metrics[monitor]
-    bad_loss = _any_worker(not np.isfinite(loss), world)
-    if not bad_loss and (np.isfinite(value) or best is not None):
+def _diverged(loss: float, best: float | None, epoch: int, world: int) -> str | None:
+    """Why training cannot usefully go on: a training loss that is not finite on any worker (the weights are NaN or
+    infinite; the same answer on every worker). Raised as a UserError when no earlier epoch can be kept."""
+    if not _any_worker(not np.isfinite(loss), world):
         return None
-    why = (f"epoch {epoch}: train/loss {loss}, {monitor} {value}: the model diverged (lower optim.lr, set "
-           f"train.grad_clip, or train.bf16=false)")
+    why = (f"epoch {epoch}: the training loss is {loss}{' (on a worker)' if world > 1 else ''}: the model "
+           f"diverged (lower optim.lr, set train.grad_clip, or train.bf16=false)")
     if best is None:
-        raise UserError(f"{why}; no epoch had a finite {monitor}, so there is nothing to keep")
-    return why if bad_loss else None
+        raise UserError(f"{why}; there is no earlier epoch to keep")
+    return why
 
 
 def built_model(task: Any, cfg: dict, data: Any) -> torch.nn.Module:
@@ -350,12 +353,17 @@ def _train_loop(cfg: dict) -> None:
             seen += len(next(iter(batch.values())))
             progress.update()
         train_s = time.time() - t_epoch
+        # Before scoring: NaN weights made a ranking model look perfect, and a classifier's AUC raise
+        diverged = _diverged(loss_sum / max(n_batches, 1), best, epoch, world)
+        if diverged is not None:
+            if rank == 0:
+                print(f"[train] early stop: {diverged}; the best epoch so far is kept", flush=True)
+            break
         scored = ema if ema is not None else _unwrap(model)           # the weights that are evaluated and kept
         metrics = {f"val/{k}": v for k, v in task.evaluate(scored, data, "val").items()}
         metrics.update({"epoch": epoch, "train/loss": loss_sum / max(n_batches, 1),
                         "samples_per_s": seen * world / max(train_s, 1e-9), "elapsed_s": time.time() - t0})
         check_reported(metrics, monitor, "train.monitor")
-        diverged = _diverged(metrics, monitor, best, epoch, world)
         improved = _better(metrics[monitor], best, mode)
         if improved:
             best, bad_epochs = metrics[monitor], 0
@@ -365,7 +373,7 @@ def _train_loop(cfg: dict) -> None:
             decay_on_plateau(optimizer, tcfg.get("lr_plateau"))
         stop = bad_epochs >= int(tcfg.get("patience", 10**9))
         out_of_time = bool(budget) and _any_worker(time.time() - t0 >= float(budget), world)
-        stop = stop or out_of_time or diverged is not None
+        stop = stop or out_of_time
         metrics.update({"best/" + monitor: best, "stopped_early": float(stop)})
         check_reported(metrics, cfg.get(REPORT_METRIC), "sweep.metric")
         history.append({k: v for k, v in metrics.items()})
@@ -387,8 +395,7 @@ def _train_loop(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
         if stop:
             if rank == 0:
-                why = (diverged + f"; the best epoch so far is kept" if diverged is not None
-                       else f"time budget train.time_budget_s={budget} spent" if out_of_time
+                why = (f"time budget train.time_budget_s={budget} spent" if out_of_time
                        else f"no {monitor} improvement for {bad_epochs} epochs")
                 print(f"[train] early stop: {why}", flush=True)
             break

@@ -45,9 +45,8 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
         print("[tune] scaling=inproc: each trial runs as one Ray Train worker (scaling=cpu1)", flush=True)
         base["scaling"] = {**base["scaling"], "num_workers": 1,
                            "resources_per_worker": base["scaling"].get("resources_per_worker") or {"CPU": 1}}
-    base = pin_init_from(base)   # every trial starts from the same version (and a resumed sweep from its own)
     sweep_dir = os.path.join(cfg["paths"]["runs"], spec["name"])
-    fingerprint = _fingerprint(base, spec)
+    fingerprint = _fingerprint(base, spec)      # the config as given (model.init_from as written, not pinned)
 
     summary_path = os.path.join(sweep_dir, "summary.json")
     if os.path.isdir(sweep_dir) and not tcfg["resume"]:
@@ -55,7 +54,7 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
         os.rename(sweep_dir, aside)
         print(f"[tune] tune.resume=false: moved the earlier sweep aside to {aside}", flush=True)
     spec_path = os.path.join(sweep_dir, "sweep.json")
-    data_hash = None
+    data_hash, earlier = None, {}
     if os.path.exists(spec_path):
         earlier = _read_json(spec_path)
         if earlier["fingerprint"] != fingerprint:
@@ -67,6 +66,12 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
             print(f"[tune] sweep {spec['name']} is complete: winner {done['best_trial']} registered as "
                   f"{done['name']} {done['version']} ({done['alias']}); tune.resume=false runs it again", flush=True)
             return done
+    # Every trial starts from the same version of model.init_from, and a resumed sweep from the one it pinned when
+    # it started (a version registered since, or a moved alias, must not change it halfway)
+    if earlier.get("init_from"):
+        base = {**base, "model": {**base["model"], "init_from": earlier["init_from"]}}
+    else:
+        base = pin_init_from(base)
     # fail here, not in every trial (or prepare the built-in synthetic shop)
     current = shards.require(base).get("hash")   # None: a manifest written by hand, nothing to compare
     check_writable(cfg["paths"]["runs"], "paths.runs")
@@ -77,8 +82,8 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
                         f"(manifest hash {data_hash[:12]} -> {current[:12]}): its finished trials trained on the "
                         f"old data; pass tune.resume=false to start over on the new data, or sweep.name=<new name>")
     os.makedirs(sweep_dir, exist_ok=True)
-    write_atomic(spec_path, json.dumps({"fingerprint": fingerprint, "sweep": spec, "data_manifest_hash": current},
-                                       indent=2, default=str))
+    write_atomic(spec_path, json.dumps({"fingerprint": fingerprint, "sweep": spec, "data_manifest_hash": current,
+                                        "init_from": base["model"].get("init_from")}, indent=2, default=str))
 
     # once, here; trials run inside this Ray
     init_ray(num_cpus=(cfg.get("ray") or {}).get("num_cpus"), verbose=bool(cfg.get("verbose")),
