@@ -135,12 +135,8 @@ class ModelServer:
             if hasattr(loaded.task, "prepare_serving"):
                 loaded.task.prepare_serving(loaded.model, loaded.meta)
         except BaseException:     # not loaded: give the lease back (unless this version is the one serving)
-            key = self._board_key()
-            if key is not None and (self.loaded is None or self.loaded.version != version):
-                try:
-                    registry.release(self.root, self.name, version, key.rsplit("/", 1)[-1])
-                except (OSError, UserError):
-                    pass
+            if self.loaded is None or self.loaded.version != version:
+                self._unlease(version)
             raise
         logger.info("[%s] loaded %s %s in %.2fs", self.route, loaded.name, loaded.version, time.perf_counter() - t0)
         return loaded

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,12 +195,14 @@ def test_a_sweep_name_holding_another_sweep_is_refused(tmp_path: Path) -> None:
         sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "name": "../escape"}})
 
 
-def test_resuming_a_sweep_whose_data_was_prepared_again_is_refused(tmp_path: Path) -> None:
-    """Its finished trials trained on the old preparation: resuming would rank them against trials on the new one."""
+def _started_sweep(tmp_path: Path, *overrides: str, **recorded: Any) -> tuple[dict, Path]:
+    """The config of a `tiny` sweep over a fake prepared dataset, and its folder holding the sweep.json a started
+    sweep wrote (its fingerprint, and `recorded` beside it)."""
     from ecomray.train.tune.spec import apply_overrides
     from ecomray.train.tune.sweep import _fingerprint
 
-    cfg = compose_cfg("tune", tmp_path, "experiment=tiny", "sweep=tiny", "dataset.name=fake", "dataset.adapter=files")
+    cfg = compose_cfg("tune", tmp_path, "experiment=tiny", "sweep=tiny", "dataset.name=fake", "dataset.adapter=files",
+                      *overrides)
     write_fake_events_shards(Path(cfg["paths"]["data"]) / "fake", FUNNEL)
     spec = sweeps.sweep_spec(cfg)
     base = apply_overrides({k: v for k, v in cfg.items() if k not in ("sweep", "tune", "hydra")}, spec["fixed"])
@@ -207,7 +210,13 @@ def test_resuming_a_sweep_whose_data_was_prepared_again_is_refused(tmp_path: Pat
     folder = Path(cfg["paths"]["runs"]) / "tiny"
     folder.mkdir(parents=True)
     (folder / "sweep.json").write_text(json.dumps({"fingerprint": _fingerprint(base, spec), "sweep": spec,
-                                                   "data_manifest_hash": "1" * 64}))
+                                                   **recorded}))
+    return cfg, folder
+
+
+def test_resuming_a_sweep_whose_data_was_prepared_again_is_refused(tmp_path: Path) -> None:
+    """Its finished trials trained on the old preparation: resuming would rank them against trials on the new one."""
+    cfg, folder = _started_sweep(tmp_path, data_manifest_hash="1" * 64)
     with pytest.raises(UserError, match="prepared again since sweep tiny started"):
         sweeps.run_sweep(cfg)
     (folder / "sweep.json").write_text("{")
@@ -220,19 +229,8 @@ def test_a_resumed_sweep_keeps_the_init_from_version_it_pinned(tmp_path: Path,
     """model.init_from is pinned when a sweep starts; resuming pinned it again, so a version registered since (or a
     moved alias) changed the fingerprint: "holds a sweep with a different config". The pin is kept in sweep.json."""
     from ecomray.train.tune import sweep as sweep_module
-    from ecomray.train.tune.spec import apply_overrides
-    from ecomray.train.tune.sweep import _fingerprint
 
-    cfg = compose_cfg("tune", tmp_path, "experiment=tiny", "sweep=tiny", "dataset.name=fake", "dataset.adapter=files",
-                      "+model.init_from=pre")
-    write_fake_events_shards(Path(cfg["paths"]["data"]) / "fake", FUNNEL)
-    spec = sweeps.sweep_spec(cfg)
-    base = apply_overrides({k: v for k, v in cfg.items() if k not in ("sweep", "tune", "hydra")}, spec["fixed"])
-    base["run_name"] = None
-    folder = Path(cfg["paths"]["runs"]) / "tiny"
-    folder.mkdir(parents=True)
-    (folder / "sweep.json").write_text(json.dumps({"fingerprint": _fingerprint(base, spec), "sweep": spec,
-                                                   "data_manifest_hash": "1" * 64, "init_from": "pre:v0001"}))
+    cfg, _ = _started_sweep(tmp_path, "+model.init_from=pre", data_manifest_hash="1" * 64, init_from="pre:v0001")
     monkeypatch.setattr(sweep_module, "pin_init_from", lambda b: pytest.fail("a resumed sweep pinned again"))
     with pytest.raises(UserError, match="prepared again since sweep tiny started"):   # past the fingerprint
         sweeps.run_sweep(cfg)

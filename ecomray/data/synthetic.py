@@ -32,6 +32,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -123,19 +124,26 @@ class _World:
                                    # the last row (no anchor yet) is ones
 
 
+def _setting(key: str, value: Any, kind: type) -> Any:
+    """`dataset.synthetic.<key>` as an int (a whole number) or a finite float; anything else is one error line."""
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        out = kind(value)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or (kind is float and not math.isfinite(out)):
+        raise UserError(f"dataset.synthetic.{key}={value!r}: must be "
+                        f"{'an integer' if kind is int else 'a finite number'}")
+    return out
+
+
 def _conf(synth: dict) -> dict:
     c = {**DEFAULTS, **{k: v for k, v in (synth or {}).items() if v is not None}}
-    for key, kind in [(k, int) for k in ("seed", "users", "items", "categories", "taste_dim", "chunk_users",
-                                         "max_sessions", "days")] + [(k, float) for k in ("sessions_per_user",
-                                                                                          "drift", "temperature")]:
-        try:
-            if isinstance(c[key], bool) or (kind is int and isinstance(c[key], float) and not c[key].is_integer()):
-                raise ValueError
-            c[key] = kind(c[key])
-        except (TypeError, ValueError):
-            raise UserError(f"dataset.synthetic.{key}={c[key]!r}: must be {'an integer' if kind is int else 'a number'}")
-        if kind is float and not math.isfinite(c[key]):
-            raise UserError(f"dataset.synthetic.{key}={c[key]!r}: must be a finite number")
+    for key in ("seed", "users", "items", "categories", "taste_dim", "chunk_users", "max_sessions", "days"):
+        c[key] = _setting(key, c[key], int)
+    for key in ("sessions_per_user", "drift", "temperature"):
+        c[key] = _setting(key, c[key], float)
     problems = [f"{k} must be >= 1 (got {c[k]})" for k in ("users", "items", "categories", "taste_dim", "chunk_users",
                                                            "max_sessions", "days") if c[k] < 1]
     if c["max_sessions"] * MAX_VIEWS_PER_SESSION >= 4096:
