@@ -67,6 +67,13 @@ def checked_app_args(plain: dict[str, Any], ignored: list[str] | None = None) ->
     if extra:        # a typo (`recomend`) was ignored without a word
         print(f"[deploy] note: serve.routes names {extra}, which this app does not serve (its routes: "
               f"{sorted(endpoints)}): those settings change nothing", flush=True)
+    for route, e in endpoints.items():
+        ongoing = (e.get("deployment") or {}).get("max_ongoing_requests")
+        batch = ((e.get("options") or {}).get("batching") or {}).get("max_batch_size")
+        if not e.get("inline") and isinstance(ongoing, int) and isinstance(batch, int) and ongoing < batch:
+            print(f"[deploy] note: /v1/{route} has max_ongoing_requests={ongoing} below batching.max_batch_size="
+                  f"{batch}: a replica never holds more than {ongoing} requests, so no batch grows past {ongoing}",
+                  flush=True)
     for route, e in endpoints.items():      # (promote warned; deploying one said nothing)
         if e.get("research_only"):
             print(f"WARNING: /v1/{route} serves {e['model']} {e['version']}, trained on research-only data: do not "
@@ -93,8 +100,8 @@ def start(plain: dict[str, Any], ignored: list[str] | None = None) -> dict[str, 
     from ecomray.runtime import init_ray
     from serve.app import build_app
     from ecomray.runtime import alive_nodes, ray_started_here
-    from serve.settings import (api_key, apply_env, check_bind, free_port, is_loopback, placement_problems,
-                                replica_demand, throughput_env)
+    from serve.settings import (api_key, apply_env, check_bind, client_url, free_port, is_loopback,
+                                placement_problems, replica_demand, throughput_env)
 
     d, sc = plain["deploy"], plain.get("serve") or {}
     host = str(d["host"])
@@ -137,7 +144,7 @@ def start(plain: dict[str, Any], ignored: list[str] | None = None) -> dict[str, 
     serve.run(build_app({"app": args}), name=d.get("app_name", "ecomray"), route_prefix=d.get("route_prefix", "/"))
     logging.getLogger("ray.serve").setLevel(str((plain.get("serve") or {}).get("log_level") or "INFO").upper())
     prefix = str(d.get("route_prefix", "/")).rstrip("/")
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{prefix}"
+    url = client_url(host, port, prefix)
     headers = {"X-API-Key": key} if key else {}
     models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()
     print(f"[deploy] serving at {url} ({mode}; {time.perf_counter() - t0:.1f}s to deploy); docs at {url}/docs",

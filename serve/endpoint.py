@@ -354,8 +354,11 @@ def replica_versions(app: str, route: str) -> list[dict[str, Any]]:
     live = {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith(prefix)}
     out, now = [], time.time()
-    for key in _internal_kv_list(f"{BOARD}/{app}/{route}/"):
-        replica = key.decode().rsplit("/", 1)[-1]
+    board = f"{BOARD}/{app}/{route}/"
+    for key in _internal_kv_list(board):
+        replica = key.decode()[len(board):]
+        if "/" in replica:       # a nested route's report (route `score`, key of `score/propensity`): not ours
+            continue
         raw = _internal_kv_get(key)
         if replica not in live or raw is None:
             _internal_kv_del(key)

@@ -85,8 +85,47 @@ def endpoint_table(cfg: dict) -> dict[str, dict[str, Any]]:
         name, ref = registry.parse_ref(str(e.get("model") or ""))
         if not name:
             raise UserError(f"deploy.endpoints.{route}: no `model` (a registry name[:version|alias])")
+        twin = next((r for r in out if r.replace("/", "_") == str(route).replace("/", "_")), None)
+        if twin is not None:     # both would be Serve deployment model_<route with _ for />
+            raise UserError(f"deploy.endpoints: routes {twin!r} and {route!r} differ only in '/' against '_'; "
+                            f"rename one")
         out[str(route)] = {"model": name, "ref": e.get("ref") or ref, "inline": bool(e.get("inline", False))}
     return out
+
+
+def _count(v: Any, least: int) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v >= least
+
+
+def check_deployment(where: str, opts: dict[str, Any]) -> None:
+    """A deployment's Serve options, typed before anything starts (UserError naming `where` and the key): a typo
+    such as `num_replicas: two` used to surface as a traceback from deep inside the deploy job, or from Serve."""
+    def bad(key: str, want: str) -> UserError:
+        return UserError(f"{where}.{key}={opts[key]!r}: {want}")
+
+    if opts.get("num_replicas") not in (None, "auto") and not _count(opts["num_replicas"], 1):
+        raise bad("num_replicas", "an integer >= 1, or auto (autoscaling_config decides)")
+    if opts.get("max_ongoing_requests") is not None and not _count(opts["max_ongoing_requests"], 1):
+        raise bad("max_ongoing_requests", "an integer >= 1")
+    if opts.get("max_queued_requests") is not None and not (_count(opts["max_queued_requests"], 0)
+                                                            or opts["max_queued_requests"] == -1):
+        raise bad("max_queued_requests", "an integer >= 0, or -1 for no limit")
+    for key in ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s",
+                "graceful_shutdown_wait_loop_s"):
+        v = opts.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+            raise bad(key, "a number of seconds > 0")
+    for key in ("ray_actor_options", "autoscaling_config"):
+        if opts.get(key) is not None and not isinstance(opts[key], dict):
+            raise bad(key, "a mapping")
+    auto = opts.get("autoscaling_config") or {}
+    for key, least in (("min_replicas", 0), ("max_replicas", 1), ("initial_replicas", 0)):
+        if auto.get(key) is not None and not _count(auto[key], least):
+            raise UserError(f"{where}.autoscaling_config.{key}={auto[key]!r}: an integer >= {least}")
+    if _count(auto.get("min_replicas"), 0) and _count(auto.get("max_replicas"), 1) \
+            and auto["min_replicas"] > auto["max_replicas"]:
+        raise UserError(f"{where}.autoscaling_config: min_replicas={auto['min_replicas']} is above "
+                        f"max_replicas={auto['max_replicas']}")
 
 
 def _without_folders(text: str, root: str) -> str:
@@ -113,6 +152,8 @@ def resolve_endpoint(registry_root: str, route: str, e: dict[str, Any], serve_cf
         return {"model": e["model"], "ref": e.get("ref"), "unavailable": _without_folders(str(err), registry_root)}
     merged = _merge(serve_cfg.get("common") or {}, (found["config"].get("task") or {}).get("serve") or {},
                     (serve_cfg.get("routes") or {}).get(route) or {})
+    check_deployment(f"the serve settings of /v1/{route} (serve.common < the version's task.serve < "
+                     f"serve.routes.{route})", merged)
     return {"model": e["model"], "ref": e.get("ref"), "version": found["version"],
             "research_only": bool((found.get("lineage") or {}).get("research_only")),
             "module": found["config"]["task"]["module"], "inline": e.get("inline", False),
@@ -125,6 +166,16 @@ def app_args(cfg: dict) -> dict[str, Any]:
     its exact version."""
     deploy = cfg.get("deploy") or {}
     serve_cfg = cfg.get("serve") or {}
+    check_deployment("serve.common < serve.ingress (the ingress)",
+                     {**(serve_cfg.get("common") or {}), **(serve_cfg.get("ingress") or {})})
+    ingress = serve_cfg.get("ingress") or {}
+    for key, v, least in (("ingress.retries", ingress.get("retries"), 0),
+                          ("max_body_bytes", serve_cfg.get("max_body_bytes"), 1)):
+        if v is not None and not _count(v, least):
+            raise UserError(f"serve.{key}={v!r}: an integer >= {least}")
+    v = serve_cfg.get("body_timeout_s")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+        raise UserError(f"serve.body_timeout_s={v!r}: a number of seconds > 0")
     endpoints = {route: resolve_endpoint(cfg["paths"]["registry"], route, e, serve_cfg)
                  for route, e in endpoint_table(cfg).items()}
     return {"registry": cfg["paths"]["registry"], "host": str(deploy.get("host", "127.0.0.1")),
@@ -172,9 +223,19 @@ def placement_problems(demand: dict[str, tuple[dict[str, float], int]], nodes: l
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
+    """A TCP port free on `host` now (an IPv6 address such as ::1 too: a plain socket is IPv4 only)."""
+    family, _, _, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind(addr)
         return int(s.getsockname()[1])
+
+
+def client_url(host: str, port: int, prefix: str = "") -> str:
+    """The URL a client on this machine uses for a server bound to `host`: a wildcard bind is reached on the
+    loopback address, and an IPv6 address goes in brackets (http://[::1]:8000)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{prefix}"
 
 
 def haproxy_binary() -> str | None:

@@ -151,6 +151,43 @@ def test_bind_rules() -> None:
         assert "in use" in (_port_taken("127.0.0.1", busy.getsockname()[1]) or "")
         free = busy.getsockname()[1]
     assert _port_taken("127.0.0.1", free) is None
+    # IPv6: free_port bound an IPv4 socket to "::1" (a traceback), and the printed URL lacked brackets
+    from serve.settings import client_url, free_port
+
+    assert client_url("::1", 8000, "/app") == "http://[::1]:8000/app"
+    assert client_url("::", 8000) == client_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
+    assert client_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    if socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            return                                              # no IPv6 loopback on this machine
+        assert 0 < free_port("::1") < 65536
+
+
+def test_replica_versions_of_a_route_leave_a_nested_routes_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route `score` listed the KV board under `.../score/`, which holds `score/propensity`'s reports too: it read
+    them as its own dead replicas and deleted them, so /v1/models lost the nested route's versions."""
+    import ray
+    import ray.experimental.internal_kv as kv
+
+    from serve.endpoint import BOARD, replica_versions
+    from serve.settings import endpoint_table
+
+    board = {f"{BOARD}/app/score/r1".encode(): json.dumps({"version": "v0001", "ts": 0}).encode(),
+             f"{BOARD}/app/score/propensity/r2".encode(): json.dumps({"version": "v0002", "ts": 0}).encode()}
+    monkeypatch.setattr(kv, "_internal_kv_list", lambda prefix: [k for k in board if k.startswith(prefix.encode())])
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key: board.get(key))
+    monkeypatch.setattr(kv, "_internal_kv_del", lambda key: board.pop(key))
+    monkeypatch.setattr(ray.util, "list_named_actors", lambda all_namespaces: [
+        {"name": "SERVE_REPLICA::app#model_score#r1"}, {"name": "SERVE_REPLICA::app#model_score_propensity#r2"}])
+    assert [e["version"] for e in replica_versions("app", "score")] == ["v0001"]
+    assert [e["version"] for e in replica_versions("app", "score/propensity")] == ["v0002"]
+    assert len(board) == 2
+    # two routes that would be one Serve deployment (model_a_b) are refused
+    with pytest.raises(UserError, match=r"routes 'a/b' and 'a_b' differ only in '/' against '_'"):
+        endpoint_table({"deploy": {"endpoints": {"a/b": "m1", "a_b": "m2"}}})
 
 
 def test_ingress_refuses_non_loopback_without_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -565,6 +602,32 @@ def test_serve_config_with_no_model_is_one_error_naming_the_registry(trained: di
                                         r"\(paths.root, or the ECOMRAY_HOME"):
         deploy_job.serve_config(cfg)
     assert deploy_job.serve_config(json.loads(json.dumps(trained["cfg"])))["applications"][0]["deployments"]
+
+
+def test_bad_serve_deployment_options_are_one_error_naming_the_key(trained: dict[str, Any],
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """`num_replicas: two` used to be a ValueError traceback from the placement check (or from Serve, inside the
+    app); each Serve option is now typed before anything starts, and the error names the setting."""
+    import jobs.deploy as deploy_job
+
+    def config(serve: dict[str, Any]) -> dict[str, Any]:
+        cfg = json.loads(json.dumps(trained["cfg"]))
+        cfg["serve"] = {**cfg["serve"], **serve}
+        return deploy_job.serve_config(cfg)
+
+    for serve, match in [({"routes": {"recommend": {"num_replicas": "two"}}}, r"serve.routes.recommend\).num_replicas='two'"),
+                         ({"routes": {"recommend": {"max_ongoing_requests": 0}}}, r"max_ongoing_requests=0: an integer >= 1"),
+                         ({"routes": {"recommend": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}}},
+                          r"min_replicas=3 is above max_replicas=2"),
+                         ({"common": {"health_check_period_s": -1}}, r"\(the ingress\).health_check_period_s=-1"),
+                         ({"ingress": {"retries": "once"}}, r"serve.ingress.retries='once': an integer >= 0"),
+                         ({"max_body_bytes": 1.5}, r"serve.max_body_bytes=1.5"),
+                         ({"body_timeout_s": 0}, r"serve.body_timeout_s=0: a number of seconds > 0")]:
+        with pytest.raises(UserError, match=match):
+            config(serve)
+    capsys.readouterr()
+    config({"routes": {"recommend": {"num_replicas": 2, "max_ongoing_requests": 4, "batching": {"max_batch_size": 8}}}})
+    assert "/v1/recommend has max_ongoing_requests=4 below batching.max_batch_size=8" in capsys.readouterr().out
 
 
 def test_deploy_says_a_task_serve_override_does_not_apply(trained: dict[str, Any], tmp_path: Path) -> None:
