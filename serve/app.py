@@ -53,10 +53,13 @@ except ImportError:  # pragma: no cover - older Ray
     _RETRYABLE = (RayActorError,)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "the body is not UTF-8, or a bad Content-Length header"},
+    400: {"description": "a bad Content-Length header"},
     401: {"description": "missing or wrong X-API-Key (when the server has a key)"},
+    408: {"description": "the body did not arrive within serve.body_timeout_s"},
     413: {"description": "body over serve.max_body_bytes"},
-    422: {"description": "malformed JSON, or a field is missing, has the wrong type, or a value the model can't take"},
+    415: {"description": "a compressed body (Content-Encoding), or a charset other than UTF-8"},
+    422: {"description": "malformed JSON (or a body that is not UTF-8), or a field is missing, has the wrong type, "
+                         "or a value the model can't take"},
     503: {"description": "the route's model is not available (not in the registry, overloaded, replica lost)"},
 }
 
