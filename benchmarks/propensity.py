@@ -130,7 +130,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    ap.add_argument("--note", default="nothing else running (flock /tmp/ecomray-heavy.lock)",
+                    help="what else ran on the machine meanwhile (concurrent_load in the JSON)")
     args = ap.parse_args()
+    t0 = time.time()
     try:
         import lightgbm  # noqa: F401  (checked before any training: the comparison needs it)
     except ImportError:
@@ -185,7 +188,8 @@ def main() -> None:
         "split": {k: int(v.sum()) for k, v in part.items()}, "seeds": args.seeds, "median": med, "runs": runs,
         "auc_diff_vs_lightgbm": diff,
         "paired_bootstrap": boot, "ecomray_model": base["model"], "lightgbm_grid": LGBM_GRID,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "concurrent_load": args.note, "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - t0, 1)},
         indent=2, default=float))
     print(f"wrote {out}")
 
