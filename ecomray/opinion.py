@@ -24,10 +24,20 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ecomray.features.text import blank_expr
 from ecomray.runtime import UserError, check_number, check_outside, output_folder
 
 STOP = set("""的 了 是 我 也 和 就 都 不 在 有 这 那 你 他 她 它 们 很 还 又 吧 吗 啊 呢 哦 着 给 让 说 要 会 能 到 去 来 上 下 个 一 没 对 与 及 被 把 而 但 所 以 为 之 其 或 等 这个 那个 我们 你们 他们 就是 还是 但是 因为 所以 如果 而且 然后 已经 没有 一个 什么 这样 那样 可以 觉得 感觉 东西 时候 现在 自己 真的 一下 一些 这么 那么 非常 比较 有点 不是 还有 不过 只是 一样 知道 一直 出来 起来 应该 可能 这种 那种 怎么 这次 一次 一点 看看 以后 之前 之后 的话""".split())
 _WORD = re.compile(r"^[\u4e00-\u9fffA-Za-z]+$")
+
+
+REPORT_FILES = ("report.md", "summary.json", "scored.parquet")
+
+
+def _report_file(name: str) -> bool:
+    """Whether `name` is a file an opinion report writes, its plots included (a folder with anything else is not a
+    report to replace)."""
+    return name in REPORT_FILES or name.endswith(".png")
 
 
 def score(loaded: Any, texts: list[str], batch: int = 512) -> np.ndarray:
@@ -105,6 +115,12 @@ def run(cfg: dict) -> dict[str, Any]:
         df = df.head(int(o["max_rows"]))
     if df.height == 0:
         raise UserError(f"{cfg['dataset']['name']}: no rows to score (split={split})")
+    blank = df.select(pl.col("text").is_null() | blank_expr("text")).to_series()
+    if blank.any():   # a table prepared before blank texts were quarantined: scored as nothing, then a traceback
+        print(f"[opinion] {int(blank.sum()):,} review(s) with no text left out (empty or blank)", flush=True)
+        df = df.filter(~blank)
+        if df.height == 0:
+            raise UserError(f"{cfg['dataset']['name']}: every review to score is empty (split={split})")
     neg = o.get("negative_label", "negative")
     labels = loaded.meta["labels"]
     if neg not in labels:
@@ -123,8 +139,8 @@ def run(cfg: dict) -> dict[str, Any]:
     df = df.with_columns(pl.col("category").fill_null("(none)"))
     final = os.path.abspath(o["out"])   # written whole into a work folder, then swapped in for the old one
     check_outside(final, cfg["paths"]["registry"], "opinion.out", "the registry")
-    with output_folder(final, "opinion.out", "summary.json", "an opinion report",
-                       lambda m: print(f"[opinion] {m}", flush=True)) as out:
+    with output_folder(final, "opinion.out", ("report.md", "summary.json"), "an opinion report",
+                       lambda m: print(f"[opinion] {m}", flush=True), owns=_report_file) as out:
         os.makedirs(out)
         df.select([c for c in ("text", "category", "ts", "label_name", "predicted", "p_negative") if c in df.columns]) \
           .write_parquet(os.path.join(out, "scored.parquet"))
@@ -141,15 +157,20 @@ def run(cfg: dict) -> dict[str, Any]:
         else:
             tick = {c: f"C{i + 1}" for i, c in enumerate(cats)}
 
-        # 1. sentiment share by category (stacked)
+        # 1. sentiment share by category (stacked): at most `top_categories` bars, the categories with the most
+        # reviews (700 categories made an unreadable plot; the report's table lists every one)
+        n_top = int(o.get("top_categories", 10))
+        largest = by_cat.sort("reviews", descending=True, maintain_order=True).head(n_top) \
+            .sort("negative_share", descending=True, maintain_order=True)
         fig, ax = plt.subplots(figsize=(8, 4))
-        x = np.arange(len(cats))
-        share = by_cat["negative_share"].to_numpy()
+        x = np.arange(largest.height)
+        share = largest["negative_share"].to_numpy()
         ax.bar(x, 1 - share, label="positive", color="#4c9a2a")
         ax.bar(x, share, bottom=1 - share, label="negative", color="#c0392b")
-        ax.set_xticks(x, [tick[c] for c in cats])
+        ax.set_xticks(x, [tick[c] for c in largest["category"].to_list()])
         ax.set_ylabel("share of reviews (predicted)")
-        ax.set_title(f"Sentiment share by category ({name} {loaded.version})")
+        shown = f"; the {n_top} with most reviews of {len(cats)}" if len(cats) > n_top else ""
+        ax.set_title(f"Sentiment share by category ({name} {loaded.version}{shown})")
         ax.legend(loc="lower right")
         fig.tight_layout()
         fig.savefig(os.path.join(out, "share_by_category.png"), dpi=110)
@@ -157,7 +178,7 @@ def run(cfg: dict) -> dict[str, Any]:
 
         # 2. most negative categories
         fig, ax = plt.subplots(figsize=(7, 4))
-        top = by_cat.head(int(o.get("top_categories", 10)))
+        top = by_cat.head(n_top)
         ax.barh([tick[c] for c in top["category"].to_list()][::-1], top["negative_share"].to_numpy()[::-1], color="#c0392b",
                 label="predicted")
         if "labelled_negative_share" in top.columns:
@@ -191,15 +212,16 @@ def run(cfg: dict) -> dict[str, Any]:
         for c in cats:
             neg_texts = df.filter((pl.col("category") == c) & (pl.col("predicted") == neg))["text"].to_list()
             terms[c] = top_terms(neg_texts, n_terms, int(o.get("min_term_len", 2)), STOP | {c})
-        if font:
-            cols = min(3, len(cats))
-            rows = int(np.ceil(len(cats) / cols))
+        if font:      # the `top_categories` most negative categories (700 made a 77,000-pixel-high image)
+            plotted = cats[:n_top]
+            cols = min(3, len(plotted))
+            rows = int(np.ceil(len(plotted) / cols))
             fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-            for ax, c in zip(axes.flat, cats):
+            for ax, c in zip(axes.flat, plotted):
                 words = terms[c][:8][::-1]
                 ax.barh([w for w, _ in words], [n for _, n in words], color="#c0392b")
                 ax.set_title(c)
-            for ax in list(axes.flat)[len(cats):]:
+            for ax in list(axes.flat)[len(plotted):]:
                 ax.axis("off")
             fig.tight_layout()
             fig.savefig(os.path.join(out, "negative_terms.png"), dpi=110)

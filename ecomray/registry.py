@@ -280,13 +280,26 @@ def read_info(root: str, name: str, version: str) -> dict[str, Any]:
     path = os.path.join(folder, "version.json")
     if not os.path.exists(path):
         return {"format": 1}
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path) as fh:
+            info = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise UserError(f"registry {name} {version}: version.json is unreadable ({type(err).__name__}: "
+                        f"{str(err)[:120]}); the version is damaged: serve or promote another version, or register "
+                        f"this model again ({folder})") from None
+    if not isinstance(info, dict) or isinstance(info.get("format", 1), bool) \
+            or not isinstance(info.get("format", 1), int):
+        raise UserError(f"registry {name} {version}: version.json is not a version record (a JSON object with an "
+                        f"integer format); the version is damaged ({folder})")
+    return info
 
 
 def check_format(root: str, name: str, version: str) -> dict[str, Any]:
     info = read_info(root, name, version)
-    if int(info.get("format", 1)) != FORMAT:
+    if info.get("format", 1) > FORMAT:
+        raise UserError(f"{name} {version} is in registry format {info['format']}, written by a newer ecomray (this "
+                        f"one reads format {FORMAT}): use that ecomray, or another version")
+    if info.get("format", 1) != FORMAT:
         raise UserError(f"{name} {version} is in registry format {info.get('format', 1)} (this ecomray reads format "
                         f"{FORMAT}): upgrade it with `python -m jobs.registry migrate {name}`")
     return info
@@ -416,7 +429,9 @@ def _older_than(path: str, seconds: float) -> bool:
 def gc(root: str, name: str, keep_last: int = 5, dry_run: bool = False, keep_rollback: int = 3) -> dict[str, list[str]]:
     """Delete the versions of `name` that no alias points at, that are not among the `keep_rollback` versions each
     alias rolls back to next, that no replica serves (leases) and that are not among the newest `keep_last`; and
-    half-written `.tmp-*` folders older than an hour. Runs under the alias lock, so no alias moves onto a version
+    half-written `.tmp-*` folders older than an hour. The newest version always stays, even with `keep_last=0`:
+    `register` numbers the next one after it, so a number once used (in aliases_history.jsonl, in a predictions
+    folder's summary) never names another model. Runs under the alias lock, so no alias moves onto a version
     while it is being deleted. Returns {"deleted", "kept", "tmp"}."""
     import shutil
 
@@ -429,7 +444,7 @@ def gc(root: str, name: str, keep_last: int = 5, dry_run: bool = False, keep_rol
         reachable = {v for a in {h["alias"] for h in history}
                      for v in _alias_stack(history, a)[-(keep_rollback + 1):]}   # where it is, and its next steps back
         protected = (set(aliases(root, name).values()) | reachable | leased(root, name)
-                     | set(have[-keep_last:] if keep_last else []))
+                     | set(have[-max(keep_last, 1):]))
         doomed = [v for v in have if v not in protected]
         stale_tmp = [t for t in os.listdir(folder) if t.startswith(".tmp-") and _older_than(os.path.join(folder, t), 3600)]
         if not dry_run:

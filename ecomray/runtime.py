@@ -255,12 +255,14 @@ def one_at_a_time(lock_path: str, what: str, log: Callable[[str], None] = print)
 
 
 @contextlib.contextmanager
-def output_folder(out: str, setting: str, marker: str, kind: str,
-                  log: Callable[[str], None] = print) -> Iterator[str]:
+def output_folder(out: str, setting: str, marker: str | tuple[str, ...], kind: str,
+                  log: Callable[[str], None] = print, owns: Callable[[str], bool] | None = None) -> Iterator[str]:
     """A job's output folder, written whole: yields a work folder (`<out>.tmp-<pid>`, not yet made) that replaces
     `out` when the block ends, and is removed if it fails. One run per folder (a lock beside it); under the lock,
-    what killed runs left (`<out>.tmp-*`, `<out>.old-*`) is removed, and a folder holding files but no `marker` (not
-    a `kind`, which a run would replace) is refused, naming `setting`."""
+    what killed runs left (`<out>.tmp-*`, `<out>.old-*`) is removed, and a folder holding files but not every
+    `marker`, or (with `owns`) an entry the job never writes, is not a `kind` that a run may replace: it is refused,
+    naming `setting`. (A finished sweep folder has a `summary.json` too: `opinion.out` pointed at one deleted its
+    trials.)"""
     import glob
     import shutil
 
@@ -275,9 +277,14 @@ def output_folder(out: str, setting: str, marker: str, kind: str,
         for left in sorted(glob.glob(f"{glob.escape(out)}.tmp-*") + glob.glob(f"{glob.escape(out)}.old-*")):
             shutil.rmtree(left, ignore_errors=True)       # a killed run's; none is a live run's (the lock)
             log(f"removed {left}: left by a killed run")
-        if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, marker)):
-            raise UserError(f"{setting}: {out} holds files that are not {kind} (no {marker}), and a run "
-                            f"replaces its output folder whole; choose an empty or new folder")
+        markers = (marker,) if isinstance(marker, str) else marker
+        held = os.listdir(out) if os.path.isdir(out) else []
+        missing = [m for m in markers if m not in held]
+        foreign = sorted(name for name in held if owns is not None and not owns(name))
+        if held and (missing or foreign):
+            why = f"no {missing[0]}" if missing else f"{foreign[0]!r}{' and more' if len(foreign) > 1 else ''}"
+            raise UserError(f"{setting}: {out} holds files that are not {kind} ({why}), and a run replaces its "
+                            f"output folder whole; choose an empty or new folder")
         work = f"{out}.tmp-{os.getpid()}"
         try:
             yield work

@@ -15,16 +15,13 @@ from typing import Annotated, Any
 from annotated_types import Ge, Le
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from ecomray.features import text as text_features
+
 MAX_ABS_NUMBER = float(2**53)     # beyond this a float can't hold every integer; nothing we serve needs more
 ECHO_CHARS = 64                   # at most this many characters of a client's input come back in an error
 
 
-# "Has a non-blank character", as a pattern every engine reads alike: the OpenAPI contract's regexes are ECMA-262,
-# the server's are Rust's (pydantic-core) and test generators' Python's, and their `\s` differ (U+0085 and
-# U+001C-001F are whitespace to some, U+FEFF to another). Excluding the union keeps the contract exactly true.
-# Control characters (NUL...) and the zero-width space, joiners and word joiner show nothing either: a text of only
-# those was classified (or copy written for it) as if it said something.
-NOT_BLANK = r"[^\s\x00-\x1f\x7f\x85\u200b-\u200d\u2060\ufeff]"
+NOT_BLANK = text_features.NOT_BLANK       # "has a non-blank character": one rule offline and online
 
 
 class Strict(BaseModel):

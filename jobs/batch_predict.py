@@ -131,7 +131,8 @@ def run(cfg: DictConfig | dict) -> dict[str, Any]:
     out = os.path.abspath(bp.get("out") or os.path.join(plain["paths"]["root"], "predictions", name))
     check_outside(out, root, "batch_predict.out", "the registry")
     with output_folder(out, "batch_predict.out", MARKER, "a predictions folder",
-                       lambda m: print(f"[batch_predict] {m}", flush=True)) as work:
+                       lambda m: print(f"[batch_predict] {m}", flush=True),
+                       owns=lambda f: f == MARKER or f.endswith(".parquet")) as work:
         summary = _score(plain, bp, loaded, vcfg, root, name, version, split, options, work)
     print(f"[batch_predict] {name} {version} ({summary['task']}, split {split}): {summary['rows']} rows -> {out} "
           f"in {summary['seconds']}s", flush=True)

@@ -20,6 +20,7 @@ Deploy serves `prod` when set, else `best`, else the newest version (`ecomray.re
 from __future__ import annotations
 
 import argparse
+import re
 import os
 import sys
 from typing import Any
@@ -69,14 +70,17 @@ def list_models(root: str, only: str | None = None) -> list[dict[str, Any]]:
                     lin = json.load(fh)
                 info = registry.read_info(root, name, v)
             except (OSError, ValueError, UserError) as err:   # one damaged version: its row says so, the others still list
-                what = os.path.basename(getattr(err, "filename", None) or "") or type(err).__name__
+                what = os.path.basename(getattr(err, "filename", None) or "") or (
+                    "version.json" if isinstance(err, UserError) else type(err).__name__)
                 rows.append({"model": name, "version": v, "aliases": sorted(by_version.get(v, [])),
                              "metrics": f"(damaged: {what} unreadable; not a version ecomray wrote?)", "dataset": None,
                              "research_only": False, "created_at": None, "sweep": ""})
                 continue
             sweep = lin.get("sweep") or {}
-            shown = (_key_metrics(metrics, info.get("key_metrics") or []) if info.get("format") == registry.FORMAT
-                     else f"(registry format {info.get('format')}: run `migrate`)")
+            fmt = info.get("format", 1)
+            shown = (_key_metrics(metrics, info.get("key_metrics") or []) if fmt == registry.FORMAT
+                     else f"(registry format {fmt}: a newer ecomray's)" if fmt > registry.FORMAT
+                     else f"(registry format {fmt}: run `migrate`)")
             rows.append({"model": name, "version": v, "aliases": sorted(by_version.get(v, [])),
                          "metrics": shown, "dataset": lin.get("dataset"),
                          "research_only": bool(lin.get("research_only")), "created_at": lin.get("created_at"),
@@ -117,23 +121,38 @@ def migrate(root: str, only: str | None = None) -> list[str]:
     done = []
     if only:
         _require(root, only)
+    failed = []
     for name in [only] if only else registry.models(root):
         for v in registry.versions(root, name):
-            if registry.read_info(root, name, v).get("format", 1) == registry.FORMAT:
+            try:
+                fmt = registry.read_info(root, name, v).get("format", 1)
+                if fmt > registry.FORMAT:    # a newer ecomray's version: rewriting it would downgrade it
+                    print(f"{name} {v}: registry format {fmt} is newer than this ecomray's ({registry.FORMAT}): "
+                          f"left as it is", flush=True)
+                    continue
+                if fmt == registry.FORMAT:
+                    continue
+                path = registry._safe(root, name, v)
+                with open(os.path.join(path, "config.yaml")) as fh:
+                    config = yaml.safe_load(fh)
+                with open(os.path.join(path, "meta.json")) as fh:
+                    meta = json.load(fh)
+                task = load_task(config)
+                if hasattr(task, "upgrade_meta"):
+                    meta = task.upgrade_meta(meta, config)
+                if "model_kwargs" not in meta:
+                    raise UserError(f"task {config['task']['name']} gives no model_kwargs")
+                registry.rewrite_meta(root, name, v, meta, registry.version_info(config, key_metrics(task)))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError, UserError) as err:
+                why = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {str(err)[:160]}"
+                print(f"{name} {v}: cannot migrate ({why})", flush=True)      # the others still migrate
+                failed.append(f"{name}:{v}")
                 continue
-            path = registry._safe(root, name, v)
-            with open(os.path.join(path, "config.yaml")) as fh:
-                config = yaml.safe_load(fh)
-            with open(os.path.join(path, "meta.json")) as fh:
-                meta = json.load(fh)
-            task = load_task(config)
-            if hasattr(task, "upgrade_meta"):
-                meta = task.upgrade_meta(meta, config)
-            if "model_kwargs" not in meta:
-                raise UserError(f"{name} {v}: cannot migrate: task {config['task']['name']} gives no model_kwargs")
-            registry.rewrite_meta(root, name, v, meta, registry.version_info(config, key_metrics(task)))
             print(f"{name} {v}: migrated to registry format {registry.FORMAT}", flush=True)
             done.append(f"{name}:{v}")
+    if failed:
+        raise UserError(f"{len(failed)} version(s) could not be migrated ({', '.join(failed)}); "
+                        f"{len(done)} migrated")
     if not done:
         print(f"nothing to migrate in {root}", flush=True)
     return done
@@ -151,16 +170,21 @@ def collect(root: str, only: str | None, keep: int, dry_run: bool, runs: str | N
         res = registry.gc(root, name, keep, dry_run, keep_rollback)
         out[name] = res
         verb = "would delete" if dry_run else "deleted"
+        tmp = f"; {verb} {len(res['tmp'])} half-written .tmp-* folder(s)" if res["tmp"] else ""
         print(f"{name}: {verb} {len(res['deleted'])} version(s) {res['deleted'] or ''}; kept {res['kept']} "
-              f"(aliased, among each alias's last {keep_rollback} rollback steps, served, or among the newest {keep})",
-              flush=True)
+              f"(aliased, among each alias's last {keep_rollback} rollback steps, served, or among the newest "
+              f"{max(keep, 1)}){tmp}", flush=True)
     if runs:
-        old = sorted(os.path.join(runs, d) for d in os.listdir(runs) if ".old-" in d) if os.path.isdir(runs) else []
+        # a sweep folder a re-run set aside: `<sweep>.old-<pid>`, a folder (not a file that happens to match)
+        old = sorted(os.path.join(runs, d) for d in os.listdir(runs)
+                     if re.fullmatch(r".+\.old-[0-9-]+", d) and os.path.isdir(os.path.join(runs, d)))
         for d in old:
             if not dry_run:
                 shutil.rmtree(d, ignore_errors=True)
-        print(f"{runs}: {'would delete' if dry_run else 'deleted'} {len(old)} old sweep folder(s)", flush=True)
-        out["_old_sweeps"] = old
+        left = [d for d in old if os.path.exists(d)] if not dry_run else []
+        print(f"{runs}: {'would delete' if dry_run else 'deleted'} {len(old) - len(left)} old sweep folder(s)"
+              + (f"; could not delete {left}" if left else ""), flush=True)
+        out["_old_sweeps"] = [d for d in old if d not in left]
     return out
 
 
@@ -199,8 +223,11 @@ def main(argv: list[str] | None = None) -> dict | list | None:
     root = abspath(args.registry) if args.registry else default_root()
     if os.path.exists(root) and not os.path.isdir(root):
         raise UserError(f"registry {root} is a file, not a registry folder (--registry, or paths.registry)")
-    if getattr(args, "runs", None) and os.path.exists(args.runs) and not os.path.isdir(args.runs):
-        raise UserError(f"gc --runs {args.runs} is a file, not a runs folder")
+    if getattr(args, "runs", None) and not os.path.isdir(args.runs):    # a typo looked like "deleted 0"
+        raise UserError(f"gc --runs {args.runs} is a file, not a runs folder" if os.path.exists(args.runs)
+                        else f"gc --runs {args.runs}: no such folder")
+    if args.cmd in ("gc", "migrate") and not args.model and not os.path.exists(root):   # a typo'd --registry: silent
+        raise UserError(f"no registry at {root} (--registry, or paths.registry / ECOMRAY_HOME)")
     if args.cmd == "list":
         rows = list_models(root, args.model)
         if not rows:

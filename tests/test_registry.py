@@ -242,6 +242,69 @@ def test_gc_keeps_aliased_served_and_newest_versions(tmp_path: Path) -> None:
     assert main(["--registry", root, "gc", "--keep", "2"])["m"]["deleted"] == ["v0002"]
 
 
+def test_gc_never_frees_a_version_number_and_refuses_paths_that_point_nowhere(tmp_path: Path, capsys) -> None:
+    """`gc --keep 0` deleted every unaliased version, the newest too, and the next register took its number again:
+    history lines and predictions that said v0003 then named another model. A typo'd --registry or --runs printed
+    nothing (or "deleted 0") and exited 0."""
+    from jobs.registry import main
+
+    root = str(tmp_path / "registry")
+    for k in range(4):
+        _register(root, float(k))
+    registry.set_alias(root, "m", "prod", "v0002")
+    out = main(["--registry", root, "gc", "--keep", "0", "--keep-rollback", "0"])
+    assert out["m"]["deleted"] == ["v0001", "v0003"] and registry.versions(root, "m") == ["v0002", "v0004"]
+    assert _register(root) == "v0005"
+    with pytest.raises(UserError, match=r"no registry at .*typo"):
+        main(["--registry", str(tmp_path / "typo"), "gc"])
+    with pytest.raises(UserError, match=r"gc --runs .*nope: no such folder"):
+        main(["--registry", root, "gc", "--runs", str(tmp_path / "nope")])
+    runs = tmp_path / "train"
+    (runs / "tiny.old-20260101-000000").mkdir(parents=True)
+    (runs / "my.old-notes").mkdir()                       # not a sweep a re-run set aside
+    (runs / "x.old-1").write_text("a file")
+    capsys.readouterr()
+    main(["--registry", root, "gc", "--runs", str(runs)])
+    assert "deleted 1 old sweep folder(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in runs.iterdir()) == ["my.old-notes", "x.old-1"]
+
+
+def test_migrate_leaves_newer_formats_and_goes_on_past_a_damaged_version(tmp_path: Path, capsys) -> None:
+    """`migrate` rewrote a format-3 version (a newer ecomray's) as format 2, and stopped with a FileNotFoundError
+    traceback at a damaged format-1 version, leaving the versions after it unmigrated. A version.json that does
+    not parse was a JSONDecodeError traceback from `promote`, `evaluate` and serving."""
+    from jobs.registry import main
+
+    root = str(tmp_path / "registry")
+    cfg = {"task": {"name": "next_item", "module": "ecomray.tasks.next_item"}, "dataset": {"name": "gone"},
+           "paths": {"data": str(tmp_path / "data")}}
+    made = [registry.register(root, "old", {"w": torch.zeros(1)}, cfg, {"val/ndcg@10": 0.1},
+                              {"model_kwargs": {}, "num_items": 7, "popular": ["a"]}, {}) for _ in range(3)]
+    folder = {v: Path(root) / "old" / v for v in made}
+    for v in made[:2]:
+        (folder[v] / "version.json").unlink()               # format 1
+    (folder[made[0]] / "config.yaml").unlink()              # ... and damaged
+    info = json.loads((folder[made[2]] / "version.json").read_text())
+    (folder[made[2]] / "version.json").write_text(json.dumps({**info, "format": registry.FORMAT + 1}))
+    with pytest.raises(UserError, match=rf"1 version\(s\) could not be migrated \(old:{made[0]}\); 1 migrated"):
+        main(["--registry", root, "migrate"])
+    said = capsys.readouterr().out
+    assert f"old {made[0]}: cannot migrate (FileNotFoundError" in said and f"old {made[1]}: migrated" in said
+    assert f"old {made[2]}: registry format {registry.FORMAT + 1} is newer" in said
+    assert json.loads((folder[made[2]] / "version.json").read_text())["format"] == registry.FORMAT + 1
+    with pytest.raises(UserError, match=rf"old {made[2]} is in registry format {registry.FORMAT + 1}, written by a newer"):
+        registry.load(root, "old", made[2])
+    (folder[made[2]] / "version.json").write_text('{"format": 2,')
+    with pytest.raises(UserError, match=rf"registry old {made[2]}: version.json is unreadable \(JSONDecodeError"):
+        main(["--registry", root, "promote", "old", made[2]])
+    (folder[made[2]] / "version.json").write_text("[]")
+    with pytest.raises(UserError, match=r"version.json is not a version record"):
+        registry.load(root, "old", made[2])
+    rows = main(["--registry", root, "list"])
+    assert [r["metrics"] for r in rows if r["version"] == made[2]] == [
+        "(damaged: version.json unreadable; not a version ecomray wrote?)"]
+
+
 def test_a_lease_waits_for_a_running_gc_and_refuses_what_it_deleted(tmp_path: Path) -> None:
     """A replica's first lease and gc's choice used to race: gc could pick a version, a replica lease and start
     loading it, and gc delete it mid-load. A new lease is taken under gc's lock and checks the version is there."""

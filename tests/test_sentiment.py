@@ -225,6 +225,41 @@ def test_opinion_report_on_generated_reviews(tmp_path: Path) -> None:
         opinion({**ocfg, "opinion": {**ocfg["opinion"], "out": str(folder.parent)}})
     assert (folder.parent / "m-v0001-test.json").exists()
     assert opinion({**ocfg, "opinion": {**ocfg["opinion"], "out": f"{folder}/"}})["report"] == str(folder / "report.md")
+    # a finished sweep folder has a summary.json too: it used to be taken for a report and replaced (its trials lost);
+    # so is a report folder where the user put a file of their own
+    sweep = tmp_path / "sweep"
+    (sweep / "trial_0").mkdir(parents=True)
+    (sweep / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds files that are not an opinion report \(no report.md\)"):
+        opinion({**ocfg, "opinion": {**ocfg["opinion"], "out": str(sweep)}})
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds files that are not an opinion report \('notes.txt'\)"):
+        opinion(ocfg)
+    assert (sweep / "trial_0").is_dir() and (folder / "notes.txt").exists()
+
+
+def test_opinion_plots_stay_readable_and_blank_texts_are_left_out(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """700 categories drew a 77,000-pixel-high terms plot and 700 bars in one; a review whose text is only a control
+    character (which prepare's whitespace rule let through) failed the report with a traceback."""
+    import polars as pl
+
+    from ecomray.opinion import run as opinion
+
+    cfg = _cfg(tmp_path, "model=tfidf_lr", "train.epochs=1", "model.Cs=[10.0]", "registry_name=tfidf_syn")
+    fit(cfg)
+    ocfg = compose_cfg("opinion", tmp_path, "dataset=synthetic_reviews", "opinion.model=tfidf_syn",
+                       "opinion.top_categories=3")
+    read = sentiment.read_reviews           # a table prepared before blank texts were quarantined
+    monkeypatch.setattr(sentiment, "read_reviews", lambda *a: read(*a).with_columns(
+        text=pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("\x1c")).otherwise(pl.col("text"))))
+    s = opinion(ocfg)
+    assert s["rows"] == read(ocfg, "synthetic_reviews").height - 1
+    from PIL import Image
+
+    if "negative_terms.png" in s["plots"]:                  # (a CJK font is installed)
+        with Image.open(Path(s["report"]).parent / "negative_terms.png") as im:
+            assert im.size[1] <= 3 * 110 + 10               # 3 categories: one row of plots
 
 
 def test_epoch_fraction_splits_a_pass_into_loop_epochs_deterministically() -> None:

@@ -1,6 +1,9 @@
 """Text features for the review family: the normalization key used by the leakage guard, and a character-level
 tokenizer built with Hugging Face `tokenizers`.
 
+- `NOT_BLANK`, `is_blank(s)` / `blank_expr(col)`: what counts as a text that says nothing (whitespace, control
+  characters, zero-width spaces and joiners only), one rule for prepare's quarantine, batch scoring, reports and
+  the serving schemas.
 - `text_key(s)` / `text_key_expr(col)`: NFKC, then every whitespace character removed. Two reviews with the same key
   are "the same text" for deduplication and for the leakage guard (Python and Polars give the same key).
 - `fit_tokenizer(texts)`: a WordLevel model over single characters (NFKC-normalized, whitespace dropped), fitted
@@ -15,6 +18,7 @@ tokenizer built with Hugging Face `tokenizers`.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 import numpy as np
@@ -24,6 +28,26 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIALS = [PAD, UNK, CLS, SEP, MASK]
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
+
+
+# "Has a non-blank character", as a pattern every engine reads alike: the OpenAPI contract's regexes are ECMA-262,
+# the server's and Polars' are Rust's (pydantic-core) and test generators' Python's, and their `\s` differ (U+0085
+# and U+001C-001F are whitespace to some, U+FEFF to another). Excluding the union keeps the contract exactly true.
+# Control characters (NUL...) and the zero-width space, joiners and word joiner show nothing either: a text of only
+# those was classified (or copy written for it) as if it said something.
+NOT_BLANK = r"[^\s\x00-\x1f\x7f\x85\u200b-\u200d\u2060\ufeff]"
+_NOT_BLANK = re.compile(NOT_BLANK)
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` shows nothing: only whitespace, control characters and zero-width characters (or nothing)."""
+    return _NOT_BLANK.search(text) is None
+
+
+def blank_expr(col: str | pl.Expr) -> pl.Expr:
+    """`is_blank` as a Polars expression (null stays null)."""
+    e = pl.col(col) if isinstance(col, str) else col
+    return ~e.str.contains(NOT_BLANK)
 
 
 def text_key(text: str) -> str:

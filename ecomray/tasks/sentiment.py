@@ -45,7 +45,8 @@ from torch import nn
 from ecomray import serving
 from ecomray.data import shards
 from ecomray.features.text import encode as encode_chars
-from ecomray.features.text import fit_tokenizer, load_tokenizer, text_key_expr, tfidf_matrix, tfidf_vectorizer
+from ecomray.features.text import (fit_tokenizer, is_blank, load_tokenizer, text_key_expr, tfidf_matrix,
+                                   tfidf_vectorizer)
 from ecomray.inference import init_version
 from ecomray.runtime import UserError
 from ecomray.tasks import RequestError
@@ -391,7 +392,7 @@ def metadata(data: TextData) -> dict:
             "confusion": data.confusion, "per_category": data.per_category,
             "confusion_note": "rows = true label, columns = predicted, in `labels` order",
             "train_datasets": [data.cfg["dataset"]["name"], *(data.cfg["task"].get("extra_train") or [])],
-            "examples": [{"texts": [t[:80] for t in data.texts["train"][:3] if t.strip()]}] if data.texts["train"] else []}
+            "examples": [{"texts": [t[:80] for t in data.texts["train"][:3] if not is_blank(t[:80])]}] if data.texts["train"] else []}
 
 
 # ----------------------------------------------------------------------------------------------- predicting
@@ -400,8 +401,8 @@ def predict(model: nn.Module, meta: dict, texts: list[str]) -> list[dict]:
     max_chars characters; an empty (or whitespace-only) text raises ValueError."""
     texts = list(texts)
     for i, x in enumerate(texts):
-        if not isinstance(x, str) or not x.strip():
-            raise ValueError(f"text {i} is empty (or not a string)")
+        if not isinstance(x, str) or is_blank(x):
+            raise ValueError(f"text {i} is empty or blank (or not a string)")
     cut = [x[: int(meta["max_chars"])] for x in texts]
     if meta.get("tokenizer_kind", "char") == "none":
         p = _probs_texts(model, cut)
@@ -423,7 +424,7 @@ BATCH_OPTIONS: tuple[str, ...] = ()     # batch_score takes no options
 def batch_score(model: nn.Module, meta: dict, batch: pa.Table, options: dict) -> pa.Table:
     """`predicted` label and its probability per review; rows with an empty text get nulls."""
     texts = batch["text"].to_pylist()
-    ok = [n for n, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    ok = [n for n, t in enumerate(texts) if isinstance(t, str) and not is_blank(t)]
     res = predict(model, meta, [texts[n] for n in ok]) if ok else []
     label: list[Any] = [None] * len(texts)
     prob: list[Any] = [None] * len(texts)

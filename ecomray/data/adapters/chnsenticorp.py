@@ -13,6 +13,7 @@ import os
 import polars as pl
 
 from ecomray.data.adapters import dataset_path
+from ecomray.features.text import blank_expr
 from ecomray.runtime import UserError
 
 FILES = (("train", "train.tsv"), ("val", "dev.tsv"), ("test", "test.tsv"))
@@ -33,7 +34,7 @@ def read_tsv(path: str) -> pl.DataFrame:
 def review_checks(text: pl.Expr) -> pl.Expr:
     """Adapter-level reasons shared by the review adapters (the schema's rules come first)."""
     return (pl.when(text.str.contains("\ufffd", literal=True)).then(pl.lit("broken encoding"))
-              .when(text.is_not_null() & (text.str.replace_all(r"\s+", "") == "")).then(pl.lit("empty text"))
+              .when(text.is_not_null() & blank_expr(text)).then(pl.lit("empty text"))
               .otherwise(pl.lit(None, dtype=pl.Utf8)))
 
 

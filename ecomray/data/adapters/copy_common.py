@@ -7,6 +7,7 @@ import os
 
 import polars as pl
 
+from ecomray.features.text import blank_expr
 from ecomray.runtime import UserError
 
 # key#value pairs joined by `*`: no empty key or value, exactly one `#` per pair.
@@ -45,8 +46,8 @@ def copy_checks(df: pl.DataFrame) -> pl.DataFrame:
     title = pl.col("title") if "title" in df.columns else pl.lit(None, dtype=pl.Utf8)
     reason = (pl.when(pl.col("_reason").is_not_null()).then(pl.col("_reason"))
                 .when(attrs.is_not_null() & ~attrs.str.contains(ATTRIBUTES)).then(pl.lit("bad attribute string"))
-                .when(pl.col("target").is_not_null() & (pl.col("target").str.strip_chars() == ""))
+                .when(pl.col("target").is_not_null() & blank_expr("target"))
                 .then(pl.lit("empty target"))
-                .when(attrs.is_null() & (title.is_null() | (title.str.strip_chars() == ""))).then(pl.lit("no input"))
+                .when(attrs.is_null() & (title.is_null() | blank_expr(title))).then(pl.lit("no input"))
                 .otherwise(pl.lit(None, dtype=pl.Utf8)))
     return df.with_columns(_reason=reason)

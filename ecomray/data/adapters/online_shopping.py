@@ -18,6 +18,7 @@ import os
 import polars as pl
 
 from ecomray.data.adapters import chnsenticorp, dataset_path
+from ecomray.features.text import blank_expr
 from ecomray.runtime import UserError
 
 
@@ -46,7 +47,7 @@ def frame(dataset: dict, paths: dict) -> tuple[str, pl.DataFrame]:
     key = text_key_expr("text")
     first = pl.int_range(pl.len()).over(key, order_by="_row") == 0
     reason = (pl.when(pl.col("text").str.contains("\ufffd", literal=True)).then(pl.lit("broken encoding"))
-                .when(pl.col("text").is_not_null() & (key == "")).then(pl.lit("empty text"))
+                .when(pl.col("text").is_not_null() & ((key == "") | blank_expr("text"))).then(pl.lit("empty text"))
                 .when(key.is_in(list(evals))).then(pl.lit("leak: chnsenticorp eval text"))
                 .when(key.is_in(list(train))).then(pl.lit("duplicate: chnsenticorp train text"))
                 .when(pl.col("text").is_not_null() & ~first).then(pl.lit("duplicate text"))
