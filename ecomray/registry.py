@@ -24,9 +24,10 @@ import pickle
 import re
 import subprocess
 import tempfile
+import threading
 import time
 from importlib import metadata as pkg_metadata
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -394,6 +395,29 @@ def lease(root: str, name: str, version: str, holder: str, wait: bool = True) ->
                 os.utime(path, None)
     except BlockingIOError:     # only with wait=False
         return
+
+
+@contextlib.contextmanager
+def holding(root: str, name: str, version: str, holder: str) -> Iterator[None]:
+    """A lease on `version` for the length of a job that is not a replica (batch scoring: its actors load the
+    version after the driver resolved it, and a gc in between deleted it mid-run), refreshed from a thread."""
+    lease(root, name, version, holder)
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(LEASE_S / 3):
+            try:
+                lease(root, name, version, holder, wait=False)
+            except (OSError, UserError):   # the next refresh tries again; the job's own load reports a real loss
+                pass
+
+    thread = threading.Thread(target=refresh, name=f"lease-{name}-{version}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        release(root, name, version, holder)
 
 
 def release(root: str, name: str, version: str, holder: str) -> None:

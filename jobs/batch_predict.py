@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from typing import Any
 
@@ -120,6 +121,12 @@ def run(cfg: DictConfig | dict) -> dict[str, Any]:
     root = plain["paths"]["registry"]
     name, ref = registry.parse_ref(bp.get("model") or registry.model_name(plain))
     version = registry.resolve(root, name, bp.get("version") or ref)
+    # held until the job ends: `registry gc` never deletes the version between this resolve and the actors' loads
+    with registry.holding(root, name, version, f"batch_predict-{socket.gethostname()}-{os.getpid()}"):
+        return _run(plain, bp, root, name, version)
+
+
+def _run(plain: dict, bp: dict, root: str, name: str, version: str) -> dict[str, Any]:
     loaded = load_model(root, name, version)
     if not supports(loaded.task, BATCH):
         raise UserError(f"{name} {version}: task {loaded.task.__name__} has no batch_inputs/batch_score")

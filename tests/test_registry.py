@@ -269,6 +269,21 @@ def test_gc_never_frees_a_version_number_and_refuses_paths_that_point_nowhere(tm
     assert sorted(p.name for p in runs.iterdir()) == ["my.old-notes", "x.old-1"]
 
 
+def test_a_job_holding_a_version_keeps_it_from_gc_until_it_ends(tmp_path: Path) -> None:
+    """Batch scoring resolves a version in the driver and its actors load it later: a gc in between deleted it and
+    the run failed partway. The job now holds a lease for its whole length."""
+    root = str(tmp_path / "registry")
+    for k in range(3):
+        _register(root, float(k))
+    with registry.holding(root, "m", "v0001", "batch_predict-host-1"):
+        assert registry.gc(root, "m", keep_last=0, keep_rollback=0)["deleted"] == ["v0002"]
+        assert "v0001" in registry.versions(root, "m")
+    assert registry.gc(root, "m", keep_last=0, keep_rollback=0)["deleted"] == ["v0001"]
+    with pytest.raises(UserError, match="not in the registry"):
+        with registry.holding(root, "m", "v0002", "batch_predict-host-1"):
+            pass
+
+
 def test_migrate_leaves_newer_formats_and_goes_on_past_a_damaged_version(tmp_path: Path, capsys) -> None:
     """`migrate` rewrote a format-3 version (a newer ecomray's) as format 2, and stopped with a FileNotFoundError
     traceback at a damaged format-1 version, leaving the versions after it unmigrated. A version.json that does
