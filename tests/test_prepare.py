@@ -411,6 +411,25 @@ def test_stratified_split_without_a_label_is_the_same_for_any_shard_count(tmp_pa
     assert splits[0].equals(splits[1])
 
 
+def test_a_split_far_smaller_than_asked_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Stratified on a column of 100 values over 200 rows, each stratum's 10% rounded to 0: val and test came out
+    empty and the summary said only `split train 200`."""
+    from ecomray.data.prepare import split_warnings
+
+    lines = "".join(f"{k},g{k % 100},{'true' if k % 2 else 'false'}\n" for k in range(200))
+    src = write(tmp_path / "tab.csv", "x,g,y\n" + lines)
+    over = ["dataset=events", f"dataset.path={src}", "schema@dataset.schema=table", "split@dataset.split=stratified",
+            "+dataset.split.by=[g]", "+dataset.schema.columns={x: {type: int, required: true}, g: {type: str, required: "
+            "true}, y: {type: bool, required: true}}", "dataset.dedup=keep"]
+    m = prepare(cfg_for(tmp_path, *over))
+    assert m["split"]["rows"] == {"train": 200}
+    said = capsys.readouterr().out
+    assert "WARNING: split val has 0 rows, where val_fraction=0.1 asks for about 20: each stratum of split.by=['g']" in said
+    assert "WARNING: split test has 0 rows" in said
+    assert split_warnings({"strategy": "stratified", "val_fraction": 0.1, "test_fraction": 0.2,
+                           "rows": {"train": 140, "val": 20, "test": 40}}) == []
+
+
 def test_basic_iso_dates_are_dates_not_epoch_numbers() -> None:
     """20260105 and 20260105103000 matched the epoch pattern and became 1970-08-23 and 2612-01-07."""
     from datetime import datetime, timezone

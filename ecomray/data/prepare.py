@@ -737,6 +737,25 @@ def _publish(out: str, final: str, work: str) -> None:
     os.rename(out, final)
 
 
+def split_warnings(split: dict) -> list[str]:
+    """A val or test split far smaller than its fraction asks for (most often empty): each stratum's share is
+    rounded on its own, so strata of a few rows (`split.by` over many values) give none to val and test."""
+    rows = split.get("rows") or {}
+    total = sum(rows.values())
+    out = []
+    for name in ("val", "test"):
+        frac = split.get(f"{name}_fraction")
+        if not isinstance(frac, (int, float)) or split.get("strategy") not in ("stratified", "temporal"):
+            continue
+        want = total * float(frac)
+        if want >= 1 and rows.get(name, 0) < want / 2:
+            why = (f": each stratum of split.by={split.get('by')} is rounded on its own, and they are too small; "
+                   f"stratify on fewer columns" if split.get("strategy") == "stratified" and split.get("by") else "")
+            out.append(f"split {name} has {rows.get(name, 0):,} rows, where {name}_fraction={frac} asks for about "
+                       f"{want:,.0f}{why}")
+    return out
+
+
 def print_summary(m: dict, where: str, seconds: float) -> None:
     lines = [f"prepared {m['dataset']} -> {where}  ({seconds:.1f}s)",
              f"  rows in {m['rows_in']:>12,}", f"  rows out {m['rows_out']:>11,}",
@@ -745,6 +764,7 @@ def print_summary(m: dict, where: str, seconds: float) -> None:
         lines.append(f"    {reason:<28} {n:>10,}")
     lines.append(f"  duplicates found {m['duplicates']['found']:,} (policy: {m['duplicates']['policy']})")
     lines.append("  split " + ", ".join(f"{k} {v:,}" for k, v in sorted(m["split"].get("rows", {}).items())))
+    lines += [f"  WARNING: {w}" for w in split_warnings(m["split"])]
     lines.append(f"  {len(m['shards'])} shards, rows per shard min {min(s['rows'] for s in m['shards']):,} "
                  f"max {max(s['rows'] for s in m['shards']):,}")
     print("\n".join(lines), file=sys.stdout, flush=True)
