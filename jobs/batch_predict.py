@@ -10,6 +10,7 @@ and a `predictions.json` summary to `<paths.root>/predictions/<registry name>/`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -114,6 +115,29 @@ def _check_actors(bp: dict, reads: bool) -> None:
                  "share them)")
 
 
+class _ProgressOnly(logging.Filter):
+    """Ray Data's console records at WARNING and above, and its "Total Progress: rows done/total" line (every 10 s
+    when stdout is not a terminal, e.g. under `ray job submit`; a terminal gets its progress bars instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or (record.filename == "logging_progress.py"
+                                                     and record.getMessage().startswith("Total Progress"))
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's console down to warnings and its progress line (everything stays in its log files): a 3,000-row
+    scoring printed 15 lines of execution plans, resource tables and per-operator blocks around our one line. Also
+    its "no available CPUs ... will hang" warning, which it prints after a write has finished, while the scoring
+    actors still hold their CPUs (`_check_actors` has already refused settings that could not run)."""
+    import ray.data  # noqa: F401  (its import configures the "ray.data" logger's handlers: first, then filter them)
+    from ray.util.debug import log_once
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.addFilter(_ProgressOnly())
+    log_once("cpu_warning")         # (Ray Data's own key for that warning: marked as already said)
+
+
 def run(cfg: DictConfig | dict) -> dict[str, Any]:
     plain = to_plain(cfg)
     bp = plain["batch_predict"]
@@ -164,6 +188,8 @@ def _score(plain: dict, bp: dict, loaded: Any, vcfg: dict, root: str, name: str,
     init_ray(num_cpus=plain.get("ray", {}).get("num_cpus"), verbose=bool(plain.get("verbose")),
              dashboard=plain.get("ray", {}).get("include_dashboard"))
     _check_actors(bp, reads=isinstance(inputs, shards.ShardScan))
+    if not plain.get("verbose"):
+        _quiet_ray_data()
     if isinstance(inputs, shards.ShardScan):
         ds = ray.data.read_parquet(inputs.files)
         if inputs.split:
