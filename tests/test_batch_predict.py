@@ -118,3 +118,19 @@ def test_batch_predict_settings_no_run_can_use_fail_before_ray(tmp_path: Path, s
     key = setting.split("=")[0]
     with pytest.raises(UserError, match=rf"batch_predict\.{key}=.*: must be"):
         run(compose("batch_predict", [f"paths.root={tmp_path}", f"batch_predict.{setting}"]))
+
+
+def test_ray_data_console_keeps_warnings_and_the_progress_line_only() -> None:
+    """A 3,000-row scoring printed 15 lines of Ray Data's plans and resource tables around the job's own line."""
+    import logging
+
+    from jobs.batch_predict import _ProgressOnly
+
+    def record(level: int, filename: str, msg: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.data", level, f"/x/{filename}", 1, msg, None, None)
+
+    keep = _ProgressOnly().filter
+    assert keep(record(logging.INFO, "logging_progress.py", "Total Progress: 1000/3000"))
+    assert keep(record(logging.WARNING, "dataset.py", "a real warning"))
+    assert not keep(record(logging.INFO, "logging_progress.py", "MapBatches(Scorer): 0/1"))
+    assert not keep(record(logging.INFO, "streaming_executor.py", "Execution plan of Dataset ..."))
