@@ -176,6 +176,10 @@ def _start_serve(host: str, port: int, log_level: str = "INFO") -> int:
                   f"(deploy.host/port apply only when Serve starts)", flush=True)
         return int(running.port)
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": log_level})
+    # serve.run then says 'Connecting to existing Serve app ... New http_options will not be applied' about the
+    # Serve just started here with these very options: a line that reads as if deploy.host/port were dropped
+    logging.getLogger("ray.serve").addFilter(
+        lambda record: not record.getMessage().startswith("Connecting to existing Serve app"))
     return port
 
 
