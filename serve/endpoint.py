@@ -357,7 +357,7 @@ def replica_versions(app: str, route: str) -> list[dict[str, Any]]:
     board = f"{BOARD}/{app}/{route}/"
     for key in _internal_kv_list(board):
         replica = key.decode()[len(board):]
-        if "/" in replica:       # a nested route's report (route `score`, key of `score/propensity`): not ours
+        if "/" in replica:       # a nested route's report (route `a`, key of route `a/b`): not ours
             continue
         raw = _internal_kv_get(key)
         if replica not in live or raw is None:
