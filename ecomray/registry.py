@@ -38,6 +38,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 FORMAT = 2
 
 
+def valid_name(name: str) -> bool:
+    """A model, version or run name: one folder name (letters, digits, '_', '.', '-'), never a path."""
+    return bool(_NAME.match(name)) and ".." not in name
+
+
 def _safe(root: str, *parts: str) -> str:
     """Join under root, refusing names that could escape it (.., /, absolute paths)."""
     for p in parts:

@@ -227,10 +227,12 @@ def check_number(path: str, value: Any, ok: Callable[[float], bool], rule: str, 
 
 
 @contextlib.contextmanager
-def one_at_a_time(lock_path: str, what: str, log: Callable[[str], None] = print) -> Iterator[None]:
+def one_at_a_time(lock_path: str, what: str, log: Callable[[str], None] = print,
+                  busy: str | None = None) -> Iterator[None]:
     """An exclusive lock on `lock_path` for a whole run of `what` (a prepare of one dataset, a batch scoring into
-    one folder); a second run waits, saying for whom. The kernel drops the lock when its holder dies, however it
-    dies, so what a killed run left can be cleaned up under the lock. (The file stays: deleting a lock file races.)"""
+    one folder); a second run waits, saying for whom, or with `busy` (what to do instead) is refused at once. The
+    kernel drops the lock when its holder dies, however it dies, so what a killed run left can be cleaned up under
+    the lock. (The file stays: deleting a lock file races.)"""
     import fcntl
     import socket
 
@@ -245,6 +247,8 @@ def one_at_a_time(lock_path: str, what: str, log: Callable[[str], None] = print)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
+            if busy is not None:
+                raise UserError(f"another {what} is running ({holder}): {busy}") from None
             log(f"another {what} is running ({holder}); waiting for it to finish")
             fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)

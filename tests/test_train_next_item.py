@@ -198,6 +198,16 @@ def test_item_knn_scores_co_occurring_items(tmp_path: Path) -> None:
     ("optim.lr=nan", r"optim.lr=nan: must be a number > 0"),
     ("train.time_budget_s=0", r"train.time_budget_s=0: must be a number > 0"),
     ("scaling.num_workers=-2", r"scaling.num_workers=-2: must be an integer >= 0"),
+    # each of these was a Ray or torch traceback, or a run that registered garbage
+    ("train.mode=maxx", r"train.mode='maxx': max or min"),
+    ("train.checkpoints_to_keep=0", r"train.checkpoints_to_keep=0: must be an integer >= 1"),
+    ("seed=-1", r"seed=-1: must be an integer in 0 .. 2\*\*32-1"),
+    ("train.grad_clip=-1", r"train.grad_clip=-1: must be a number > 0"),
+    ("train.ema_decay=1.0", r"train.ema_decay=1.0: must be a number in \[0, 1\)"),
+    ("train.lr_plateau={factor: 2.0}", r"train.lr_plateau.factor=2.0: must be a number in \(0, 1\)"),
+    ("train.max_failures=-2", r"train.max_failures=-2: must be an integer >= 0 \(-1: retry for ever\)"),
+    ("run_name=../escape", r"run_name='../escape': letters, digits"),
+    ("+registry_name=a/b", r"registry_name='a/b': letters, digits"),
 ])
 def test_numbers_no_run_can_start_from_are_named_before_ray(override: str, message: str, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=message):
@@ -328,6 +338,34 @@ def test_time_budget_stops_after_the_epoch_that_spends_it(tmp_path: Path) -> Non
     assert len(out["history"]) == 1 and out["history"][0]["stopped_early"] == 1.0
     out = fit({**cfg, "train": {**cfg["train"], "time_budget_s": None}, "run_name": "nobudget"}, register=False)
     assert len(out["history"]) == 5
+
+
+def test_a_named_run_is_one_job_resumes_only_as_it_started_and_registers_once(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    """Two jobs with one run_name mixed their checkpoints in one folder; a resume with another lr continued the old
+    optimizer while the registered config named the new lr; a re-run of a finished run trained nothing and
+    registered the same weights as a new version. patience=null crashed after the first epoch."""
+    import fcntl
+
+    from ecomray import registry
+
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
+                      "train.epochs=2", "train.patience=null", "run_name=named")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    first = fit(cfg)
+    assert len(first["history"]) == 2 and first["version"] == "v0001"
+    again = fit(cfg)
+    assert again["version"] == "v0001" and again.get("already_registered")
+    assert registry.versions(cfg["paths"]["registry"], registry.model_name(cfg)) == ["v0001"]
+    assert "has finished (2 epoch(s)) and is registered as" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"run_name=named is a run with other settings \(optim.lr: now 0.5"):
+        fit({**cfg, "optim": {**cfg["optim"], "lr": 0.5}})
+    longer = fit({**cfg, "train": {**cfg["train"], "epochs": 3}})   # more epochs: a setting a resume may change
+    assert longer["version"] == "v0002"
+    with open(Path(cfg["paths"]["runs"]) / ".named.lock", "a") as held:   # another job runs it now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=r"another train run named is running .*choose another run_name"):
+            fit(cfg)
 
 
 def test_weights_trained_on_data_prepared_again_meanwhile_are_not_registered(tmp_path: Path) -> None:

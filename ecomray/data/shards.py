@@ -148,7 +148,7 @@ def _check_options(cfg: dict, manifest: dict, folder: str) -> None:
         return json.loads(json.dumps(d, default=str))
 
     now, then = settings(cfg["dataset"]), settings(then)
-    differ = sorted(_flat_diff(now, then))
+    differ = sorted(flat_diff(now, then))
     if differ:
         shown = "; ".join(f"dataset.{k}: now {a!r}, prepared with {b!r}" for k, a, b in differ[:4])
         raise UserError(f"{folder} was prepared with other dataset settings than this run's ({shown}"
@@ -157,10 +157,10 @@ def _check_options(cfg: dict, manifest: dict, folder: str) -> None:
                         f"overwrite=true), or run with the settings it was prepared with")
 
 
-def _flat_diff(now: Any, then: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+def flat_diff(now: Any, then: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     if isinstance(now, dict) and isinstance(then, dict):
         return [d for k in sorted(set(now) | set(then), key=str)
-                for d in _flat_diff(now.get(k), then.get(k), f"{prefix}{k}" if not prefix else f"{prefix}.{k}")]
+                for d in flat_diff(now.get(k), then.get(k), f"{prefix}{k}" if not prefix else f"{prefix}.{k}")]
     return [] if now == then else [(prefix, now, then)]
 
 

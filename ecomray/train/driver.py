@@ -103,6 +103,37 @@ def check_train_config(cfg: dict) -> None:
         check_number("optim.weight_decay", optim["weight_decay"], lambda v: v >= 0, ">= 0")
     check_number("scaling.num_workers", sc.get("num_workers", 1), lambda v: v >= 0,
                  ">= 0 (0: in the driver process)", integer=True)
+    # (each of these used to be a traceback from Ray or torch, or worse, a run that registered garbage: a negative
+    # grad_clip turned every step uphill; ema_decay=1 kept the untrained weights as the ones scored and registered)
+    if t.get("mode", "max") not in ("max", "min"):
+        raise UserError(f"train.mode={t.get('mode')!r}: max or min (whether a larger train.monitor is better)")
+    check_number("train.checkpoints_to_keep", t.get("checkpoints_to_keep", 2), lambda v: v >= 1, ">= 1", integer=True)
+    check_number("train.max_failures", t.get("max_failures", 0), lambda v: v >= -1, ">= 0 (-1: retry for ever)",
+                 integer=True)
+    check_number("seed", cfg.get("seed", 0), lambda v: 0 <= v < 2**32, "in 0 .. 2**32-1", integer=True)
+    if t.get("grad_clip") is not None:
+        check_number("train.grad_clip", t["grad_clip"], lambda v: v > 0, "> 0 (a max gradient norm; null: none)")
+    if t.get("ema_decay") is not None:
+        check_number("train.ema_decay", t["ema_decay"], lambda v: 0 <= v < 1, "in [0, 1) (null or 0: no EMA)")
+    plateau = t.get("lr_plateau")
+    if plateau is not None:
+        if not isinstance(plateau, dict):
+            raise UserError(f"train.lr_plateau={plateau!r}: a mapping such as {{factor: 0.1, min_lr: 1.0e-6}}, or null")
+        check_number("train.lr_plateau.factor", plateau.get("factor", 0.1), lambda v: 0 < v < 1, "in (0, 1)")
+        check_number("train.lr_plateau.min_lr", plateau.get("min_lr", 0.0), lambda v: v >= 0, ">= 0")
+    for key in ("registry_name", "run_name"):      # a name is one folder: `../x` wrote outside paths.runs
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, str) or not registry.valid_name(value)):
+            raise UserError(f"{key}={value!r}: letters, digits, '_', '.' and '-' (one folder name, not a path)")
+
+
+# Settings a resumed run may change (how long and where it runs); any other difference from the settings the run
+# started with is refused: the checkpoint's weights and optimizer state would continue the old run under new
+# settings, and the registered config would name settings that were never used.
+RESUME_FREE = ("train.epochs", "train.time_budget_s", "train.patience", "train.max_failures", "train.fail_at_step",
+               "train.checkpoints_to_keep", "train.progress_s", "verbose", "ray", "scaling", "paths", "tracking",
+               "overwrite", "prepare", "run_name", "model.init_from")
+RUN_RECORD = "ecomray_run.json"   # in the run folder: the settings it started with; once registered, the version
 
 
 def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluate: bool = True,
@@ -111,12 +142,123 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
 
     A Tune trial passes `evaluate=False`: it only trains (its metrics reach Tune through the callbacks) and returns
     its checkpoint; the tune job scores and registers the winner alone, with `evaluate_checkpoint`. `train_fn` wraps
-    the one training loop (the tune job's wrapper records the trial's placement group); default `train_loop`."""
-    from ecomray.runtime import init_ray
+    the one training loop (the tune job's wrapper records the trial's placement group); default `train_loop`.
+
+    A named run (`run_name=<it>`) is one job at a time (a second is refused: two jobs mixed their checkpoints in one
+    folder), resumes only with the settings it started with (`RESUME_FREE` may change), and once finished and
+    registered is not registered again by a re-run that has nothing left to train."""
+    from ecomray.runtime import one_at_a_time
 
     cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry.model_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
+    check_train_config(cfg)        # numbers (and names) no run can start from, before anything is written
+    runs = cfg["paths"]["runs"]
+    if cfg.get("_tune_trial") or is_uri(runs):        # a trial's run is Tune's; a bucket has no lock files
+        return _fit(cfg, callbacks, register, evaluate, train_fn)
+    check_writable(runs, "paths.runs")
+    with one_at_a_time(os.path.join(runs, f".{cfg['run_name']}.lock"), f"train run {cfg['run_name']}",
+                       busy="wait for it to finish, or choose another run_name"):
+        folder = os.path.join(runs, cfg["run_name"])
+        record_path = os.path.join(folder, RUN_RECORD)
+        record = _read_record(record_path)
+        # a run to resume: one with a checkpoint (an attempt killed before its first one left only its settings)
+        resuming = bool(record) and (bool(record.get("registered")) or any(
+            name.startswith("checkpoint_") for name in os.listdir(folder)))
+        if resuming:
+            cfg = _check_resume(cfg, record)
+            done = _finished(cfg, record) if register and evaluate else None
+            if done is not None:
+                return done
+        out = _fit(cfg, callbacks, register, evaluate, train_fn, record_path=None if resuming else record_path)
+        if out.get("version"):
+            history = out.get("history") or [{}]
+            _write_record(record_path, {**_read_record(record_path), "registered": {
+                "name": out["name"], "version": out["version"], "epochs_run": len(history),
+                "stopped": bool(history[-1].get("stopped_early"))}})
+        return out
+
+
+def _read_record(path: str) -> dict[str, Any]:
+    import json
+
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(path: str, record: dict[str, Any]) -> None:
+    import json
+
+    from ecomray.runtime import write_atomic
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=2, default=str))
+
+
+def _resumable(cfg: dict) -> dict[str, Any]:
+    """The settings a resume must keep: the config without `RESUME_FREE`."""
+    import copy
+
+    out = copy.deepcopy({k: v for k, v in cfg.items() if not k.startswith("_")})
+    for key in RESUME_FREE:
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def _check_resume(cfg: dict, record: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` for resuming the run `record` describes: refused if it changes settings outside `RESUME_FREE`; the
+    `model.init_from` version the run pinned when it started is kept."""
+    import json
+
+    from ecomray.data.shards import flat_diff
+
+    now = json.loads(json.dumps(_resumable(cfg), default=str))
+    differ = flat_diff(now, record.get("settings") or {})
+    if differ:
+        shown = "; ".join(f"{k}: now {a!r}, the run has {b!r}" for k, a, b in differ[:4])
+        raise UserError(f"run_name={cfg['run_name']} is a run with other settings ({shown}"
+                        f"{'; ...' if len(differ) > 4 else ''}): resuming it would continue its weights and "
+                        f"optimizer under new settings; choose another run_name for a new run")
+    pinned = record.get("init_from")
+    if pinned and (cfg.get("model") or {}).get("init_from"):
+        cfg = {**cfg, "model": {**cfg["model"], "init_from": pinned}}
+    return cfg
+
+
+def _finished(cfg: dict, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The registered result of a run that has nothing left to train (its epochs done, or stopped early or by its
+    time budget), else None. A re-run used to resume at the end, train nothing and register the same weights as a
+    new version."""
+    done = record.get("registered")
+    if not done or not (done.get("stopped") or int(done.get("epochs_run", 0)) >= int(cfg["train"]["epochs"])):
+        return None
+    try:
+        found = registry.load(cfg["paths"]["registry"], done["name"], done["version"], state=False)
+    except UserError:
+        return None        # the version is gone (gc): score and register the run's best weights again
+    print(f"[train] run {cfg['run_name']} has finished ({done['epochs_run']} epoch(s)) and is registered as "
+          f"{done['name']} {done['version']}: nothing to train (raise train.epochs to continue it, or choose another "
+          f"run_name)", flush=True)
+    return {"metrics": found["metrics"], "history": [], "run_name": cfg["run_name"], "name": done["name"],
+            "version": done["version"], "already_registered": True}
+
+
+def _fit(cfg: dict, callbacks: list | None, register: bool, evaluate: bool,
+         train_fn: Callable[[dict], None] | None, record_path: str | None = None) -> dict[str, Any]:
+    from ecomray.runtime import init_ray
+
     cfg = pin_init_from(cfg)       # one starting version for the workers, the scoring and the registered config
-    check_train_config(cfg)        # so do numbers no run can start from
+    if record_path:        # a new run: the settings it starts with, which a resume must keep
+        import json
+
+        _write_record(record_path, {"settings": json.loads(json.dumps(_resumable(cfg), default=str)),
+                                    "init_from": (cfg.get("model") or {}).get("init_from")})
     load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
     manifest = shards.require(cfg)   # so does a dataset never prepared (with the command to run)
     data_hash = manifest.get("hash")

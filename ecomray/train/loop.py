@@ -371,7 +371,7 @@ def _train_loop(cfg: dict) -> None:
         else:
             bad_epochs += 1
             decay_on_plateau(optimizer, tcfg.get("lr_plateau"))
-        stop = bad_epochs >= int(tcfg.get("patience", 10**9))
+        stop = tcfg.get("patience") is not None and bad_epochs >= int(tcfg["patience"])   # null: no early stop
         out_of_time = bool(budget) and _any_worker(time.time() - t0 >= float(budget), world)
         stop = stop or out_of_time
         metrics.update({"best/" + monitor: best, "stopped_early": float(stop)})

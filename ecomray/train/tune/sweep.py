@@ -28,7 +28,21 @@ def _fingerprint(cfg: dict, spec: dict) -> str:
 def run_sweep(cfg: dict) -> dict[str, Any]:
     """Run (or resume) the sweep in `cfg["sweep"]`, then register and alias its winner. Returns
     {"name", "version", "alias", "best_trial", "metric", "value", "sweep_dir", "trials", "csv", "plot",
-    "experiment", "sweep_seconds", "metrics"}."""
+    "experiment", "sweep_seconds", "metrics"}. One job per sweep name at a time: a second one started beside it
+    "resumed" the running sweep, ran its trials again into the same folders and registered another winner."""
+    from ecomray.runtime import is_uri, one_at_a_time
+
+    name, runs = sweep_spec(cfg)["name"], cfg["paths"]["runs"]
+    if is_uri(runs):
+        return _run_sweep(cfg)
+    check_writable(runs, "paths.runs")
+    with one_at_a_time(os.path.join(runs, f".{name}.lock"), f"sweep {name}",
+                       busy="wait for it to finish (a later run of the same command then resumes or reports it), or "
+                            "choose another sweep.name"):
+        return _run_sweep(cfg)
+
+
+def _run_sweep(cfg: dict) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
