@@ -33,8 +33,29 @@ def _current_task_keys(name: str | None) -> set[str]:
         return set()
 
 
+SETTINGS = ("model", "version", "split", "task", "baselines", "other_data")
+
+
+def check_settings(ev: dict) -> None:
+    """`evaluate.*` typed before anything runs (the pipeline calls it before its first stage): `other_data=no`
+    counted as true and scored a version on data it never saw, `baselines=no` still ran them, and `+evaluate.splt`
+    was ignored."""
+    unknown = sorted(set(ev) - set(SETTINGS))
+    if unknown:
+        raise UserError(f"evaluate: unknown setting(s) {unknown} (it has {list(SETTINGS)})")
+    for key in ("baselines", "other_data"):
+        if key in ev and not isinstance(ev[key], bool):
+            raise UserError(f"evaluate.{key}={ev[key]!r}: true or false")
+    if ev.get("split", "test") not in ("val", "test"):
+        raise UserError(f"evaluate.split={ev.get('split')!r}: use val or test (the splits a model is scored on)")
+    if ev.get("task") is not None and not isinstance(ev["task"], dict):
+        raise UserError(f"evaluate.task={ev['task']!r}: write a mapping of task settings, e.g. "
+                        f"'evaluate.task={{eval_sampled: 100}}'")
+
+
 def evaluate_version(cfg: dict) -> dict[str, Any]:
     ev = cfg.get("evaluate") or {}
+    check_settings(ev)
     name, ref = registry.parse_ref(ev.get("model") or registry.model_name(cfg))
     found = registry.load(cfg["paths"]["registry"], name, ev.get("version") or ref)
     # the version's own task/model/dataset, today's locations, and this run's task overrides
@@ -97,6 +118,8 @@ def evaluate_version(cfg: dict) -> dict[str, Any]:
     suffix = "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
     if len(suffix) > 100 or not re.fullmatch(r"[\w.=+-]*", suffix):   # a value with '/' named a folder that wasn't
         suffix = "-task-" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:12]
+    if report["same_data_as_training"] is False:    # never in place of the version's own evaluation
+        suffix += "-other_data"
     write_atomic(os.path.join(cfg["paths"]["reports"], f"{name}-{found['version']}-{split}{suffix}.json"),
                  json.dumps(report, indent=2))
     return report

@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -406,7 +407,13 @@ def lease(root: str, name: str, version: str, holder: str, wait: bool = True) ->
 def holding(root: str, name: str, version: str, holder: str) -> Iterator[None]:
     """A lease on `version` for the length of a job that is not a replica (batch scoring: its actors load the
     version after the driver resolved it, and a gc in between deleted it mid-run), refreshed from a thread."""
-    lease(root, name, version, holder)
+    try:
+        lease(root, name, version, holder)
+    except OSError as err:     # a read-only registry: scoring still works, as it did, only unprotected
+        print(f"WARNING: could not lease {name} {version} in {root} ({err.strerror or err}): a `registry gc` "
+              f"meanwhile could delete it", file=sys.stderr, flush=True)
+        yield
+        return
     stop = threading.Event()
 
     def refresh() -> None:

@@ -52,7 +52,7 @@ def _curves(history: list[dict[str, Any]], monitor: str, path: str) -> str | Non
     return os.path.basename(path)
 
 
-def _bars(rows: dict[str, dict[str, float]], metric: str, path: str) -> str | None:
+def _bars(rows: dict[str, dict[str, float]], metric: str, path: str, split: str = "test") -> str | None:
     """The headline metric of the model and each baseline."""
     names = [n for n, m in rows.items() if isinstance(m.get(metric), (int, float))]
     if not names:
@@ -63,7 +63,7 @@ def _bars(rows: dict[str, dict[str, float]], metric: str, path: str) -> str | No
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(names)))
     vals = [rows[n][metric] for n in names]
     ax.barh(names[::-1], vals[::-1], color=["#2c7fb8" if n != "model" else "#c0392b" for n in names[::-1]])
-    ax.set_xlabel(f"test {metric}")
+    ax.set_xlabel(f"{split} {metric}")
     for y, v in enumerate(vals[::-1]):
         ax.text(v, y, f" {v:.4f}", va="center", fontsize=8)
     fig.tight_layout()
@@ -78,8 +78,8 @@ def write(results: dict[str, Any], timings: dict[str, float], cfg: dict, out_dir
     parts = [f"<h1>ecomray pipeline run</h1><p class=muted>{time.strftime('%Y-%m-%d %H:%M:%S')} &middot; experiment "
              f"{html.escape(str((cfg.get('choices') or {}).get('experiment', '-')))} &middot; dataset "
              f"{html.escape(cfg['dataset']['name'])} &middot; task {html.escape(cfg['task']['name'])}</p>"]
-    parts.append("<h2>Stages</h2>" + _table(["stage", "seconds"], [[k, round(v, 1)] for k, v in timings.items()]
-                                             + [["total", round(sum(timings.values()), 1)]]))
+    parts.append("<h2>Stages</h2>" + _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]
+                                             + [["total", f"{sum(timings.values()):.1f}"]]))
     m = results.get("prepare")
     if m:
         parts.append("<h2>Data</h2>" + _table(
@@ -101,11 +101,21 @@ def write(results: dict[str, Any], timings: dict[str, float], cfg: dict, out_dir
         parts.append(_table(["metric", "value"], [[k, t["metrics"][k]] for k in keys]))
     e = results.get("evaluate")
     if e:
+        from ecomray.tasks import key_metrics, load_task
+
         rows = e["metrics"]
         first = next(iter(rows.values()))
-        keys = [k for k in first if isinstance(first[k], float) and not k.startswith("sampled_")][:6]
-        img = _bars(rows, keys[0], os.path.join(out_dir, "baselines.png")) if keys else None
-        parts.append(f"<h2>Model against baselines ({html.escape(e['split'])} split)</h2>")
+        # the task's headline metrics first (dict order put hr@10 before ndcg@10), then the rest
+        floats = [k for k in first if isinstance(first[k], float) and not k.startswith("sampled_")]
+        keys = ([k for k in key_metrics(load_task(cfg)) if k in floats]
+                + [k for k in floats if k not in key_metrics(load_task(cfg))])[:6]
+        img = _bars(rows, keys[0], os.path.join(out_dir, "baselines.png"), e["split"]) if keys else None
+        what = f"{html.escape(str(e.get('model')))} {html.escape(str(e.get('version')))}"
+        heading = f"{what} against baselines" if len(rows) > 1 else f"Evaluation of {what}"
+        parts.append(f"<h2>{heading} ({html.escape(e['split'])} split)</h2>")
+        if e.get("task_overrides"):
+            parts.append(f"<p>Scored with task overrides <code>{html.escape(json.dumps(e['task_overrides']))}"
+                         f"</code>.</p>")
         if img:
             parts.append(f'<img src="{img}" alt="model and baselines">')
         parts.append(_table(["", *keys], [[who, *[r.get(k) for k in keys]] for who, r in rows.items()]))

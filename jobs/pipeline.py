@@ -28,11 +28,21 @@ def run(cfg: DictConfig | dict) -> dict:
         raise UserError(f"pipeline.stages is empty: nothing to run (choose from {list(STAGES)})")
     if not isinstance(plain["pipeline"].get("keep_serving", False), bool):      # "maybe" counted as true
         raise UserError(f"pipeline.keep_serving={plain['pipeline']['keep_serving']!r}: use true or false")
+    if len(set(stages)) != len(stages):      # a stage twice ran twice, and the report counted it once
+        raise UserError(f"pipeline.stages={stages}: a stage is listed twice")
     if {"train", "tune"} & set(stages):
         # before the prepare stage publishes anything: a bad train setting used to fail after it
         from ecomray.train.driver import check_train_config
 
         check_train_config(plain)
+    if "evaluate" in stages:     # and a bad evaluate setting after training had registered a version
+        from ecomray.evaluation import check_settings
+
+        check_settings(plain.get("evaluate") or {})
+        named = [k for k in ("model", "version") if (plain.get("evaluate") or {}).get(k)]
+        if named and "train" in stages:
+            raise UserError(f"pipeline: evaluate.{named[0]} names a version, but the evaluate stage scores the "
+                            f"version the train stage makes; drop it, or run `python -m jobs.evaluate` for that one")
     results: dict = {}
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -72,6 +82,8 @@ def run(cfg: DictConfig | dict) -> dict:
     from ecomray import report
 
     out = os.path.join(plain["paths"]["reports"], f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(out):      # another pipeline ended in the same second: its report stays its own
+        out = f"{out}-{os.getpid()}"
     results["report"] = report.write(results, timings, plain, out)
     print(f"\n=== pipeline done in {time.time() - t0:.1f}s: {', '.join(stages)}; report {results['report']} ===",
           flush=True)

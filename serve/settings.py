@@ -9,6 +9,7 @@ The app gets one resolved dict (`app_args(cfg)`): `serve build` / `serve deploy`
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -107,14 +108,15 @@ def check_deployment(where: str, opts: dict[str, Any]) -> None:
         raise bad("num_replicas", "an integer >= 1, or auto (autoscaling_config decides)")
     if opts.get("max_ongoing_requests") is not None and not _count(opts["max_ongoing_requests"], 1):
         raise bad("max_ongoing_requests", "an integer >= 1")
-    if opts.get("max_queued_requests") is not None and not (_count(opts["max_queued_requests"], 0)
+    if opts.get("max_queued_requests") is not None and not (_count(opts["max_queued_requests"], 1)
                                                             or opts["max_queued_requests"] == -1):
-        raise bad("max_queued_requests", "an integer >= 0, or -1 for no limit")
-    for key in ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s",
-                "graceful_shutdown_wait_loop_s"):
+        raise bad("max_queued_requests", "an integer >= 1, or -1 for no limit")
+    for key, least in (("health_check_period_s", 0), ("health_check_timeout_s", 0),
+                       ("graceful_shutdown_timeout_s", None), ("graceful_shutdown_wait_loop_s", None)):
         v = opts.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
-            raise bad(key, "a number of seconds > 0")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or v < 0 or (least == 0 and v == 0)):
+            raise bad(key, "a number of seconds > 0" if least == 0 else "a number of seconds >= 0")
     for key in ("ray_actor_options", "autoscaling_config"):
         if opts.get(key) is not None and not isinstance(opts[key], dict):
             raise bad(key, "a mapping")

@@ -49,7 +49,7 @@ def test_pipeline_prints_little_and_serves_the_promoted_sweep_winner(pipeline_ru
     reports = sorted((root / "reports").glob("pipeline-*/report.html"))
     assert len(reports) == 1 and str(reports[0]) in text
     page = reports[0].read_text()
-    for part in ("Data", "Training", "Model against baselines", "Sweep", "Served", "training.png",
+    for part in ("Data", "Training", "against baselines", "Sweep", "Served", "training.png",
                  "baselines.png", "sweep_curves.png", "item_knn"):
         assert part in page, part
     # TensorBoard event files of the train run (Tune writes its trials' own)

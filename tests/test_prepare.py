@@ -428,6 +428,8 @@ def test_a_split_far_smaller_than_asked_is_named(tmp_path: Path, capsys: pytest.
     assert "WARNING: split test has 0 rows" in said
     assert split_warnings({"strategy": "stratified", "val_fraction": 0.1, "test_fraction": 0.2,
                            "rows": {"train": 140, "val": 20, "test": 40}}) == []
+    assert split_warnings({"strategy": "temporal", "val_fraction": 0.1, "test_fraction": 0.1, "val_cut": "2026-01-01",
+                           "test_cut": "2026-02-01", "rows": {"train": 9000, "val": 300, "test": 700}}) == []
 
 
 def test_basic_iso_dates_are_dates_not_epoch_numbers() -> None:

@@ -620,12 +620,14 @@ def test_bad_serve_deployment_options_are_one_error_naming_the_key(trained: dict
                          ({"routes": {"recommend": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}}},
                           r"min_replicas=3 is above max_replicas=2"),
                          ({"common": {"health_check_period_s": -1}}, r"\(the ingress\).health_check_period_s=-1"),
+                         ({"routes": {"recommend": {"max_queued_requests": 0}}}, r"max_queued_requests=0: an integer >= 1, or -1"),
                          ({"ingress": {"retries": "once"}}, r"serve.ingress.retries='once': an integer >= 0"),
                          ({"max_body_bytes": 1.5}, r"serve.max_body_bytes=1.5"),
                          ({"body_timeout_s": 0}, r"serve.body_timeout_s=0: a number of seconds > 0")]:
         with pytest.raises(UserError, match=match):
             config(serve)
     capsys.readouterr()
+    config({"common": {"graceful_shutdown_timeout_s": 0, "graceful_shutdown_wait_loop_s": 0}})   # Serve takes 0 there
     config({"routes": {"recommend": {"num_replicas": 2, "max_ongoing_requests": 4, "batching": {"max_batch_size": 8}}}})
     assert "/v1/recommend has max_ongoing_requests=4 below batching.max_batch_size=8" in capsys.readouterr().out
 

@@ -307,6 +307,46 @@ def test_evaluate_refuses_another_preparation_unless_asked(tiny_trained, monkeyp
         evaluate_version({**cfg, "evaluate": {"baselines": False}})
     report = evaluate_version({**cfg, "evaluate": {"baselines": False, "other_data": True}})
     assert report["same_data_as_training"] is False
+    # named apart from the version's own evaluation, which it used to replace
+    assert (Path(cfg["paths"]["reports"]) / f"{out['name']}-{out['version']}-test-other_data.json").exists()
+    # `other_data=no` counted as true: it scored the version on data it never saw
+    with pytest.raises(UserError, match=r"evaluate.other_data='no': true or false"):
+        evaluate_version({**cfg, "evaluate": {"other_data": "no"}})
+
+
+@pytest.mark.parametrize("evaluate,message", [
+    ({"baselines": "no"}, r"evaluate.baselines='no': true or false"),
+    ({"splt": "val"}, r"evaluate: unknown setting\(s\) \['splt'\]"),
+    ({"task": {"eval_sampled": -5}}, r"task.eval_sampled=-5: must be an integer in 0 \.\. "),   # was a perfect score
+    ({"task": {"eval_sampled": 100000}}, r"task.eval_sampled=100000: must be an integer in 0 \.\. "),
+    ({"task": {"eval_sampled": 2.5}}, r"task.eval_sampled=2.5"),
+    ({"task": {"eval_batch_size": 0}}, r"task.eval_batch_size=0: must be an integer >= 1"),
+    ({"task": {"exclude_history": "no"}}, r"task.exclude_history='no': true or false"),
+    ({"task": {"baselines": {"item_knn": {"neighbourz": 5}}}}, r"task.baselines=.*unexpected keyword.*neighbourz"),
+])
+def test_evaluate_settings_are_typed(evaluate: dict, message: str, tiny_trained) -> None:
+    """Each was a traceback, or worse, a table of figures that were not what was asked for."""
+    from ecomray.evaluation import evaluate_version
+
+    cfg, _ = tiny_trained
+    with pytest.raises(UserError, match=message):
+        evaluate_version({**cfg, "evaluate": evaluate})
+
+
+def test_the_pipeline_checks_its_evaluate_settings_before_any_stage(tmp_path: Path) -> None:
+    """`evaluate.split=tset` failed after prepare and train had run (and registered a version); an explicit
+    `evaluate.model` was replaced by the version the train stage made, without a word; a stage listed twice ran
+    twice."""
+    from jobs.pipeline import run as pipeline
+
+    for over, message in (("evaluate.split=tset", r"evaluate.split='tset'"),
+                          ("evaluate.model=next_item_synthetic:v0001", r"evaluate.model names a version, but the "
+                                                                       r"evaluate stage scores the version the train"),
+                          ("pipeline.stages=[evaluate,evaluate]", r"a stage is listed twice")):
+        with pytest.raises(UserError, match=message):
+            pipeline(compose_cfg("pipeline", tmp_path, "pipeline.stages=[prepare,train,evaluate]", over)
+                     if "stages" not in over else compose_cfg("pipeline", tmp_path, over))
+    assert not (tmp_path / "data").exists() and not (tmp_path / "registry").exists()
 
 
 def test_predict_serves_the_registered_model(tiny_trained) -> None:
@@ -340,32 +380,12 @@ def test_time_budget_stops_after_the_epoch_that_spends_it(tmp_path: Path) -> Non
     assert len(out["history"]) == 5
 
 
-def test_a_named_run_is_one_job_resumes_only_as_it_started_and_registers_once(tmp_path: Path,
-                                                                               capsys: pytest.CaptureFixture) -> None:
-    """Two jobs with one run_name mixed their checkpoints in one folder; a resume with another lr continued the old
-    optimizer while the registered config named the new lr; a re-run of a finished run trained nothing and
-    registered the same weights as a new version. patience=null crashed after the first epoch."""
-    import fcntl
-
-    from ecomray import registry
-
+def test_patience_null_trains_every_epoch(tmp_path: Path) -> None:
+    """`train.patience=null` (no early stopping) crashed after the first epoch: int(None)."""
     cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=inproc", "model.max_len=6", "model.dim=8",
-                      "train.epochs=2", "train.patience=null", "run_name=named")
+                      "train.epochs=3", "train.patience=null")
     write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
-    first = fit(cfg)
-    assert len(first["history"]) == 2 and first["version"] == "v0001"
-    again = fit(cfg)
-    assert again["version"] == "v0001" and again.get("already_registered")
-    assert registry.versions(cfg["paths"]["registry"], registry.model_name(cfg)) == ["v0001"]
-    assert "has finished (2 epoch(s)) and is registered as" in capsys.readouterr().out
-    with pytest.raises(UserError, match=r"run_name=named is a run with other settings \(optim.lr: now 0.5"):
-        fit({**cfg, "optim": {**cfg["optim"], "lr": 0.5}})
-    longer = fit({**cfg, "train": {**cfg["train"], "epochs": 3}})   # more epochs: a setting a resume may change
-    assert longer["version"] == "v0002"
-    with open(Path(cfg["paths"]["runs"]) / ".named.lock", "a") as held:   # another job runs it now
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(UserError, match=r"another train run named is running .*choose another run_name"):
-            fit(cfg)
+    assert len(fit(cfg, register=False)["history"]) == 3
 
 
 def test_weights_trained_on_data_prepared_again_meanwhile_are_not_registered(tmp_path: Path) -> None:

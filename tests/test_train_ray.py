@@ -90,3 +90,34 @@ def test_a_monitor_no_epoch_reports_is_named_once_per_run(tmp_path: Path, ray_se
     assert attempts.read_text().split() == ["False", "True"]
     assert not os.path.exists(user_error_marker(cfg))     # the run's error file goes with the run
     assert not (tmp_path / "train" / "typo").exists()      # and so does its folder: nothing in it to resume
+
+
+def test_a_named_run_is_one_job_resumes_only_as_it_started_and_registers_once(tmp_path: Path, ray_session,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    """Two jobs with one run_name mixed their checkpoints in one folder; a resume with another lr continued the old
+    optimizer while the registered config named the new lr; a re-run of a finished run trained nothing and
+    registered the same weights as a new version."""
+    import fcntl
+
+    from ecomray import registry
+    from ecomray.runtime import UserError
+    from tests.test_train_next_item import FUNNEL, write_fake_events_shards
+
+    cfg = compose_cfg("train", tmp_path, "dataset.name=fake", "scaling=cpu1", "model.max_len=6", "model.dim=8",
+                      "train.epochs=2", "train.patience=null", "run_name=named")
+    write_fake_events_shards(tmp_path / "data" / "fake", FUNNEL)
+    first = fit(cfg)
+    assert len(first["history"]) == 2 and first["version"] == "v0001"
+    again = fit({**cfg, "scaling": {**cfg["scaling"], "num_workers": 2}})       # where it runs may change
+    assert again["version"] == "v0001" and again.get("already_registered")
+    assert registry.versions(cfg["paths"]["registry"], registry.model_name(cfg)) == ["v0001"]
+    assert "has finished (2 epoch(s)) and is registered as" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"run_name=named is a run with other settings \(optim.lr: now 0.5"):
+        fit({**cfg, "optim": {**cfg["optim"], "lr": 0.5}})
+    longer = fit({**cfg, "train": {**cfg["train"], "epochs": 3}})   # more epochs: it continues from epoch 1
+    assert longer["version"] == "v0002" and len(longer["history"]) == 3
+    assert "resumed from epoch 1" in capsys.readouterr().out
+    with open(Path(cfg["paths"]["runs"]) / ".locks" / "named.lock", "a") as held:   # another job runs it now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=r"another train run named is running .*choose another run_name"):
+            fit(cfg)

@@ -745,7 +745,8 @@ def split_warnings(split: dict) -> list[str]:
     out = []
     for name in ("val", "test"):
         frac = split.get(f"{name}_fraction")
-        if not isinstance(frac, (int, float)) or split.get("strategy") not in ("stratified", "temporal"):
+        if not isinstance(frac, (int, float)) or split.get("strategy") not in ("stratified", "temporal") \
+                or split.get(f"{name}_cut") is not None:       # a cut given as a time: the fraction is not used
             continue
         want = total * float(frac)
         if want >= 1 and rows.get(name, 0) < want / 2:

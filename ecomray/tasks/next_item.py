@@ -329,6 +329,24 @@ def _reduce(sums: dict[str, float], count: int) -> dict[str, float]:
 EVAL_OPTIONS = ("exclude_history", "eval_sampled", "eval_seed", "eval_batch_size", "baselines")   # evaluate.task
 
 
+def _scoring_settings(task: dict, num_items: int) -> tuple[bool, int, int, int]:
+    """(exclude_history, eval_sampled, eval_seed, eval_batch_size), typed: `eval_sampled: -5` gave every side a
+    perfect sampled score, `exclude_history: "no"` counted as true, a batch size of 0 was a traceback."""
+    from ecomray.runtime import check_number
+
+    exclude = task.get("exclude_history", True)
+    if not isinstance(exclude, bool):
+        raise UserError(f"task.exclude_history={exclude!r}: true or false")
+    sampled = task.get("eval_sampled") or 0
+    check_number("task.eval_sampled", sampled, lambda v: 0 <= v < num_items, f"in 0 .. {num_items - 1} (the "
+                 f"negatives drawn per user, from the {num_items} items; 0: full ranking only)", integer=True)
+    seed = task.get("eval_seed") or 0
+    check_number("task.eval_seed", seed, lambda v: v >= 0, ">= 0", integer=True)
+    bs = task.get("eval_batch_size", 512)
+    check_number("task.eval_batch_size", bs, lambda v: v >= 1, ">= 1", integer=True)
+    return exclude, int(sampled), int(seed), int(bs)
+
+
 def evaluate(model: nn.Module | None, data: SeqData, split: str, scorer: Any = None) -> dict[str, float]:
     """HR@K / NDCG@K (K in 5, 10, 20) over full ranking, plus `sampled_*` over `task.eval_sampled` seeded negatives
     when > 0. History items are excluded from the candidates when `task.exclude_history` (the target never is).
@@ -336,9 +354,7 @@ def evaluate(model: nn.Module | None, data: SeqData, split: str, scorer: Any = N
     `scorer(histories, rows) -> (B, I) scores` replaces the model: baselines run through this same harness.
     """
     task = data.cfg["task"]
-    exclude = bool(task.get("exclude_history", True))
-    sampled_n = int(task.get("eval_sampled", 0))
-    seed = int(task.get("eval_seed", 0))
+    exclude, sampled_n, seed, bs = _scoring_settings(task, data.num_items)
     rows, hist, target = eval_rows(data, split)
     # Score users in order of history length: each batch is padded only to its longest history (the sums do not
     # depend on the order, and sampled negatives are keyed by user).
@@ -349,7 +365,6 @@ def evaluate(model: nn.Module | None, data: SeqData, split: str, scorer: Any = N
         model.eval()
     sums: dict[str, float] = {f"{p}{m}@{k}": 0.0 for p in ("", "sampled_")[:1 + bool(sampled_n)]
                               for m in ("hr", "ndcg") for k in KS}  # same keys on every worker (all_reduce)
-    bs = int(task.get("eval_batch_size", 512))
     for lo in range(0, len(rows), bs):
         h, t = hist[lo:lo + bs], target[lo:lo + bs]
         batch_rows = rows[lo:lo + bs]
@@ -436,7 +451,12 @@ def evaluation_table(model: nn.Module, meta: dict, data: SeqData, split: str, ba
     rows = {"model": evaluate(model, data, split)}
     if baselines:
         train = [s[:-2] if len(s) >= 3 else s for s in data.seqs]
-        for who, scorer in scorers(train, data.num_items, data.popularity, data.cfg["task"].get("baselines")).items():
+        settings = data.cfg["task"].get("baselines")
+        try:
+            fitted = scorers(train, data.num_items, data.popularity, settings)
+        except TypeError as err:     # a misspelt item_knn setting was a traceback
+            raise UserError(f"task.baselines={settings!r}: {err}") from None
+        for who, scorer in fitted.items():
             rows[who] = evaluate(None, data, split, scorer=scorer)
         manifest = shards.load_manifest(shards.dataset_dir(data.cfg))
         if manifest.get("truth_dir"):

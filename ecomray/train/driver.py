@@ -127,12 +127,11 @@ def check_train_config(cfg: dict) -> None:
             raise UserError(f"{key}={value!r}: letters, digits, '_', '.' and '-' (one folder name, not a path)")
 
 
-# Settings a resumed run may change (how long and where it runs); any other difference from the settings the run
-# started with is refused: the checkpoint's weights and optimizer state would continue the old run under new
-# settings, and the registered config would name settings that were never used.
+# What a resumed run must keep: the settings that decide what its checkpoint's weights and optimizer state mean.
+# (Everything else may change: how long and where it runs, tracking, and the other jobs' sections of a pipeline.)
+RESUME_KEEPS = ("seed", "registry_name", "task", "model", "optim", "dataset", "train")
 RESUME_FREE = ("train.epochs", "train.time_budget_s", "train.patience", "train.max_failures", "train.fail_at_step",
-               "train.checkpoints_to_keep", "train.progress_s", "verbose", "ray", "scaling", "paths", "tracking",
-               "overwrite", "prepare", "run_name", "model.init_from")
+               "train.checkpoints_to_keep", "train.progress_s", "dataset.path")
 RUN_RECORD = "ecomray_run.json"   # in the run folder: the settings it started with; once registered, the version
 
 
@@ -144,25 +143,31 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     its checkpoint; the tune job scores and registers the winner alone, with `evaluate_checkpoint`. `train_fn` wraps
     the one training loop (the tune job's wrapper records the trial's placement group); default `train_loop`.
 
-    A named run (`run_name=<it>`) is one job at a time (a second is refused: two jobs mixed their checkpoints in one
-    folder), resumes only with the settings it started with (`RESUME_FREE` may change), and once finished and
-    registered is not registered again by a re-run that has nothing left to train."""
+    A run named by the user (`run_name=<it>`) that runs on Ray Train workers is one job at a time (a second is
+    refused: two jobs mixed their checkpoints in one folder), resumes only with the settings and data it started
+    with, and once finished and registered is not registered again by a re-run with nothing left to train. An
+    in-process run (`scaling=inproc`) keeps no checkpoint to resume: each run of it trains from the start."""
     from ecomray.runtime import one_at_a_time
 
+    named = bool(cfg.get("run_name"))
     cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry.model_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
     check_train_config(cfg)        # numbers (and names) no run can start from, before anything is written
     runs = cfg["paths"]["runs"]
-    if cfg.get("_tune_trial") or is_uri(runs):        # a trial's run is Tune's; a bucket has no lock files
+    if not named and not is_uri(runs) and os.path.exists(os.path.join(runs, cfg["run_name"])):
+        cfg["run_name"] += f"-{os.getpid()}"       # two runs started in one second: each its own folder
+    in_process = int(cfg["scaling"].get("num_workers", 1)) == 0
+    if cfg.get("_tune_trial") or is_uri(runs) or not named or in_process:
         return _fit(cfg, callbacks, register, evaluate, train_fn)
     check_writable(runs, "paths.runs")
-    with one_at_a_time(os.path.join(runs, f".{cfg['run_name']}.lock"), f"train run {cfg['run_name']}",
+    os.makedirs(os.path.join(runs, ".locks"), exist_ok=True)
+    with one_at_a_time(os.path.join(runs, ".locks", f"{cfg['run_name']}.lock"), f"train run {cfg['run_name']}",
                        busy="wait for it to finish, or choose another run_name"):
         folder = os.path.join(runs, cfg["run_name"])
         record_path = os.path.join(folder, RUN_RECORD)
         record = _read_record(record_path)
         # a run to resume: one with a checkpoint (an attempt killed before its first one left only its settings)
-        resuming = bool(record) and (bool(record.get("registered")) or any(
-            name.startswith("checkpoint_") for name in os.listdir(folder)))
+        resuming = bool(record) and os.path.isdir(folder) and any(
+            name.startswith("checkpoint_") for name in os.listdir(folder))
         if resuming:
             cfg = _check_resume(cfg, record)
             done = _finished(cfg, record) if register and evaluate else None
@@ -171,9 +176,11 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
         out = _fit(cfg, callbacks, register, evaluate, train_fn, record_path=None if resuming else record_path)
         if out.get("version"):
             history = out.get("history") or [{}]
+            t = cfg["train"]
             _write_record(record_path, {**_read_record(record_path), "registered": {
                 "name": out["name"], "version": out["version"], "epochs_run": len(history),
-                "stopped": bool(history[-1].get("stopped_early"))}})
+                "stopped": bool(history[-1].get("stopped_early")), "epochs": t.get("epochs"),
+                "patience": t.get("patience"), "time_budget_s": t.get("time_budget_s")}})
         return out
 
 
@@ -197,54 +204,66 @@ def _write_record(path: str, record: dict[str, Any]) -> None:
 
 
 def _resumable(cfg: dict) -> dict[str, Any]:
-    """The settings a resume must keep: the config without `RESUME_FREE`."""
+    """The settings a resume must keep (`RESUME_KEEPS` without `RESUME_FREE`), as JSON values. `model.init_from`
+    is compared as written: the version it resolved to when the run started is kept on resume."""
     import copy
+    import json
 
-    out = copy.deepcopy({k: v for k, v in cfg.items() if not k.startswith("_")})
+    out = copy.deepcopy({k: cfg.get(k) for k in RESUME_KEEPS})
     for key in RESUME_FREE:
         *parents, last = key.split(".")
         node = out
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(last, None)
-    return out
+    return json.loads(json.dumps(out, default=str))
 
 
 def _check_resume(cfg: dict, record: dict[str, Any]) -> dict[str, Any]:
-    """`cfg` for resuming the run `record` describes: refused if it changes settings outside `RESUME_FREE`; the
-    `model.init_from` version the run pinned when it started is kept."""
-    import json
-
+    """`cfg` for resuming the run `record` describes: refused if it changes settings a resume must keep or its data
+    was prepared again; the `model.init_from` version the run pinned when it started is kept."""
     from ecomray.data.shards import flat_diff
 
-    now = json.loads(json.dumps(_resumable(cfg), default=str))
-    differ = flat_diff(now, record.get("settings") or {})
+    differ = flat_diff(_resumable(cfg), record.get("settings") or {})
     if differ:
         shown = "; ".join(f"{k}: now {a!r}, the run has {b!r}" for k, a, b in differ[:4])
         raise UserError(f"run_name={cfg['run_name']} is a run with other settings ({shown}"
                         f"{'; ...' if len(differ) > 4 else ''}): resuming it would continue its weights and "
                         f"optimizer under new settings; choose another run_name for a new run")
-    pinned = record.get("init_from")
-    if pinned and (cfg.get("model") or {}).get("init_from"):
-        cfg = {**cfg, "model": {**cfg["model"], "init_from": pinned}}
+    try:
+        now = shards.load_manifest(shards.dataset_dir(cfg)).get("hash")
+    except UserError:
+        now = None          # not prepared: the run itself says so, with the command to run
+    if record.get("data_manifest_hash") and now and now != record["data_manifest_hash"]:
+        raise UserError(f"run_name={cfg['run_name']} trained on another preparation of {shards.dataset_dir(cfg)} "
+                        f"(manifest hash {record['data_manifest_hash'][:12]}, now {now[:12]}): choose another "
+                        f"run_name for a run on this data")
+    if record.get("init_from"):
+        cfg = {**cfg, "model": {**cfg["model"], "init_from": record["init_from"]}}
     return cfg
 
 
 def _finished(cfg: dict, record: dict[str, Any]) -> dict[str, Any] | None:
     """The registered result of a run that has nothing left to train (its epochs done, or stopped early or by its
-    time budget), else None. A re-run used to resume at the end, train nothing and register the same weights as a
-    new version."""
-    done = record.get("registered")
-    if not done or not (done.get("stopped") or int(done.get("epochs_run", 0)) >= int(cfg["train"]["epochs"])):
+    time budget under the same patience and budget), else None. A re-run used to resume at the end, train nothing
+    and register the same weights as a new version."""
+    done, t = record.get("registered"), cfg["train"]
+    if not done:
+        return None
+    stopped_again = done.get("stopped") and (done.get("patience"), done.get("time_budget_s")) == (
+        t.get("patience"), t.get("time_budget_s"))
+    if not (stopped_again or int(done.get("epochs_run", 0)) >= int(t["epochs"])):
         return None
     try:
         found = registry.load(cfg["paths"]["registry"], done["name"], done["version"], state=False)
     except UserError:
         return None        # the version is gone (gc): score and register the run's best weights again
+    if found["config"].get("run_name") != cfg["run_name"]:
+        return None        # another registry, or the number now names another run's model
     print(f"[train] run {cfg['run_name']} has finished ({done['epochs_run']} epoch(s)) and is registered as "
-          f"{done['name']} {done['version']}: nothing to train (raise train.epochs to continue it, or choose another "
-          f"run_name)", flush=True)
+          f"{done['name']} {done['version']}: nothing to train (raise train.epochs, train.patience or "
+          f"train.time_budget_s to continue it, or choose another run_name)", flush=True)
     return {"metrics": found["metrics"], "history": [], "run_name": cfg["run_name"], "name": done["name"],
             "version": done["version"], "already_registered": True}
 
@@ -253,12 +272,8 @@ def _fit(cfg: dict, callbacks: list | None, register: bool, evaluate: bool,
          train_fn: Callable[[dict], None] | None, record_path: str | None = None) -> dict[str, Any]:
     from ecomray.runtime import init_ray
 
+    settings = _resumable(cfg)    # as written: model.init_from before it is pinned
     cfg = pin_init_from(cfg)       # one starting version for the workers, the scoring and the registered config
-    if record_path:        # a new run: the settings it starts with, which a resume must keep
-        import json
-
-        _write_record(record_path, {"settings": json.loads(json.dumps(_resumable(cfg), default=str)),
-                                    "init_from": (cfg.get("model") or {}).get("init_from")})
     load_task(cfg)                 # a wrong module path fails here, in the driver, not in every worker
     manifest = shards.require(cfg)   # so does a dataset never prepared (with the command to run)
     data_hash = manifest.get("hash")
@@ -274,6 +289,9 @@ def _fit(cfg: dict, callbacks: list | None, register: bool, evaluate: bool,
         init_ray(num_cpus=cfg.get("ray", {}).get("num_cpus"), verbose=bool(cfg.get("verbose")),
                  dashboard=cfg.get("ray", {}).get("include_dashboard"))  # no-op inside a Tune trial: Ray is already up
         check_placement(cfg)
+    if record_path:        # a new named run: the settings and data it starts with, which a resume must keep
+        _write_record(record_path, {"settings": settings, "init_from": (cfg.get("model") or {}).get("init_from"),
+                                    "data_manifest_hash": data_hash})
     t0 = time.time()
     in_process = int(cfg["scaling"].get("num_workers", 1)) == 0
     marker = user_error_marker(cfg)   # a resumed run (a Tune trial) starts without its last attempt's error
