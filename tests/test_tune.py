@@ -193,6 +193,14 @@ def test_a_sweep_name_holding_another_sweep_is_refused(tmp_path: Path) -> None:
         sweeps.run_sweep({k: v for k, v in cfg.items() if k != "sweep"})
     with pytest.raises(UserError):
         sweeps.sweep_spec({**cfg, "sweep": {**cfg["sweep"], "name": "../escape"}})
+    # a second job on the same sweep name "resumed" the running one and registered another winner: refused
+    import fcntl
+
+    (Path(cfg["paths"]["runs"]) / ".locks").mkdir(exist_ok=True)
+    with open(Path(cfg["paths"]["runs"]) / ".locks" / "tiny.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=r"another sweep tiny is running .*choose another sweep.name"):
+            sweeps.run_sweep(cfg)
 
 
 def _started_sweep(tmp_path: Path, *overrides: str, **recorded: Any) -> tuple[dict, Path]:

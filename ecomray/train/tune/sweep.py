@@ -36,7 +36,8 @@ def run_sweep(cfg: dict) -> dict[str, Any]:
     if is_uri(runs):
         return _run_sweep(cfg)
     check_writable(runs, "paths.runs")
-    with one_at_a_time(os.path.join(runs, f".{name}.lock"), f"sweep {name}",
+    os.makedirs(os.path.join(runs, ".locks"), exist_ok=True)
+    with one_at_a_time(os.path.join(runs, ".locks", f"{name}.lock"), f"sweep {name}",
                        busy="wait for it to finish (a later run of the same command then resumes or reports it), or "
                             "choose another sweep.name"):
         return _run_sweep(cfg)
