@@ -681,3 +681,13 @@ def test_the_pipeline_deploys_the_version_it_made(tmp_path: Path, capsys: pytest
     assert _serve_this_run(cfg, {})["endpoints"] is None                          # a deploy-only pipeline: as set
     chosen = {**cfg, "deploy": {**cfg["deploy"], "endpoints": {"recommend": {"model": "next_item_synthetic:v0001"}}}}
     assert _serve_this_run(chosen, {"tune": {"name": "x", "version": "v0009"}}) == chosen["deploy"]
+
+
+def test_evaluate_says_which_overrides_the_version_replaces(capsys: pytest.CaptureFixture) -> None:
+    """`task.eval_sampled=100` on the evaluate command line was dropped without a word (the version's saved task
+    settings replace it): the job names it and the knob that applies."""
+    from jobs.evaluate import ignored_overrides
+
+    assert ignored_overrides(["task.eval_sampled=100", "+model.dim=8", "dataset=online_shopping", "dataset.name=x",
+                              "evaluate.split=val", "dataset.synthetic.users=5"]) == [
+        "task.eval_sampled=100", "+model.dim=8", "dataset.synthetic.users=5"]
