@@ -110,8 +110,17 @@ def test_guard_logs_a_disconnect_as_499_and_escapes_the_path(caplog: pytest.LogC
         parts.append({"type": "http.request", "body": b""})
         await guard({"type": "http", "method": "GET", "path": forged, "headers": []}, receive, send)
 
-    with caplog.at_level(logging.INFO, logger="ray.serve"):
-        asyncio.run(main())
+    # caplog's handler on the logger itself: once Serve has started in this process its logger no longer
+    # propagates to the root, where caplog listens (the test then depended on which tests ran before it)
+    serve_logger, propagate = logging.getLogger("ray.serve"), logging.getLogger("ray.serve").propagate
+    serve_logger.addHandler(caplog.handler)
+    serve_logger.propagate = False
+    try:
+        with caplog.at_level(logging.INFO, logger="ray.serve"):
+            asyncio.run(main())
+    finally:
+        serve_logger.removeHandler(caplog.handler)
+        serve_logger.propagate = propagate
     assert recorded == [499, 200]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request route=")]
     assert "status=499" in lines[0] and len(lines) == 2 and "\n" not in lines[1] and "\\n" in lines[1]
