@@ -691,3 +691,11 @@ def test_evaluate_says_which_overrides_the_version_replaces(capsys: pytest.Captu
     assert ignored_overrides(["task.eval_sampled=100", "+model.dim=8", "dataset=online_shopping", "dataset.name=x",
                               "evaluate.split=val", "dataset.synthetic.users=5"]) == [
         "task.eval_sampled=100", "+model.dim=8", "dataset.synthetic.users=5"]
+
+
+def test_a_resumed_runs_clock_goes_on_from_its_last_epoch() -> None:
+    """A restart set the clock to zero: `elapsed_s` started over and so did `train.time_budget_s`."""
+    from ecomray.train.loop import clock_start
+
+    assert clock_start([], 1000.0) == 1000.0
+    assert clock_start([{"elapsed_s": 30.0}, {"elapsed_s": 61.5}], 1000.0) == 938.5

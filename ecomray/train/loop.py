@@ -213,6 +213,13 @@ def raise_user_error(cfg: dict) -> None:
     raise UserError(text)
 
 
+def clock_start(history: list[dict], now: float) -> float:
+    """When a run's clock started, for `elapsed_s` and `train.time_budget_s`: now for a new run; for a resumed one,
+    `elapsed_s` of its last checkpointed epoch before now. The budget is the run's, not the attempt's: a failure
+    mid-run used to start it over, so a resumed run trained longer than an unbroken one."""
+    return now - (float(history[-1].get("elapsed_s", 0.0)) if history else 0.0)
+
+
 def train_loop(cfg: dict) -> None:
     """The loop (`_train_loop`), with a config or data error (UserError) raised once per run, not per attempt."""
     marker = user_error_marker(cfg)
@@ -301,7 +308,7 @@ def _train_loop(cfg: dict) -> None:
 
     tracker = Tracker(cfg) if rank == 0 else None          # TensorBoard (and MLflow when configured)
     fail_marker = os.path.join(cfg["paths"]["runs"], cfg["run_name"] + ".failed_once")
-    t0, step = time.time(), 0
+    t0, step = clock_start(history, time.time()), 0
     for epoch in range(start_epoch, int(tcfg["epochs"])):
         model.train()
         # Re-seed per (epoch, rank): dropout and sampling depend only on where we are, so a resumed run replays
