@@ -280,3 +280,27 @@ def test_a_sweep_may_select_on_what_tune_adds_to_every_result() -> None:
     check_reported({"val/auc": 0.7}, "training_iteration", "sweep.metric")
     with pytest.raises(UserError, match=r"train.monitor='training_iteration' is not a metric this run reports"):
         check_reported({"val/auc": 0.7}, "training_iteration", "train.monitor")
+
+
+def test_a_trial_resumed_after_a_kill_is_reported_whole(tmp_path: Path) -> None:
+    """After a killed sweep was resumed, Tune's rows of a trial started at the epoch its Train run resumed from: a
+    trial that had run all 3 epochs was listed as 2 epochs, stopped by the scheduler, its curve missing epoch 0."""
+    import pandas as pd
+    import torch
+    from types import SimpleNamespace
+
+    from ecomray.train.tune.results import trial_table
+
+    ckpt = tmp_path / "checkpoint_000002"
+    ckpt.mkdir()
+    history = [{"epoch": e, "val/ndcg@10": v, "stopped_early": 0.0} for e, v in enumerate((0.1, 0.3, 0.2))]
+    torch.save({"history": history}, ckpt / "state.pt")
+    rows = pd.DataFrame([{"epoch": e, "val/ndcg@10": v, "stopped_early": 0.0, "timestamp": 100.0 + e,
+                          "time_total_s": 5.0, "checkpoint_path": str(ckpt)} for e, v in ((1, 0.3), (2, 0.2))])
+    result = SimpleNamespace(metrics_dataframe=rows, config={"optim.lr": 0.01}, error=None, path=str(tmp_path / "t0"),
+                             metrics={"trial_id": "t0", "checkpoint_path": str(ckpt), "timestamp": 102.0,
+                                      "time_total_s": 5.0})
+    spec = {"metric": "val/ndcg@10", "mode": "max", "space": {"optim.lr": None}}
+    table, curves = trial_table([result], spec, {"train": {"epochs": 3}})
+    assert table[0]["epochs_run"] == 3 and table[0]["stopped_by"] == "completed" and table[0]["best_value"] == 0.3
+    assert [e for e, _, _ in curves["t0"]] == [0, 1, 2]

@@ -20,6 +20,12 @@ def trial_table(grid: Any, spec: dict, base: dict) -> tuple[list[dict], dict[str
                 "checkpoint_path"):
             # a resumed trial whose Train run had already ended: Tune kept only its last result
             df = _history_frame(result.metrics)
+        elif df is not None and "epoch" in getattr(df, "columns", []) and not df.empty and int(df["epoch"].iloc[0]) > 0 \
+                and (result.metrics or {}).get("checkpoint_path"):
+            # a trial resumed after a kill: Tune's rows start at the epoch it resumed from; its last checkpoint
+            # holds every epoch (a trial that had completed was listed as stopped by the scheduler, its curve cut)
+            full = _history_frame(result.metrics)
+            df = full if full is not None else df
         if df is None or metric not in getattr(df, "columns", []) or df.empty:
             rows.append({"trial_id": trial_id, "config": config, "best_value": None, "epochs_run": 0,
                          "stopped_early": False, "stopped_by": "error" if result.error else "not started",
@@ -31,7 +37,7 @@ def trial_table(grid: Any, spec: dict, base: dict) -> tuple[list[dict], dict[str
         curves[trial_id] = [(int(e), v, t) for e, v, t in
                             zip(df["epoch"] if "epoch" in df else range(len(values)), values, stamps)]
         last = df.iloc[-1]
-        n = len(values)
+        n = int(last["epoch"]) + 1 if "epoch" in df else len(values)      # epochs run, whatever rows are missing
         if result.error:
             by = "error"
         elif n >= epochs:
