@@ -122,19 +122,24 @@ def register(root: str, name: str, state_dict: dict, cfg: dict, metrics: dict, m
                 raise
 
 
-def set_alias(root: str, name: str, alias: str, version: str) -> None:
-    """Point `alias` at `version` and record the move in `aliases_history.jsonl` (what `rollback` walks back)."""
+def set_alias(root: str, name: str, alias: str, version: str) -> str | None:
+    """Point `alias` at `version` and record the move in `aliases_history.jsonl` (what `rollback` walks back);
+    returns where the alias pointed before, as read under the same lock (None: it is new)."""
     if not os.path.isdir(_safe(root, name)):
         raise UserError(f"no model {name!r} in registry {root} (models: {models(root)})")
     _safe(root, name, version)
     _check_alias(alias)
 
+    before: dict[str, str | None] = {}
+
     def step(aliases: dict[str, str], history: list[dict]) -> tuple[str, str]:
         if version not in versions(root, name):  # under the lock: gc deletes under it too
             raise UserError(f"{name} has no version {version} (have {versions(root, name)})")
+        before["previous"] = aliases.get(alias)
         return "set", version
 
     _update_alias(root, name, alias, step)
+    return before.get("previous")
 
 
 def _check_alias(alias: str) -> None:

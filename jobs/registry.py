@@ -61,6 +61,10 @@ def list_models(root: str, only: str | None = None) -> list[dict[str, Any]]:
         by_version: dict[str, list[str]] = {}
         for alias, v in registry.aliases(root, name).items():
             by_version.setdefault(v, []).append(alias)
+        for v in sorted(set(by_version) - set(have)):   # an alias left on a version deleted by hand: it was not shown
+            rows.append({"model": name, "version": v, "aliases": sorted(by_version[v]),
+                         "metrics": "(version missing: this alias resolves to nothing; promote another version)",
+                         "dataset": None, "research_only": False, "created_at": None, "sweep": ""})
         for v in have:
             path = registry._safe(root, name, v)
             try:
@@ -97,8 +101,7 @@ def promote(root: str, name: str, ref: str, alias: str = "prod") -> dict[str, An
                    f"{lin.get('licence')}). Do not serve it to customers or use it commercially.")
         bar = "!" * min(len(warning), 100)
         print(f"{bar}\n{warning}\n{bar}", file=sys.stderr, flush=True)
-    before = registry.get_alias(root, name, alias)
-    registry.set_alias(root, name, alias, version)
+    before = registry.set_alias(root, name, alias, version)   # (read under the alias lock: a concurrent move shows)
     print(f"{name}: {alias} -> {version}" + (f" (was {before})" if before else ""), flush=True)
     return {"name": name, "alias": alias, "version": version, "previous": before, "warning": warning}
 

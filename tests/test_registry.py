@@ -47,8 +47,18 @@ def test_aliases_and_refs(tmp_path: Path) -> None:
     for k in range(3):
         _register(root, float(k))
     assert registry.resolve(root, "m") == "v0003"                   # no alias: the newest
-    registry.set_alias(root, "m", "best", "v0001")
+    assert registry.set_alias(root, "m", "best", "v0001") is None          # where it pointed before: nowhere
     assert registry.resolve(root, "m") == "v0001" and registry.get_alias(root, "m", "best") == "v0001"
+    assert registry.set_alias(root, "m", "best", "v0001") == "v0001"       # (read under the alias lock)
+    import shutil
+
+    from jobs.registry import list_models
+
+    registry.set_alias(root, "m", "canary", "v0003")
+    shutil.rmtree(Path(root) / "m" / "v0003")                               # deleted by hand: the alias dangles
+    assert [(r["version"], r["aliases"], r["metrics"][:16]) for r in list_models(root, "m")
+            if r["version"] == "v0003"] == [("v0003", ["canary"], "(version missing")]
+    _register(root, 3.0)                                                     # (v0003 again: the test's own folder)
     registry.set_alias(root, "m", "prod", "v0002")
     assert registry.resolve(root, "m") == "v0002"                   # prod before best
     assert registry.resolve(root, "m", "latest") == "v0003" and registry.resolve(root, "m", "best") == "v0001"
