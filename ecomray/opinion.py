@@ -126,7 +126,9 @@ def run(cfg: dict) -> dict[str, Any]:
     if neg not in labels:
         raise UserError(f"opinion.negative_label={neg!r} is not a label of {name} ({labels})")
     texts = df["text"].to_list()
+    t_score = time.time()
     p = score(loaded, texts)
+    scoring_s = time.time() - t_score
     k = labels.index(neg)
     df = df.with_columns(p_negative=pl.Series(p[:, k]), predicted=pl.Series([labels[i] for i in p.argmax(1)]))
     from ecomray.data import shards
@@ -256,10 +258,10 @@ def run(cfg: dict) -> dict[str, Any]:
         with open(os.path.join(out, "report.md"), "w") as fh:
             fh.write("\n".join(lines) + "\n")
         summary = {"report": os.path.join(final, "report.md"), "model": f"{name}:{loaded.version}", "rows": df.height,
-                   "seconds": time.time() - t0, "by_category": by_cat.to_dicts(),
+                   "seconds": time.time() - t0, "scoring_seconds": scoring_s, "by_category": by_cat.to_dicts(),
                    "terms": {c: terms[c] for c in cats}, "plots": sorted(f for f in os.listdir(out) if f.endswith(".png"))}
         with open(os.path.join(out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2, ensure_ascii=False, default=str)
     print(f"[opinion] {df.height:,} reviews scored with {name} {loaded.version}; report: {summary['report']} "
-          f"({summary['seconds']:.0f}s)", flush=True)
+          f"({summary['seconds']:.0f}s, of which scoring {scoring_s:.0f}s)", flush=True)
     return summary
