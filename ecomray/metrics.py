@@ -61,7 +61,10 @@ def sample_negatives(num_items: int, n: int, target: int, history: np.ndarray | 
     banned = {int(target)} | (set(np.asarray(history, dtype=np.int64).tolist()) if history is not None else set())
     allowed = num_items - len(banned)
     if n > allowed:
-        raise ValueError(f"cannot sample {n} negatives from {allowed} items outside the history")
+        from ecomray.runtime import UserError   # a setting's error (task.eval_sampled), not worth a retry
+
+        raise UserError(f"task.eval_sampled={n}: cannot sample {n} negatives from the {allowed} items outside a "
+                        f"user's history and target; choose fewer")
     rng = np.random.default_rng([int(seed), int(user_key)])
     picked: list[int] = []
     taken = set(banned)

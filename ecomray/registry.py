@@ -414,9 +414,12 @@ def holding(root: str, name: str, version: str, holder: str) -> Iterator[None]:
     version after the driver resolved it, and a gc in between deleted it mid-run), refreshed from a thread."""
     try:
         lease(root, name, version, holder)
+        leased_here = True
     except OSError as err:     # a read-only registry: scoring still works, as it did, only unprotected
         print(f"WARNING: could not lease {name} {version} in {root} ({err.strerror or err}): a `registry gc` "
               f"meanwhile could delete it", file=sys.stderr, flush=True)
+        leased_here = False
+    if not leased_here:
         yield
         return
     stop = threading.Event()

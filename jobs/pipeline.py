@@ -39,8 +39,13 @@ def run(cfg: DictConfig | dict) -> dict:
         from ecomray.evaluation import check_settings
 
         check_settings(plain.get("evaluate") or {})
-        named = [k for k in ("model", "version") if (plain.get("evaluate") or {}).get(k)]
-        if named and "train" in stages:
+        from ecomray import registry
+
+        ev = plain.get("evaluate") or {}
+        name, ref = registry.parse_ref(str(ev.get("model") or registry.model_name(plain)))
+        named = [k for k, given in (("model", name != registry.model_name(plain) or ref), ("version", ev.get("version")))
+                 if given]
+        if named and "train" in stages and stages.index("train") < stages.index("evaluate"):
             raise UserError(f"pipeline: evaluate.{named[0]} names a version, but the evaluate stage scores the "
                             f"version the train stage makes; drop it, or run `python -m jobs.evaluate` for that one")
     results: dict = {}

@@ -63,7 +63,7 @@ def list_models(root: str, only: str | None = None) -> list[dict[str, Any]]:
             by_version.setdefault(v, []).append(alias)
         for v in sorted(set(by_version) - set(have)):   # an alias left on a version deleted by hand: it was not shown
             rows.append({"model": name, "version": v, "aliases": sorted(by_version[v]),
-                         "metrics": "(version missing: this alias resolves to nothing; promote another version)",
+                         "metrics": "(version missing, deleted by hand: promote another version before a new one takes its number)",
                          "dataset": None, "research_only": False, "created_at": None, "sweep": ""})
         for v in have:
             path = registry._safe(root, name, v)
@@ -89,7 +89,9 @@ def list_models(root: str, only: str | None = None) -> list[dict[str, Any]]:
                          "metrics": shown, "dataset": lin.get("dataset"),
                          "research_only": bool(lin.get("research_only")), "created_at": lin.get("created_at"),
                          "sweep": f"{sweep['name']}/{sweep['trial_id']}" if sweep else ""})
-    return rows
+    order = {m: k for k, m in enumerate(dict.fromkeys(r["model"] for r in rows))}
+    return sorted(rows, key=lambda r: (order[r["model"]], int(r["version"][1:]) if re.fullmatch(r"v\d+", r["version"])
+                                       else 10**12, r["version"]))
 
 
 def promote(root: str, name: str, ref: str, alias: str = "prod") -> dict[str, Any]:

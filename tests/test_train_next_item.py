@@ -699,3 +699,45 @@ def test_a_resumed_runs_clock_goes_on_from_its_last_epoch() -> None:
 
     assert clock_start([], 1000.0) == 1000.0
     assert clock_start([{"elapsed_s": 30.0}, {"elapsed_s": 61.5}], 1000.0) == 938.5
+
+
+def test_run_folders_are_claimed_and_a_resume_reads_an_older_record_alike(tmp_path: Path) -> None:
+    """Two unnamed runs started in one second took one folder (the name is the second); a run record written when
+    other keys were compared (dataset.path, the pipeline's sections, model.init_from) refused every resume."""
+    from ecomray.train.driver import _check_resume, _claim, _resumable
+
+    assert [_claim(str(tmp_path), "m-20260101-000000") for _ in range(3)] == [
+        "m-20260101-000000", "m-20260101-000000-2", "m-20260101-000000-3"]
+    cfg = compose_cfg("train", tmp_path, "experiment=tiny", "run_name=r")
+    older = {"settings": {**json.loads(json.dumps(cfg, default=str)), "pipeline": {"stages": ["train"]}}}
+    older["settings"]["dataset"]["path"] = "elsewhere"
+    older["settings"]["model"].pop("init_from", None)
+    assert _check_resume(cfg, older)["run_name"] == "r"
+    changed = {"settings": _resumable({**cfg, "seed": 7})}
+    with pytest.raises(UserError, match=r"run_name=r is a run with other settings \(seed: now 42, the run has 7"):
+        _check_resume(cfg, changed)
+
+
+def test_a_finished_run_continues_only_with_more_epochs_patience_or_time(tmp_path: Path) -> None:
+    """An early-stopped run was re-trained by any change of patience (a lower one too: one more epoch, a new
+    version); a registered number was trusted though it named another run's model."""
+    from ecomray import registry
+    from ecomray.train.driver import _finished
+
+    cfg = compose_cfg("train", tmp_path, "experiment=tiny", "run_name=r", "train.patience=2")
+    root = cfg["paths"]["registry"]
+    v = registry.register(root, "m", {"w": torch.zeros(1)}, cfg, {"val/ndcg@10": 0.1}, {"model_kwargs": {}}, {})
+    record = {"registered": {"name": "m", "version": v, "epochs_run": 4, "stopped": True, "epochs": 15,
+                             "patience": 2, "time_budget_s": None}}
+
+    def with_train(**train: Any) -> dict:
+        return {**cfg, "train": {**cfg["train"], **train}}
+
+    assert _finished(cfg, record)["version"] == v                          # the same settings: finished
+    assert _finished(with_train(patience=1), record)["version"] == v       # less patience: still finished
+    assert _finished(with_train(patience=5), record) is None               # more patience: it continues
+    assert _finished(with_train(patience=None), record) is None            # no early stop: it continues
+    assert _finished(with_train(time_budget_s=60), record)["version"] == v  # (it had no budget: not more time)
+    ran = {"registered": {**record["registered"], "stopped": False, "epochs_run": 15}}
+    assert _finished(cfg, ran)["version"] == v and _finished(with_train(epochs=20), ran) is None
+    assert _finished({**cfg, "run_name": "other"}, record) is None          # the number names another run's model

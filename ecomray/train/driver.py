@@ -153,11 +153,15 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
     cfg = {**cfg, "run_name": cfg.get("run_name") or f"{registry.model_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"}
     check_train_config(cfg)        # numbers (and names) no run can start from, before anything is written
     runs = cfg["paths"]["runs"]
-    if not named and not is_uri(runs) and os.path.exists(os.path.join(runs, cfg["run_name"])):
-        cfg["run_name"] += f"-{os.getpid()}"       # two runs started in one second: each its own folder
     in_process = int(cfg["scaling"].get("num_workers", 1)) == 0
+    if not named and not is_uri(runs) and not in_process and not cfg.get("_tune_trial"):
+        cfg["run_name"] = _claim(runs, cfg["run_name"])   # two runs started in one second: each its own folder
     if cfg.get("_tune_trial") or is_uri(runs) or not named or in_process:
-        return _fit(cfg, callbacks, register, evaluate, train_fn)
+        try:
+            return _fit(cfg, callbacks, register, evaluate, train_fn)
+        except BaseException:
+            _remove_empty_run(cfg)      # (the folder _claim made, when the run failed before Ray Train filled it)
+            raise
     check_writable(runs, "paths.runs")
     os.makedirs(os.path.join(runs, ".locks"), exist_ok=True)
     with one_at_a_time(os.path.join(runs, ".locks", f"{cfg['run_name']}.lock"), f"train run {cfg['run_name']}",
@@ -182,6 +186,20 @@ def fit(cfg: dict, callbacks: list | None = None, register: bool = True, evaluat
                 "stopped": bool(history[-1].get("stopped_early")), "epochs": t.get("epochs"),
                 "patience": t.get("patience"), "time_budget_s": t.get("time_budget_s")}})
         return out
+
+
+def _claim(runs: str, name: str) -> str:
+    """`name`, or `name-2`, `name-3`, ...: the first whose folder this process creates (mkdir is atomic: two runs
+    started in the same second used to share one folder). An empty folder left by a failed start is removed."""
+    check_writable(runs, "paths.runs")
+    for n in range(1, 1000):
+        candidate = name if n == 1 else f"{name}-{n}"
+        try:
+            os.mkdir(os.path.join(runs, candidate))
+            return candidate
+        except FileExistsError:
+            continue
+    raise UserError(f"paths.runs={runs}: no free run folder named {name}[-N]; pass run_name=<a new name>")
 
 
 def _read_record(path: str) -> dict[str, Any]:
@@ -225,19 +243,24 @@ def _check_resume(cfg: dict, record: dict[str, Any]) -> dict[str, Any]:
     was prepared again; the `model.init_from` version the run pinned when it started is kept."""
     from ecomray.data.shards import flat_diff
 
-    differ = flat_diff(_resumable(cfg), record.get("settings") or {})
+    then = _resumable(record.get("settings") or {})   # (a record from before a key became free is read alike)
+    now = _resumable(cfg)
+    if "init_from" not in ((record.get("settings") or {}).get("model") or {}):
+        (now.get("model") or {}).pop("init_from", None)
+        (then.get("model") or {}).pop("init_from", None)
+    differ = flat_diff(now, then)
     if differ:
         shown = "; ".join(f"{k}: now {a!r}, the run has {b!r}" for k, a, b in differ[:4])
         raise UserError(f"run_name={cfg['run_name']} is a run with other settings ({shown}"
                         f"{'; ...' if len(differ) > 4 else ''}): resuming it would continue its weights and "
                         f"optimizer under new settings; choose another run_name for a new run")
     try:
-        now = shards.load_manifest(shards.dataset_dir(cfg)).get("hash")
+        current = shards.load_manifest(shards.dataset_dir(cfg)).get("hash")
     except UserError:
-        now = None          # not prepared: the run itself says so, with the command to run
-    if record.get("data_manifest_hash") and now and now != record["data_manifest_hash"]:
+        current = None      # not prepared: the run itself says so, with the command to run
+    if record.get("data_manifest_hash") and current and current != record["data_manifest_hash"]:
         raise UserError(f"run_name={cfg['run_name']} trained on another preparation of {shards.dataset_dir(cfg)} "
-                        f"(manifest hash {record['data_manifest_hash'][:12]}, now {now[:12]}): choose another "
+                        f"(manifest hash {record['data_manifest_hash'][:12]}, now {current[:12]}): choose another "
                         f"run_name for a run on this data")
     if record.get("init_from"):
         cfg = {**cfg, "model": {**cfg["model"], "init_from": record["init_from"]}}
@@ -251,10 +274,16 @@ def _finished(cfg: dict, record: dict[str, Any]) -> dict[str, Any] | None:
     done, t = record.get("registered"), cfg["train"]
     if not done:
         return None
-    stopped_again = done.get("stopped") and (done.get("patience"), done.get("time_budget_s")) == (
-        t.get("patience"), t.get("time_budget_s"))
-    if not (stopped_again or int(done.get("epochs_run", 0)) >= int(t["epochs"])):
-        return None
+
+    def more(key: str) -> bool:       # null: no limit, more than any number; a key an older record lacks: as now
+        old, new = done.get(key, t.get(key)), t.get(key)
+        return old is not None and (new is None or new > old)
+
+    if done.get("stopped"):
+        if more("patience") or more("time_budget_s"):
+            return None          # it stopped early or on its budget: more patience or time continues it
+    elif int(done.get("epochs_run", 0)) < int(t["epochs"]):
+        return None              # it ran its epochs: more epochs continue it
     try:
         found = registry.load(cfg["paths"]["registry"], done["name"], done["version"], state=False)
     except UserError:
@@ -262,8 +291,10 @@ def _finished(cfg: dict, record: dict[str, Any]) -> dict[str, Any] | None:
     if found["config"].get("run_name") != cfg["run_name"]:
         return None        # another registry, or the number now names another run's model
     print(f"[train] run {cfg['run_name']} has finished ({done['epochs_run']} epoch(s)) and is registered as "
-          f"{done['name']} {done['version']}: nothing to train (raise train.epochs, train.patience or "
-          f"train.time_budget_s to continue it, or choose another run_name)", flush=True)
+          f"{done['name']} {done['version']}: nothing to train ("
+          + ("it stopped early or on its time budget: raise train.patience or train.time_budget_s to continue it"
+             if done.get("stopped") else "raise train.epochs to continue it") + ", or choose another run_name)",
+          flush=True)
     return {"metrics": found["metrics"], "history": [], "run_name": cfg["run_name"], "name": done["name"],
             "version": done["version"], "already_registered": True}
 
