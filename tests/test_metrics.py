@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ecomray.metrics import rank_of_target, rank_targets, ranking_sums, sample_negatives
+from ecomray.runtime import UserError
 
 
 def test_ranks_and_metrics_match_a_hand_computed_ranking() -> None:
@@ -61,5 +62,5 @@ def test_sampled_ranking_is_seeded_per_user_and_avoids_target_and_history() -> N
     two = rank_targets(scores.expand(2, -1), np.array([9, 7]), [np.array([0]), hist], True, sampled=20, seed=3,
                        user_keys=[5, 11])
     assert two[1].item() == r.item()
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match=r"task.eval_sampled=4: cannot sample 4 negatives"):
         sample_negatives(5, 4, target=0, history=np.array([1]), seed=0, user_key=0)
