@@ -110,17 +110,22 @@ def test_guard_logs_a_disconnect_as_499_and_escapes_the_path(caplog: pytest.LogC
         parts.append({"type": "http.request", "body": b""})
         await guard({"type": "http", "method": "GET", "path": forged, "headers": []}, receive, send)
 
-    # caplog's handler on the logger itself: once Serve has started in this process its logger no longer
-    # propagates to the root, where caplog listens (the test then depended on which tests ran before it)
-    serve_logger, propagate = logging.getLogger("ray.serve"), logging.getLogger("ray.serve").propagate
-    serve_logger.addHandler(caplog.handler)
-    serve_logger.propagate = False
+    # caplog's handler on the Guard's own logger object: in the full suite, after Serve has run in this process,
+    # that logger neither propagates to caplog's root handler nor is it always the object getLogger("ray.serve")
+    # returns now (the test depended on which tests ran before it)
+    from serve.middleware import logger as guard_logger
+
+    level, propagate = guard_logger.level, guard_logger.propagate
+    guard_logger.addHandler(caplog.handler)
+    guard_logger.setLevel(logging.INFO)
+    caplog.handler.setLevel(logging.INFO)
+    guard_logger.propagate = False
     try:
-        with caplog.at_level(logging.INFO, logger="ray.serve"):
-            asyncio.run(main())
+        asyncio.run(main())
     finally:
-        serve_logger.removeHandler(caplog.handler)
-        serve_logger.propagate = propagate
+        guard_logger.removeHandler(caplog.handler)
+        guard_logger.setLevel(level)
+        guard_logger.propagate = propagate
     assert recorded == [499, 200]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request route=")]
     assert "status=499" in lines[0] and len(lines) == 2 and "\n" not in lines[1] and "\\n" in lines[1]
